@@ -1,0 +1,186 @@
+"""A Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, TinyLlama, SmolLM).
+
+Module and parameter names follow Hugging Face's ``LlamaModel`` so that a
+checkpoint key maps to a fastune key by dropping the ``model.`` prefix
+(see ``fastune.checkpoint``). Everything is plain ``nn.Module`` code that
+``torch.compile`` traces without graph breaks.
+
+Kernel seam: with ``config.use_kernels`` the norm, RoPE and SwiGLU go through
+``fastune.kernels`` (Triton on CUDA, a fused-by-inductor reference elsewhere);
+without it they are the eager PyTorch formulas below, which match HF exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastune.models.config import ModelConfig
+from fastune.models.rope import apply_rope_reference, rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    """y = (x / sqrt(mean(x^2) + eps)) computed in fp32, cast back, times weight (as HF)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, use_kernels: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.use_kernels = use_kernels
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            from fastune import kernels
+
+            return kernels.rms_norm(x, self.weight, self.eps)
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.use_kernels = config.use_kernels
+        bias = config.attention_bias
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        # Seam for generation: an object with ``update(input_pos, k, v) -> (k, v)``
+        # holding [B, Hk, max_len, D] buffers. None during training.
+        self.kv_cache = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.q_proj(x).view(bsz, seqlen, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim)
+        if self.use_kernels:
+            from fastune import kernels
+
+            q, k = kernels.apply_rope(q, k, cos, sin)
+        else:
+            q, k = apply_rope_reference(q, k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        out = out.transpose(1, 2).reshape(bsz, seqlen, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.use_kernels = config.use_kernels
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.use_kernels:
+            from fastune import kernels
+
+            return self.down_proj(kernels.swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        eps, kern = config.rms_norm_eps, config.use_kernels
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, kern)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, kern)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward`` returns logits, or the final normed hidden
+    states with ``return_hidden=True`` (for a loss that applies ``lm_head`` itself)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.use_kernels)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
+
+    def reset_buffers(self, device: Optional[torch.device] = None) -> None:
+        """Recompute non-persistent buffers, after building on the meta device."""
+        device = device or self.embed_tokens.weight.device
+        self.rope_inv_freq = rope_inv_freq(self.config, device=device)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """
+        tokens: [B, S] token ids.
+        position_ids: [B, S]; defaults to 0..S-1 (packed batches restart per document).
+        document_ids: [B, S]; when given, attention never crosses a document boundary.
+        mask: an explicit boolean SDPA mask [B or 1, 1, S, S_kv] (generation).
+        input_pos: [S] cache positions when a KV cache is set up.
+        """
+        bsz, seqlen = tokens.shape
+        if position_ids is None:
+            position_ids = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
+        if mask is None and document_ids is not None:
+            mask = document_causal_mask(document_ids)
+        h = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, input_pos)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        return self.lm_head(h)
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask [B, 1, S, S]: token i sees j iff j <= i and same document."""
+    seqlen = document_ids.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same_doc & causal)[:, None]

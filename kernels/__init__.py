@@ -1,0 +1,4 @@
+"""Triton kernels with reference PyTorch implementations, imported as ``fastune.kernels``.
+
+This package depends on torch and triton only, never on the rest of fastune.
+"""

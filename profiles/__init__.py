@@ -1,0 +1,1 @@
+"""Hardware profiles (read through importlib.resources)."""
