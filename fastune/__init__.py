@@ -1,3 +1,68 @@
-"""fastune: performance-first fine-tuning of Llama-family LLMs on native PyTorch."""
+"""fastune: performance-first fine-tuning of Llama-family LLMs on native PyTorch.
+
+``import fastune`` stays cheap (the CLI imports it for ``--version``): torch and
+the model code are imported on first use of the names below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    import torch
+
+    from fastune.checkpoint import CheckpointError
+    from fastune.models import ConfigError, ModelConfig, Transformer
+
+# Public name -> module it lives in, imported on first attribute access (PEP 562).
+_LAZY = {
+    "ConfigError": "fastune.models.config",
+    "ModelConfig": "fastune.models.config",
+    "Transformer": "fastune.models.transformer",
+    "CheckpointError": "fastune.checkpoint.hf",
+}
+
+__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "Transformer",
+           "from_pretrained", "save_pretrained", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastune' has no attribute {name!r}")
+
+
+def from_pretrained(
+    path: Union[str, Path],
+    dtype: Union[str, "torch.dtype"] = "float32",
+    device: Union[str, "torch.device"] = "cpu",
+    use_kernels: Optional[bool] = None,
+) -> "Transformer":
+    """Load a local Hugging Face checkpoint directory (config.json + safetensors)
+    as a fastune ``Transformer`` with weights in ``dtype`` on ``device``.
+
+    ``use_kernels`` overrides ``config.use_kernels`` when not None.
+    Raises ``ConfigError`` or ``CheckpointError`` with one line naming the file and key.
+    """
+    from fastune.checkpoint import load_hf_checkpoint
+
+    return load_hf_checkpoint(path, dtype=dtype, device=device, use_kernels=use_kernels)
+
+
+def save_pretrained(
+    model: "Transformer",
+    out_dir: Union[str, Path],
+    source_dir: Union[str, Path, None] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    dtype: Union[str, "torch.dtype", None] = None,
+) -> Path:
+    """Save ``model`` as a Hugging Face checkpoint in ``out_dir`` (replaced atomically),
+    copying tokenizer and generation files from ``source_dir`` when given."""
+    from fastune.checkpoint import save_hf_checkpoint
+
+    return save_hf_checkpoint(model, model.config, out_dir, source_dir=source_dir,
+                              max_shard_size=max_shard_size, dtype=dtype)

@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+# One error type for bad configs, shared with the training config (fastune.config).
+from fastune.errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class ConfigError(ValueError):
-    """A config.json that fastune cannot build a model from."""
 
 
 @dataclasses.dataclass

@@ -1,0 +1,342 @@
+"""Hugging Face checkpoints: ``config.json`` plus safetensors shards, to and from a
+fastune ``Transformer``.
+
+Key mapping: the HF key is ``"model." + fastune key``, except ``lm_head.weight``,
+which is the same in both. No tensor is permuted (fastune uses HF's RoPE layout).
+
+Loading builds the model on the meta device, checks every key and shape in the
+shard headers before reading any data, then reads tensor by tensor into the
+model, so the full weights exist once, in the requested dtype, on the requested
+device. Saving validates the state dict against the config, writes shards into
+a temporary folder and renames it into place (``atomic_directory``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from fastune.checkpoint.atomic import atomic_directory
+from fastune.models.config import ModelConfig
+from fastune.models.transformer import Transformer
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+# Copied verbatim from the source checkpoint on save, when present.
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+    "original_repo_id.json",
+)
+# Older Llama checkpoints stored RoPE's inverse frequencies as a persistent
+# buffer; fastune (like transformers) recomputes them from config.json.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LM_HEAD = "lm_head.weight"
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the file and key."""
+
+
+def to_hf_key(key: str) -> str:
+    return key if key == _LM_HEAD else "model." + key
+
+
+def from_hf_key(key: str) -> str:
+    return key if key == _LM_HEAD else key.removeprefix("model.")
+
+
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """``torch.bfloat16``, ``"bfloat16"``, ``"bf16"`` or ``"torch.bfloat16"`` -> torch.bfloat16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise CheckpointError(f"dtype: unsupported value {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string like ``"5GB"`` (10**9) or ``"500MiB"`` (2**20), as HF reads them."""
+    if isinstance(size, int) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(size).lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise CheckpointError(f"max_shard_size: cannot read {size!r}; use bytes or a size like '5GB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_hf_checkpoint(
+    path: Union[str, Path],
+    dtype: Union[str, torch.dtype] = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    use_kernels: Optional[bool] = None,
+) -> Transformer:
+    """Build a ``Transformer`` from an HF checkpoint directory.
+
+    Raises ``ConfigError`` for an unusable config.json and ``CheckpointError``
+    for anything wrong with the weights; nothing is loaded partially.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory (download it first with `fastune download`)")
+    config = ModelConfig.from_json(path)
+    if use_kernels is not None:
+        config.use_kernels = use_kernels
+    dtype, device = parse_dtype(dtype), torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(config)
+    plan = _plan_load(path, _expected_shapes(model), config.tie_word_embeddings)
+    for file, keys in plan.items():
+        model.load_state_dict(_read_tensors(file, keys, dtype, device), strict=False, assign=True)
+    model.reset_buffers(device)
+    model.tie_weights()
+    return model
+
+
+def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape, for every parameter the config implies (lm_head included even when tied)."""
+    return {to_hf_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _plan_load(path: Path, expected: dict[str, tuple[int, ...]], tied: bool) -> dict[Path, list[str]]:
+    """Shard file -> HF keys to read from it, after checking every key and shape
+    against the config. Reads headers only."""
+    files, source = _weight_files(path)
+    plan: dict[Path, list[str]] = {}
+    for file, keys in files.items():
+        with _open(file) as f:
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise CheckpointError(f"{file}: key {key!r} listed in {INDEX_NAME} is not in this shard")
+                if key.endswith(_IGNORED_SUFFIXES) or (tied and key == _LM_HEAD):
+                    continue
+                if key not in expected:
+                    raise CheckpointError(f"{file}: unexpected key {key!r}; config.json implies no such parameter")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != expected[key]:
+                    raise CheckpointError(
+                        f"{file}: key {key!r} has shape {list(shape)}, "
+                        f"config.json implies {list(expected[key])}"
+                    )
+                plan.setdefault(file, []).append(key)
+    found = {k for keys in plan.values() for k in keys}
+    missing = [k for k in expected if k not in found and not (tied and k == _LM_HEAD)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing key {missing[0]!r}{more}")
+    return plan
+
+
+def _weight_files(path: Path) -> tuple[dict[Path, list[str]], Path]:
+    """(shard file -> HF keys it should hold, the file that lists them) for a
+    sharded or a single-file checkpoint."""
+    index, single = path / INDEX_NAME, path / WEIGHTS_NAME
+    if index.is_file():
+        files: dict[Path, list[str]] = {}
+        for key, name in _read_weight_map(index).items():
+            files.setdefault(path / name, []).append(key)
+        for file, keys in files.items():
+            if not file.is_file():
+                raise CheckpointError(f"{index}: shard {file.name!r} (holding key {keys[0]!r}) not found")
+        return files, index
+    if single.is_file():
+        with _open(single) as f:
+            return {single: list(f.keys())}, single
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise CheckpointError(
+            f"{path}: only safetensors weights are loaded (found .bin/.pt files); "
+            f"convert them to {WEIGHTS_NAME} with transformers' save_pretrained"
+        )
+    raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME} in this directory")
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid index file ({e})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: key 'weight_map' missing or empty")
+    return weight_map
+
+
+@contextlib.contextmanager
+def _open(file: Path) -> Iterator:
+    """``safe_open``, with a corrupt or truncated file reported as a CheckpointError."""
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
+    with handle as f:
+        yield f
+
+
+def _read_tensors(file: Path, keys: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """fastune key -> tensor copied out of the shard into fresh memory.
+
+    ``safe_open`` maps the whole file, and every page a copy touches stays in
+    this process's RSS until the file is closed. Reopening the file per tensor
+    (a header parse, cheap) bounds that extra to one tensor instead of a shard,
+    which for a single-file checkpoint would double peak memory. The explicit
+    copy also means no parameter stays backed by the file's mapping.
+    """
+    out = {}
+    for key in keys:
+        with _open(file) as f:
+            out[from_hf_key(key)] = f.get_tensor(key).to(device=device, dtype=dtype, copy=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_hf_checkpoint(
+    state_dict_or_model: Union[StateDict, nn.Module],
+    config: ModelConfig,
+    out_dir: Union[str, Path],
+    source_dir: Union[str, Path, None] = None,
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    dtype: Union[str, torch.dtype, None] = None,
+) -> Path:
+    """Write an HF checkpoint that ``transformers`` ``from_pretrained`` loads as it is.
+
+    ``state_dict_or_model`` holds fastune keys (``layers.0.mlp.up_proj.weight``):
+    a ``Transformer``, merged LoRA weights, or full tensors gathered from FSDP.
+    Tensors may live on any device; each shard is moved to CPU only while it is
+    written. ``dtype`` defaults to the embedding's dtype; one dtype is used for
+    all tensors, as config.json can state only one. With tied embeddings
+    ``lm_head.weight`` is not written (transformers re-ties it).
+    Tokenizer and generation files are copied from ``source_dir`` if given.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    if source_dir is not None and not Path(source_dir).is_dir():
+        raise CheckpointError(f"{source_dir}: source_dir is not a directory")
+    if isinstance(state_dict_or_model, nn.Module):
+        state_dict_or_model = state_dict_or_model.state_dict()
+    tensors = _hf_tensors(state_dict_or_model, config, out_dir)
+    dtype = parse_dtype(dtype) if dtype is not None else tensors["model.embed_tokens.weight"].dtype
+    shards = _plan_shards(tensors, parse_size(max_shard_size), dtype.itemsize)
+    names = _shard_names(len(shards))
+    with atomic_directory(out_dir) as tmp:
+        for name, keys in zip(names, shards):
+            _write_shard(tmp / name, {k: tensors[k].detach().to("cpu", dtype).contiguous() for k in keys})
+        if len(shards) > 1:
+            _write_index(tmp / INDEX_NAME, tensors, shards, names, dtype.itemsize)
+        _write_json(tmp / CONFIG_NAME, _config_dict(config, dtype))
+        if source_dir is not None:
+            _copy_tokenizer_files(Path(source_dir), tmp)
+    return out_dir
+
+
+def _hf_tensors(state_dict: StateDict, config: ModelConfig, out_dir: Path) -> dict[str, torch.Tensor]:
+    """HF key -> tensor, in model order, after checking names and shapes against ``config``."""
+    with torch.device("meta"):
+        expected = _expected_shapes(Transformer(config))
+    tied = config.tie_word_embeddings
+    given = {to_hf_key(k): v for k, v in state_dict.items() if not (tied and k == _LM_HEAD)}
+    for key, tensor in given.items():
+        if key not in expected:
+            raise CheckpointError(f"{out_dir}: state dict key {from_hf_key(key)!r} is not a parameter of this model")
+        if tuple(tensor.shape) != expected[key]:
+            raise CheckpointError(
+                f"{out_dir}: state dict key {from_hf_key(key)!r} has shape {list(tensor.shape)}, "
+                f"the config implies {list(expected[key])}"
+            )
+        if tensor.is_meta:
+            raise CheckpointError(f"{out_dir}: state dict key {from_hf_key(key)!r} is on the meta device")
+    missing = [k for k in expected if k not in given and not (tied and k == _LM_HEAD)]
+    if missing:
+        raise CheckpointError(f"{out_dir}: state dict lacks key {from_hf_key(missing[0])!r}")
+    return {k: given[k] for k in expected if k in given}
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int, itemsize: int) -> list[list[str]]:
+    """Greedy, in model order: a shard is closed when the next tensor would overflow it.
+    A tensor larger than ``max_bytes`` gets a shard of its own (as in HF)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _write_shard(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # transformers refuses shards whose metadata does not say format "pt".
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    # safetensors creates files readable by the owner only (0600); give them the
+    # umask's permissions, as the folder has, so another user (a serving job) can read them.
+    file.chmod(file.parent.stat().st_mode & 0o666)
+
+
+def _write_index(file: Path, tensors: dict[str, torch.Tensor], shards: list[list[str]], names: list[str], itemsize: int) -> None:
+    total = sum(t.numel() for t in tensors.values())
+    weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
+    _write_json(file, {"metadata": {"total_size": total * itemsize, "total_parameters": total},
+                       "weight_map": weight_map})
+
+
+def _config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
+    d = config.to_hf_dict()
+    name = str(dtype).removeprefix("torch.")
+    d["torch_dtype"] = name  # read by transformers 4.x
+    d["dtype"] = name  # read by transformers 5.x
+    return d
+
+
+def _write_json(file: Path, obj: dict) -> None:
+    file.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_tokenizer_files(source_dir: Path, dest: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, dest / name)

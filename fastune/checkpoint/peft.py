@@ -1,0 +1,210 @@
+"""LoRA adapters on disk in PEFT's format: ``adapter_model.safetensors`` plus
+``adapter_config.json``, which ``peft.PeftModel.from_pretrained`` and vLLM load.
+
+Keys: fastune ``layers.N.self_attn.q_proj.lora_A.weight`` is PEFT's
+``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``;
+``lm_head.lora_A.weight`` is ``base_model.model.lm_head.lora_A.weight``; a DoRA
+magnitude is ``...q_proj.lora_magnitude_vector`` in both. No permutation is
+needed, since fastune's RoPE uses the Hugging Face layout.
+
+``save_peft_adapter`` writes into the directory it is given. It is not atomic by
+itself: the training loop writes the whole checkpoint into a temporary folder
+and renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fastune.checkpoint.hf import from_hf_key, to_hf_key
+from fastune.modules.lora import LoRAError, LoRALinear
+from fastune.modules.peft import (
+    LORA_PARAM_SUFFIXES,
+    LORA_TARGETS,
+    LoRASettings,
+    apply_lora,
+    is_lora_key,
+    lora_settings,
+)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def to_peft_key(key: str) -> str:
+    """fastune adapter key -> PEFT key: the adapted module's HF name under
+    PEFT's ``base_model.model.`` prefix, then the adapter parameter's name."""
+    module, param = _split_adapter_key(key)
+    return PEFT_PREFIX + to_hf_key(f"{module}.weight").removesuffix(".weight") + param
+
+
+def from_peft_key(key: str) -> str:
+    """PEFT adapter key -> fastune key (the inverse of ``to_peft_key``)."""
+    module, param = _split_adapter_key(key.removeprefix(PEFT_PREFIX))
+    return from_hf_key(f"{module}.weight").removesuffix(".weight") + param
+
+
+def _split_adapter_key(key: str) -> tuple[str, str]:
+    """``"x.q_proj.lora_A.weight"`` -> ``("x.q_proj", ".lora_A.weight")``."""
+    for suffix in LORA_PARAM_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    raise LoRAError(f"{key!r} is not a LoRA adapter key (expected a name ending in {', '.join(LORA_PARAM_SUFFIXES)})")
+
+
+def adapter_config(settings: LoRASettings, base_model_name_or_path: Optional[str]) -> dict[str, Any]:
+    """The adapter_config.json contents for ``settings`` (PEFT's LoraConfig fields)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": list(settings.targets),
+        "use_dora": settings.use_dora,
+        "use_rslora": False,
+        "bias": "none",
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    base_model_name_or_path: Optional[str] = None,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+) -> None:
+    """Write the model's adapter into ``out_dir`` (created if missing) in PEFT format.
+
+    The settings (targets, rank, alpha, dropout, DoRA) are read from the model's
+    LoRA layers, so the config cannot disagree with the weights. ``state_dict``
+    defaults to ``model.state_dict()``; under FSDP pass the gathered full one.
+    """
+    settings = lora_settings(model)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {
+        to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items() if is_lora_key(k)
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = adapter_config(settings, base_model_name_or_path)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_adapter_settings(adapter_dir: str | Path) -> LoRASettings:
+    """The LoRA settings in ``adapter_dir/adapter_config.json``; a clear error for
+    PEFT features fastune does not implement."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise LoRAError(f"{path}: adapter config not found")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if config.get("peft_type") != "LORA":
+        raise LoRAError(f"{path}: peft_type is {config.get('peft_type')!r}; fastune loads LORA adapters only")
+    unsupported = {
+        "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+        "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    for key, default in unsupported.items():
+        if config.get(key, default) not in (default, None, {}, []):
+            raise LoRAError(f"{path}: {key}={config[key]!r} is not supported by fastune (expected {default!r})")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise LoRAError(f"{path}: missing required key {key!r}")
+    if not isinstance(config["r"], int) or config["r"] < 1:
+        raise LoRAError(f"{path}: r={config['r']!r} must be a positive integer")
+    targets = config["target_modules"]
+    if not isinstance(targets, list) or not set(targets) <= set(LORA_TARGETS):
+        raise LoRAError(
+            f"{path}: target_modules={targets!r} is not supported; fastune adapts a list of "
+            f"{', '.join(LORA_TARGETS)}"
+        )
+    return LoRASettings(
+        targets=tuple(t for t in LORA_TARGETS if t in targets),
+        rank=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        use_dora=bool(config.get("use_dora", False)),
+    )
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: bool = False) -> LoRASettings:
+    """Load a PEFT LoRA/DoRA adapter into ``model`` to resume or continue training.
+
+    A model without LoRA layers gets them first (``apply_lora`` with the
+    adapter's settings and ``quantize_base``); a model with LoRA layers must have
+    the adapter's settings. Every adapter tensor must be present with the right
+    shape; DoRA magnitudes come from the file (do not re-init them afterwards).
+    Load before ``fully_shard``.
+    """
+    adapter_dir = Path(adapter_dir)
+    settings = read_adapter_settings(adapter_dir)
+    loaded = _read_adapter_tensors(adapter_dir / ADAPTER_WEIGHTS)
+    if not any(isinstance(m, LoRALinear) for m in model.modules()):
+        apply_lora(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
+                   settings.use_dora, quantize_base)
+    _check_same_settings(lora_settings(model), settings, adapter_dir / ADAPTER_CONFIG)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    params = {k: v for k, v in model.state_dict(keep_vars=True).items() if is_lora_key(k)}
+    # Check everything before copying anything, so a bad file changes nothing.
+    unexpected = sorted(set(loaded) - set(params))
+    if unexpected:
+        raise LoRAError(f"{path}: unexpected key {to_peft_key(unexpected[0])!r} (not an adapter of this model)")
+    for key, param in params.items():
+        if key not in loaded:
+            raise LoRAError(f"{path}: missing key {to_peft_key(key)!r}")
+        if loaded[key].shape != param.shape:
+            raise LoRAError(
+                f"{path}: key {to_peft_key(key)!r} has shape {list(loaded[key].shape)}, "
+                f"the model expects {list(param.shape)}"
+            )
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(loaded[key])
+    return settings
+
+
+def _read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """fastune key -> tensor, for the adapter parameters in a PEFT adapter file."""
+    if not path.is_file():
+        raise LoRAError(f"{path}: adapter weights not found")
+    try:
+        raw = load_file(str(path))
+    except SafetensorError as e:
+        raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
+    loaded = {}
+    for key, tensor in raw.items():
+        if ".base_layer." in key:  # PEFT also saves an adapted lm_head's frozen base weight
+            continue
+        if not (key.startswith(PEFT_PREFIX) and is_lora_key(key)):
+            raise LoRAError(f"{path}: unexpected key {key!r} (not a LoRA adapter parameter)")
+        loaded[from_peft_key(key)] = tensor
+    return loaded
+
+
+def _check_same_settings(model_settings: LoRASettings, file_settings: LoRASettings, path: Path) -> None:
+    for field in ("targets", "rank", "alpha", "use_dora"):
+        ours, theirs = getattr(model_settings, field), getattr(file_settings, field)
+        if ours != theirs:
+            raise LoRAError(f"{path}: {field} is {theirs!r} in the adapter but {ours!r} in the model")

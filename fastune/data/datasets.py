@@ -1,0 +1,337 @@
+"""Load a dataset (local file or Hugging Face Hub name) and tokenize it once, up front.
+
+``load_sft_dataset`` returns a ``TokenizedDataset``: every sample's tokens and
+shifted labels in two flat int32 arrays plus offsets, which is compact, fast to
+slice, and shared copy-on-write with DataLoader workers. Tokenizing up front
+gives every sample's length before training, which packing, ``len()`` of the
+loader and the clear too-long error need; the packing itself happens per epoch.
+
+Truncation policy: a sample longer than ``max_seq_len`` keeps its first
+``max_seq_len`` tokens; no eos is added (the model must not learn to stop where
+the text was cut), and labels are shifted after the cut, so the last kept token
+has no target. With ``truncation=False`` such a sample is an error naming the
+file and row. Empty samples (nothing to train on) and samples left without a
+supervised token after truncation are dropped and counted in one log line.
+
+Validation: a named split (``split="validation"``, or another file), or
+``holdout_split(dataset, fraction, seed)``, a deterministic random held-out part.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from fastune.data.errors import DataError, TokenizerError
+from fastune.data.formats import (
+    IGNORE_INDEX,
+    RowError,
+    resolve_columns,
+    row_to_sample,
+    tokenize_sample,
+)
+from fastune.data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+class TokenizedDataset:
+    """Samples ``i`` = ``(tokens[offsets[i]:offsets[i+1]], labels[...])`` as int32 arrays."""
+
+    def __init__(self, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, source: str,
+                 max_seq_len: int):
+        self.tokens, self.labels, self.offsets = tokens, labels, offsets
+        self.source = source
+        self.max_seq_len = max_seq_len
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[start:end], self.labels[start:end]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_supervised_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def subset(self, indices: Sequence[int]) -> "TokenizedDataset":
+        """A new dataset of the samples at ``indices``, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        starts, ends = self.offsets[indices], self.offsets[indices + 1]
+        flat = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(indices) \
+            else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(ends - starts)])
+        return TokenizedDataset(self.tokens[flat], self.labels[flat], offsets, self.source, self.max_seq_len)
+
+
+def load_rows(source: Union[str, Path], split: str = "train", subset: Optional[str] = None,
+              cache_dir: Optional[str] = None):
+    """A ``datasets.Dataset`` from a local json/jsonl/csv/parquet/txt file, a local
+    folder of such files (split chosen by file name), or a Hub dataset name."""
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        return _load_file(path, split, cache_dir)
+    if path.is_dir():
+        return _load_named(str(path), split, subset, cache_dir)
+    if path.suffix in _BUILDERS or str(source).startswith((".", "/", "~")):
+        raise DataError(f"{source}: no such file")
+    offline = datasets.config.HF_HUB_OFFLINE
+    try:
+        return _load_named(str(source), split, subset, cache_dir)
+    except DataError:
+        raise
+    except Exception as e:  # connection, not found, gated: all one line for the user
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = " (HF_HUB_OFFLINE=1: only datasets already in the local cache load)" if offline else ""
+        raise DataError(f"dataset {source!r} is not a local file and could not be loaded from the "
+                        f"Hugging Face Hub{hint}: {reason}") from None
+
+
+def _load_named(name: str, split: str, subset: Optional[str], cache_dir: Optional[str]):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split, cache_dir=cache_dir)
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise DataError(f"{name}: no split {split!r} ({str(e).splitlines()[0]})") from None
+        raise
+
+
+def _load_file(path: Path, split: str, cache_dir: Optional[str]):
+    import datasets
+
+    builder = _BUILDERS.get(path.suffix)
+    if builder is None:
+        raise DataError(f"{path}: unknown data file type {path.suffix!r} "
+                        f"(expected one of {', '.join(_BUILDERS)})")
+    if split != "train":
+        raise DataError(f"{path}: a single file has one split, so split={split!r} cannot be read from it; "
+                        "pass the validation file itself, or hold out a fraction")
+    if builder != "parquet" and not _has_content(path):
+        raise DataError(f"{path}: the dataset is empty (0 rows)")
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        # Every cell as text: no "NA"/"None" turned into missing values, no
+        # "7.50" turned into 7.5.
+        _check_utf8(path)
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
+                      na_filter=False)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir,
+                                     **kwargs)
+    except Exception as e:  # the datasets/pyarrow errors do not say where: find the line ourselves
+        _diagnose(path, builder)
+        reason = str(getattr(e, "__cause__", None) or e).splitlines()[0]
+        raise DataError(f"{path}: could not be read as {builder} ({reason})") from None
+
+
+def _has_content(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
+def _check_utf8(path: Path) -> None:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {lineno}, column {e.start + 1}: not valid UTF-8 "
+                                f"(byte 0x{line[e.start]:02x}); save the file as UTF-8") from None
+
+
+def _diagnose(path: Path, builder: str) -> None:
+    """Raise a DataError naming the line of a non-UTF-8 byte or of malformed JSON."""
+    if builder == "parquet":
+        return
+    _check_utf8(path)
+    if builder != "json":
+        return
+    text = path.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return  # one JSON document: fine as JSON, the problem is elsewhere
+    except json.JSONDecodeError:
+        pass
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+
+
+def load_sft_dataset(
+    source: Union[str, Path],
+    tokenizer: Tokenizer,
+    *,
+    format: str = "instruct",
+    split: str = "train",
+    subset: Optional[str] = None,
+    column_map: Optional[Mapping[str, str]] = None,
+    train_on_input: bool = False,
+    system_prompt: Optional[str] = None,
+    max_seq_len: int = 2048,
+    truncation: bool = True,
+    cache_dir: Optional[str] = None,
+) -> TokenizedDataset:
+    """Load ``source`` (see ``load_rows``) and tokenize it (see ``tokenize_rows``)."""
+    rows = load_rows(source, split=split, subset=subset, cache_dir=cache_dir)
+    if len(rows) == 0:
+        raise DataError(f"{source}: the dataset is empty (0 rows)")
+    columns = resolve_columns(format, column_map, rows.column_names, str(source))
+    rows = rows.select_columns(sorted(set(columns.values())))
+    return tokenize_rows(_iter_rows(rows), tokenizer, format=format, columns=columns, source=str(source),
+                         train_on_input=train_on_input, system_prompt=system_prompt,
+                         max_seq_len=max_seq_len, truncation=truncation)
+
+
+def _iter_rows(rows) -> Iterable[dict[str, Any]]:
+    for batch in rows.iter(batch_size=1024):
+        names = list(batch)
+        for values in zip(*batch.values()):
+            yield dict(zip(names, values))
+
+
+def tokenize_rows(
+    rows: Iterable[Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    *,
+    format: str = "instruct",
+    columns: Optional[Mapping[str, str]] = None,
+    source: str = "<rows>",
+    train_on_input: bool = False,
+    system_prompt: Optional[str] = None,
+    max_seq_len: int = 2048,
+    truncation: bool = True,
+) -> TokenizedDataset:
+    """Tokenize in-memory rows (dicts). ``columns`` maps the format's fields to row
+    keys; by default each field is read from the key of the same name."""
+    if max_seq_len < 2:
+        raise DataError(f"{source}: max_seq_len must be at least 2, got {max_seq_len}")
+    ids: list[int] = []
+    mask: list[bool] = []
+    offsets = [0]
+    n_rows = empty = truncated = unsupervised = 0
+    for n_rows, row in enumerate(rows, start=1):
+        if columns is None:
+            columns = resolve_columns(format, None, list(row), source)
+        try:
+            sample = row_to_sample(format, row, columns, system_prompt)
+            if sample is None:
+                empty += 1
+                continue
+            sample_ids, sample_mask = tokenize_sample(sample, tokenizer, train_on_input)
+        except RowError as e:
+            raise DataError(f"{source} row {n_rows}, column {e.column!r}: {e}") from None
+        except TokenizerError as e:
+            raise DataError(f"{source} row {n_rows}: {e}") from None
+        if len(sample_ids) > max_seq_len:
+            if not truncation:
+                raise DataError(f"{source} row {n_rows}: {len(sample_ids)} tokens, more than "
+                                f"max_seq_len={max_seq_len} (raise max_seq_len, or set truncation=True)")
+            truncated += 1
+            sample_ids, sample_mask = sample_ids[:max_seq_len], sample_mask[:max_seq_len]
+        # Trained tokens other than the first: the ones some label will predict.
+        if not any(not m for m in sample_mask[1:]):
+            unsupervised += 1
+            continue
+        ids += sample_ids
+        mask += sample_mask
+        offsets.append(len(ids))
+    if n_rows == 0:
+        raise DataError(f"{source}: the dataset is empty (0 rows)")
+    kept = len(offsets) - 1
+    logger.info("%s: %d samples from %d rows (%d empty dropped, %d truncated to %d tokens, "
+                "%d without a supervised token dropped)",
+                source, kept, n_rows, empty, truncated, max_seq_len, unsupervised)
+    if kept == 0:
+        raise DataError(f"{source}: no usable samples: {empty} of {n_rows} rows are empty and "
+                        f"{unsupervised} have no supervised token")
+    tokens = np.asarray(ids, dtype=np.int32)
+    offsets_arr = np.asarray(offsets, dtype=np.int64)
+    return TokenizedDataset(tokens, _shift_labels_flat(tokens, np.asarray(mask), offsets_arr), offsets_arr,
+                            source, max_seq_len)
+
+
+def _shift_labels_flat(tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``formats.shift_labels`` for all samples at once; each sample's last label is -100."""
+    labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int32)
+    labels[:-1] = np.where(mask[1:], IGNORE_INDEX, tokens[1:])
+    labels[offsets[1:] - 1] = IGNORE_INDEX
+    return labels
+
+
+def holdout_split(dataset: TokenizedDataset, fraction: float, seed: int = 0
+                  ) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """(train, validation): a random ``fraction`` of the samples held out, the same for
+    the same seed and dataset. Both keep the original sample order."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"{dataset.source}: the validation fraction must be between 0 and 1, got {fraction}")
+    n_val = max(1, round(len(dataset) * fraction))
+    if n_val >= len(dataset):
+        raise DataError(f"{dataset.source}: holding out {fraction} of {len(dataset)} samples "
+                        "leaves none to train on")
+    held = np.zeros(len(dataset), dtype=bool)
+    held[np.random.default_rng(seed).permutation(len(dataset))[:n_val]] = True
+    return dataset.subset(np.flatnonzero(~held)), dataset.subset(np.flatnonzero(held))
+
+
+def prompt_answer_pairs(
+    source: Union[str, Path, Sequence[Mapping[str, Any]]],
+    tokenizer: Tokenizer,
+    *,
+    format: str = "instruct",
+    column_map: Optional[Mapping[str, str]] = None,
+    system_prompt: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+) -> list[tuple[list[int], str]]:
+    """(prompt ids with the generation prompt, expected answer) per row, for exact-match
+    evaluation: the prompt is the conversation up to its last assistant message."""
+    if format == "text":
+        raise DataError(f"{source}: exact-match pairs need a format with an answer, not 'text'")
+    name = "<rows>" if isinstance(source, Sequence) and not isinstance(source, str) else str(source)
+    if name == "<rows>":
+        rows = list(source)
+        available = list(rows[0]) if rows else []
+    else:
+        dataset = load_rows(source, cache_dir=cache_dir)
+        rows, available = list(_iter_rows(dataset)), dataset.column_names
+    if not rows:
+        raise DataError(f"{name}: the dataset is empty (0 rows)")
+    columns = resolve_columns(format, column_map, available, name)
+    pairs = []
+    for n, row in enumerate(rows, start=1):
+        try:
+            messages = row_to_sample(format, row, columns, system_prompt)
+            if messages is None:
+                continue
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            ids, _ = tokenizer.tokenize_messages(messages[:last], add_generation_prompt=True)
+        except RowError as e:
+            raise DataError(f"{name} row {n}, column {e.column!r}: {e}") from None
+        except TokenizerError as e:
+            raise DataError(f"{name} row {n}: {e}") from None
+        pairs.append((ids, messages[last]["content"]))
+    return pairs

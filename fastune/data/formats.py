@@ -1,0 +1,156 @@
+"""Dataset rows to training samples: messages (or plain text), then ids and labels.
+
+Formats and the columns they read (rename with ``column_map={"field": "my_column"}``):
+
+- ``instruct`` (Alpaca): ``instruction``, optional ``input``, ``output``. Becomes a
+  user message ``instruction`` (plus ``"\\n\\n" + input`` when there is one) and an
+  assistant message ``output``, formatted by the tokenizer's chat format.
+- ``chat`` (OpenAI): ``messages``, a list of ``{"role", "content"}``.
+- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` with ``from`` one
+  of human, gpt, system (user and assistant are accepted too).
+- ``text``: ``text``, trained on whole, between bos and eos.
+
+Masking: with ``train_on_input=False`` (the default) only assistant messages and
+the token closing each of them are trained on; ``True`` trains on every token.
+
+Labels are shifted here (DESIGN decision 2): ``labels[i]`` is the target for
+``tokens[i]``, i.e. ``tokens[i + 1]`` unless that token is masked, and -100 for
+the last token. Nothing ever predicts across the end of a sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from fastune.data.errors import DataError
+from fastune.data.tokenizer import Message, Tokenizer
+
+IGNORE_INDEX = -100
+FORMATS = ("instruct", "chat", "sharegpt", "text")
+_REQUIRED = {
+    "instruct": ("instruction", "output"),
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "text": ("text",),
+}
+_OPTIONAL = {"instruct": ("input",)}
+CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+Sample = Union[list[Message], str]
+
+
+class RowError(Exception):
+    """A bad value in one column of a row; the caller adds the file and row number."""
+
+    def __init__(self, column: str, message: str):
+        super().__init__(message)
+        self.column = column
+
+
+def resolve_columns(
+    fmt: str, column_map: Optional[Mapping[str, str]], available: Sequence[str], source: str
+) -> dict[str, str]:
+    """Field -> column name for ``fmt``, checked against the dataset's columns."""
+    if fmt not in FORMATS:
+        raise DataError(f"{source}: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    column_map = dict(column_map or {})
+    fields = _REQUIRED[fmt] + _OPTIONAL.get(fmt, ())
+    for field in column_map:
+        if field not in fields:
+            raise DataError(f"{source}: column_map key {field!r} is not a field of the {fmt} format "
+                            f"(fields: {', '.join(fields)})")
+    columns = {}
+    for field in fields:
+        column = column_map.get(field, field)
+        if column in available:
+            columns[field] = column
+        elif field in _REQUIRED[fmt] or field in column_map:
+            raise DataError(
+                f"{source} row 1: missing column {column!r} for the {fmt} format's {field!r} field "
+                f"(columns: {', '.join(available)}); rename it with column_map={{{field!r}: ...}}"
+            )
+    return columns
+
+
+def row_to_sample(
+    fmt: str, row: Mapping[str, Any], columns: Mapping[str, str], system_prompt: Optional[str] = None
+) -> Optional[Sample]:
+    """The messages (or text) of one row; None for an empty sample, with nothing to train on."""
+    if fmt == "text":
+        text = _text(row, columns["text"])
+        return text if text.strip() else None
+    if fmt == "instruct":
+        messages = _instruct_messages(row, columns)
+    elif fmt == "chat":
+        messages = _chat_messages(row, columns["messages"], "role", "content", {r: r for r in CHAT_ROLES})
+    else:
+        messages = _chat_messages(row, columns["conversations"], "from", "value", SHAREGPT_ROLES)
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return None
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _text(row: Mapping[str, Any], column: str) -> str:
+    """A text cell; None reads as empty and a number as its decimal form (JSON and CSV give both)."""
+    value = row.get(column)
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise RowError(column, f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _instruct_messages(row: Mapping[str, Any], columns: Mapping[str, str]) -> list[Message]:
+    instruction = _text(row, columns["instruction"])
+    extra = _text(row, columns["input"]) if "input" in columns else ""
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [{"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(row, columns["output"])}]
+
+
+def _chat_messages(
+    row: Mapping[str, Any], column: str, role_key: str, content_key: str, roles: Mapping[str, str]
+) -> list[Message]:
+    value = row.get(column)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RowError(column, f"expected a list of messages, got {type(value).__name__}")
+    messages: list[Message] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping) or role_key not in item:
+            raise RowError(column, f"message {i} is not an object with {role_key!r} and {content_key!r}")
+        role = item[role_key]
+        if role not in roles:
+            raise RowError(column, f"message {i} has unknown {role_key} {role!r} "
+                                   f"(expected one of {', '.join(roles)})")
+        try:
+            content = _text(item, content_key)
+        except RowError as e:
+            raise RowError(column, f"message {i} {content_key}: {e}") from None
+        messages.append({"role": roles[role], "content": content})
+    return messages
+
+
+def tokenize_sample(sample: Sample, tokenizer: Tokenizer, train_on_input: bool) -> tuple[list[int], list[bool]]:
+    """Token ids and mask (True = not trained on) of one sample."""
+    if isinstance(sample, str):
+        ids = tokenizer.encode(sample, add_bos=True, add_eos=True)
+        return ids, [False] * len(ids)
+    ids, mask = tokenizer.tokenize_messages(sample)
+    return ids, ([False] * len(ids) if train_on_input else mask)
+
+
+def shift_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """labels[i] = ids[i + 1] where that token is trained on, else -100; the last is -100."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=ids.dtype)
+    labels[:-1] = np.where(mask[1:], IGNORE_INDEX, ids[1:])
+    return labels

@@ -1,0 +1,221 @@
+"""LoRA, DoRA and QLoRA linear layers.
+
+``LoRALinear`` takes the place of an ``nn.Linear`` (same attribute name in the
+parent, same ``weight``/``bias`` keys) and adds a trainable low-rank update.
+Its parameter names are PEFT's (``lora_A.weight``, ``lora_B.weight``,
+``lora_magnitude_vector``), so an adapter exports to PEFT by a key prefix only.
+
+LoRA (Hu et al. 2021), with frozen W [out, in], A [r, in], B [out, r],
+s = alpha / r:
+
+    y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ
+
+DoRA (Liu et al. 2024), as PEFT computes it, with a trainable magnitude m [out]
+and g = m / ‖W + s·B·A‖_row, where the row norm is detached from the graph
+(paper §4.3: it is treated as a constant, so no gradient flows through it):
+
+    y = x Wᵀ + b + (g - 1) ⊙ (x' Wᵀ) + g ⊙ s · (x' Aᵀ) Bᵀ,   x' = dropout(x)
+
+Without dropout x' = x and this is g ⊙ (x (W + s·B·A)ᵀ) + b. With dropout the
+frozen path sees x and the adapter path x', exactly as in PEFT, so that loss
+curves match PEFT's under the same random state.
+
+QLoRA: the frozen W may be a torchao ``NF4Tensor``. ``F.linear`` dispatches to
+torchao's NF4 linear (dequantize, matmul; the backward gives only dx), and
+``W.to(dtype)`` dequantizes where DoRA and merging need the dense weight.
+
+With ``use_kernels`` (no dropout, no DoRA) the LoRA forward is the fused op
+``fastune.kernels.lora.lora_linear`` (custom ops that never form dW and keep the
+intermediates at rank r on CUDA; the same formula in plain torch elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastune.errors import FastuneError
+
+# NF4 packs weights in blocks of 64 values, and the blocks' scales in groups of
+# 256 blocks, so a quantized weight needs a multiple of 64 * 256 elements.
+NF4_BLOCK_SIZE = 64
+NF4_SCALER_BLOCK_SIZE = 256
+
+
+class LoRAError(FastuneError, ValueError):
+    """A LoRA setting or adapter file that fastune cannot use (one-line message)."""
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank (optionally DoRA) update.
+
+    Wraps ``base``: its weight and bias become the frozen ``weight``/``bias``
+    (shared, not copied). On the meta device nothing is initialized; call
+    ``reset_lora_parameters()`` and ``init_dora_magnitude()`` once real.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_dora: bool = False,
+        use_kernels: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.dropout = dropout
+        self.use_dora = use_dora
+        self.quantized = False  # set by quantize_base()
+        self.weight = base.weight
+        self.bias = base.bias
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        # nn.Identity when p == 0 (as PEFT), so no mask is drawn and no RNG consumed.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(self.out_features, **factory))
+        self.use_kernels = use_kernels
+        if not self.weight.is_meta:
+            self.reset_lora_parameters()
+            if use_dora:
+                self.init_dora_magnitude()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter is a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def init_dora_magnitude(self) -> None:
+        """m = ‖W + s·B·A‖_row, so that a fresh DoRA adapter is a no-op. Needs the loaded W."""
+        weight = self._dense_weight(self.weight.dtype)
+        self.lora_magnitude_vector.copy_(torch.linalg.norm(self._adapted_weight(weight), dim=1))
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        # For an NF4Tensor, .to(dtype) dequantizes; for a dense weight it casts or is a no-op.
+        return self.weight.to(dtype)
+
+    def _adapted_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + s·B·A in the dtype of the dense ``weight``."""
+        delta = self.lora_B.weight.to(weight.dtype) @ self.lora_A.weight.to(weight.dtype)
+        return weight + self.scale * delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dora:
+            return self._dora_forward(x)
+        if self.use_kernels and self.dropout == 0:  # the fused op has no dropout
+            from fastune.kernels.lora import lora_linear
+
+            return lora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.bias)
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._dense_weight(x.dtype)
+        with torch.no_grad():  # the norm is a constant for autograd (DoRA §4.3, as PEFT)
+            norm = torch.linalg.norm(self._adapted_weight(weight), dim=1)
+        gain = self.lora_magnitude_vector / norm
+        base = F.linear(x, weight)
+        dropping = self.training and self.dropout > 0
+        x_lora = self.lora_dropout(x) if dropping else x
+        # The frozen part of the DoRA correction sees the adapter's (dropped-out)
+        # input; without dropout it is the base output itself.
+        base_lora = F.linear(x_lora, weight) if dropping else base
+        lora = self.lora_B(self.lora_A(x_lora)) * self.scale
+        y = base + (gain - 1) * base_lora + gain * lora
+        return y if self.bias is None else y + self.bias
+
+    def quantize_base(self, name: str = "weight") -> None:
+        """Store the frozen W as NF4 (QLoRA). Needs the real (loaded) weight."""
+        self.weight = nn.Parameter(to_nf4_checked(self.weight, name), requires_grad=False)
+        self.quantized = True
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, dropout={self.dropout}, use_dora={self.use_dora}, "
+            f"quantized={self.quantized}"
+        )
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is NF4 (QLoRA's non-adapted projections).
+
+    Keeps ``weight``/``bias`` keys of ``nn.Linear``; the bias (Qwen2) stays dense."""
+
+    def __init__(self, linear: nn.Linear, name: str = "weight"):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(to_nf4_checked(linear.weight, name), requires_grad=False)
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4=True"
+
+
+def to_nf4_checked(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """torchao's ``to_nf4``, with a clear error for weights it cannot quantize."""
+    if weight.is_meta:
+        raise LoRAError(
+            f"QLoRA: {name} is on the meta device; quantize after the base weights are loaded"
+        )
+    group = NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE
+    if weight.numel() % group:
+        raise LoRAError(
+            f"QLoRA: {name} {tuple(weight.shape)} has {weight.numel()} elements; NF4 needs a "
+            f"multiple of {group} (blocks of {NF4_BLOCK_SIZE}, scales in groups of {NF4_SCALER_BLOCK_SIZE})"
+        )
+    from torchao.quantization import to_nf4  # imported here: torchao is slow to import
+
+    return to_nf4(weight.detach(), NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+
+
+@torch.no_grad()
+def merge_weight(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    magnitude: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The weight of the plain linear layer equal to a LoRA/DoRA layer, computed in
+    fp32 and returned in the base dtype (NF4 is dequantized):
+
+        W' = W + s·B·A,   or for DoRA   W' = m / ‖W + s·B·A‖_row ⊙ (W + s·B·A).
+    """
+    dense = dequantize(weight)
+    merged = dense.float() + scale * (lora_b.float() @ lora_a.float())
+    if magnitude is not None:
+        merged = (magnitude.float() / torch.linalg.norm(merged, dim=1))[:, None] * merged
+    return merged.to(dense.dtype)
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """A dense copy of an NF4 weight in its original dtype; other tensors unchanged."""
+    if getattr(weight, "get_original_weight", None) is not None:
+        return weight.get_original_weight()
+    return weight
+

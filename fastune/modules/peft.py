@@ -1,0 +1,215 @@
+"""Turn a model into a LoRA / DoRA / QLoRA model, and back into plain weights.
+
+The order the training loop uses
+--------------------------------
+One device (weights loaded before LoRA is applied; simplest and what QLoRA needs):
+
+1. ``model = Transformer(config)`` on the device; load the base weights.
+2. ``apply_lora(model, targets, rank, alpha, dropout, use_dora, quantize_base)``:
+   wraps the targets, freezes everything else, initializes A and B, sets the
+   DoRA magnitudes from the loaded weights, and quantizes to NF4 for QLoRA.
+3. To continue from an adapter: ``fastune.checkpoint.peft.load_peft_adapter``.
+
+Meta device (FSDP2, each rank materializes only its shards):
+
+1. ``with torch.device("meta"): model = Transformer(config)``
+2. ``apply_lora(model, ..., quantize_base=False)`` (nothing is initialized on meta)
+3. ``fully_shard`` the layers and the root; ``model.to_empty(device=...)``;
+   ``model.reset_buffers(device)``; load the base weights.
+4. ``reset_lora_parameters(model)``, then ``init_dora_magnitudes(model)`` (DoRA),
+   or load an adapter instead of both.
+
+``quantize_base_weights(model)`` quantizes loaded, unsharded weights. NF4 from
+already-sharded weights would need the loader to quantize each full tensor
+before sharding it; that is not done here.
+
+QLoRA choice (as torchtune): every projection inside the decoder layers is NF4,
+adapted or not; the embeddings, the norms and an un-adapted ``lm_head`` stay dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from fastune.modules.lora import LoRAError, LoRALinear, NF4Linear, dequantize, merge_weight
+
+# The linear layers LoRA can adapt, by their Hugging Face names (also fastune's).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+# The projections inside a decoder layer: QLoRA quantizes all of them.
+LAYER_PROJECTIONS = LORA_TARGETS[:-1]
+# torchtune's names for the same layers (its "output_proj" is attention's o_proj,
+# its "output" the final projection).
+TORCHTUNE_NAMES = {
+    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "output_proj": "o_proj",
+    "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "output": "lm_head",
+}
+LORA_PARAM_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASettings:
+    """The adapter hyper-parameters shared by every LoRA layer of a model."""
+
+    targets: tuple[str, ...]  # Hugging Face names, in LORA_TARGETS order
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    use_dora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def normalize_targets(targets: Iterable[str]) -> tuple[str, ...]:
+    """Map target names (HF or torchtune spelling) to HF names, in a fixed order."""
+    if isinstance(targets, str):
+        targets = [targets]
+    names = set()
+    for target in targets:
+        name = TORCHTUNE_NAMES.get(target, target)
+        if name not in LORA_TARGETS:
+            valid = list(LORA_TARGETS) + list(TORCHTUNE_NAMES)
+            close = difflib.get_close_matches(str(target), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LoRAError(
+                f"unknown LoRA target {target!r}{hint}; valid targets: {', '.join(LORA_TARGETS)} "
+                f"(or torchtune's {', '.join(TORCHTUNE_NAMES)})"
+            )
+        names.add(name)
+    if not names:
+        raise LoRAError(f"no LoRA targets given; valid targets: {', '.join(LORA_TARGETS)}")
+    return tuple(n for n in LORA_TARGETS if n in names)
+
+
+def apply_lora(
+    model: nn.Module,
+    targets: Iterable[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    use_kernels: Optional[bool] = None,
+) -> None:
+    """Replace each targeted ``nn.Linear`` by a ``LoRALinear`` (in place) and freeze
+    everything but the adapters. ``use_kernels`` defaults to ``model.config.use_kernels``."""
+    names = normalize_targets(targets)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise LoRAError("LoRA is already applied to this model")
+    if "lm_head" in names and _lm_head_is_tied(model):
+        raise LoRAError(
+            "LoRA on lm_head is not supported with tied embeddings (tie_word_embeddings: true): "
+            "the merged export would untie them"
+        )
+    if use_kernels is None:
+        use_kernels = bool(getattr(getattr(model, "config", None), "use_kernels", False))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if name in names and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha, dropout, use_dora, use_kernels))
+                wrapped += 1
+    if wrapped == 0:
+        raise LoRAError(f"LoRA targets {', '.join(names)} match no linear layer of the model")
+    if quantize_base:
+        quantize_base_weights(model)
+        # QLoRA trains on the dequantized weights: the magnitudes must be their norms.
+        init_dora_magnitudes(model)
+
+
+def quantize_base_weights(model: nn.Module) -> None:
+    """QLoRA: store the frozen weights of every LoRA layer and of every decoder-layer
+    projection as NF4. Needs loaded (not meta, not sharded) weights."""
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full_name = f"{parent_name}.{name}.weight" if parent_name else f"{name}.weight"
+            if isinstance(child, LoRALinear) and not child.quantized:
+                child.quantize_base(full_name)
+            elif type(child) is nn.Linear and name in LAYER_PROJECTIONS:
+                setattr(parent, name, NF4Linear(child, full_name))
+
+
+def reset_lora_parameters(model: nn.Module) -> None:
+    """Initialize A and B of every LoRA layer (after the meta-device model is materialized)."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.reset_lora_parameters()
+
+
+def init_dora_magnitudes(model: nn.Module) -> None:
+    """Set every DoRA magnitude to ‖W + s·B·A‖_row from the loaded base weights
+    (NF4 weights are dequantized). Call after the base weights are loaded."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear) and m.use_dora:
+            m.init_dora_magnitude()
+
+
+def lora_settings(model: nn.Module) -> LoRASettings:
+    """The settings ``apply_lora`` used on ``model``, read back from its LoRA layers."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise LoRAError("the model has no LoRA layers (apply_lora was not called)")
+    first = layers[0][1]
+    targets = {name.rpartition(".")[2] for name, _ in layers}
+    return LoRASettings(
+        targets=tuple(t for t in LORA_TARGETS if t in targets),
+        rank=first.rank,
+        alpha=first.alpha,
+        dropout=first.dropout,
+        use_dora=first.use_dora,
+    )
+
+
+def is_lora_key(key: str) -> bool:
+    """True for the state-dict keys of adapter parameters (A, B, DoRA magnitude)."""
+    return key.endswith(LORA_PARAM_SUFFIXES)
+
+
+def merge_lora(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """A plain state dict (fastune keys, no adapter keys, no NF4) with every adapter
+    merged into its base weight, for the merged Hugging Face export. The model is
+    not changed.
+
+    ``state_dict`` defaults to ``model.state_dict()``; under FSDP pass the gathered
+    full state dict instead.
+    """
+    settings = lora_settings(model)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    merged = {}
+    for key, value in state_dict.items():
+        if is_lora_key(key):
+            continue
+        prefix = key[: -len("weight")]
+        if key.endswith(".weight") and f"{prefix}lora_A.weight" in state_dict:
+            magnitude = state_dict.get(f"{prefix}lora_magnitude_vector")
+            merged[key] = merge_weight(
+                value, state_dict[f"{prefix}lora_A.weight"], state_dict[f"{prefix}lora_B.weight"],
+                settings.scale, magnitude if settings.use_dora else None,
+            )
+        else:
+            merged[key] = dequantize(value)
+    return merged
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) parameters count once and
+    NF4 weights count their logical number of elements."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def _lm_head_is_tied(model: nn.Module) -> bool:
+    head, embed = getattr(model, "lm_head", None), getattr(model, "embed_tokens", None)
+    return head is not None and embed is not None and head.weight is embed.weight

@@ -1,0 +1,150 @@
+"""Training checkpoints: what a fine-tuning run leaves in ``output_dir``, and resume.
+
+Each checkpoint is a folder ``output_dir/epoch_N`` (end of epoch N, 0-based like
+torchtune) or ``output_dir/step_N`` (after optimizer step N), written to a hidden
+temporary folder and renamed into place, so resume never finds half of one:
+
+- ``config.json`` and ``model*.safetensors`` (+ index): the model in HF format,
+  loadable by ``transformers``. For LoRA these are the merged weights, skipped
+  with ``save_adapter_weights_only`` (then only config.json is written).
+- the tokenizer files of the source checkpoint;
+- for LoRA/DoRA/QLoRA, ``adapter_model.safetensors`` + ``adapter_config.json``
+  that ``peft.PeftModel.from_pretrained`` loads;
+- ``training_state.pt``: optimizer, lr scheduler, RNG states, data loader
+  position. Plain tensors and containers only, read with ``weights_only=True``.
+  Full fine-tuning resumes its weights from the HF safetensors above, LoRA from
+  the adapter;
+- ``trainer_state.json``: epoch and global step in readable form (used to find
+  the latest checkpoint without unpickling anything).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from fastune.checkpoint import atomic_directory
+from fastune.errors import FastuneError
+
+TRAINING_STATE = "training_state.pt"
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_NAME = re.compile(r"(epoch|step)_(\d+)")
+
+
+class ResumeError(FastuneError):
+    """A checkpoint that a run cannot resume from; the message names the path."""
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (by global step, an epoch
+    checkpoint after a step checkpoint of the same step). Temporary folders are hidden
+    (leading dot) and never match."""
+    found = []
+    for path in Path(output_dir).glob("*_*"):
+        if path.is_dir() and _CHECKPOINT_NAME.fullmatch(path.name) and (path / TRAINER_STATE).is_file():
+            progress = read_trainer_state(path)
+            found.append((progress["global_step"], path.name.startswith("epoch"), path))
+    return [path for *_, path in sorted(found)]
+
+
+def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
+    file = Path(ckpt_dir) / TRAINER_STATE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResumeError(f"{file}: cannot read training progress ({e})") from None
+
+
+def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Path]:
+    """The checkpoint folder to resume from: ``None`` (fresh run), a path, or ``"auto"``
+    (the latest checkpoint in ``output_dir``; a fresh run when there is none)."""
+    if not resume_from:
+        return None
+    if str(resume_from) == "auto":
+        existing = checkpoint_dirs(output_dir)
+        return existing[-1] if existing else None
+    path = Path(resume_from)
+    if not path.is_dir():
+        raise ResumeError(f"resume_from_checkpoint: {path} is not a directory")
+    for name in (TRAINING_STATE, TRAINER_STATE):
+        if not (path / name).is_file():
+            raise ResumeError(
+                f"resume_from_checkpoint: {path} has no {name}; "
+                "it is not a fastune training checkpoint"
+            )
+    return path
+
+
+def save_checkpoint(
+    output_dir: Path,
+    name: str,
+    write_model: Callable[[Path], None],
+    training_state: dict[str, Any],
+    progress: dict[str, Any],
+    keep_last_n: Optional[int] = None,
+) -> Path:
+    """Write checkpoint ``output_dir/name`` atomically and prune old ones.
+
+    ``write_model(folder)`` writes the HF files and adapter into the temporary folder.
+    ``progress`` (plain JSON: epoch, global_step, ...) becomes trainer_state.json.
+    """
+    dest = Path(output_dir) / name
+    with atomic_directory(dest) as tmp:
+        write_model(tmp)
+        torch.save(training_state, tmp / TRAINING_STATE)
+        (tmp / TRAINER_STATE).write_text(json.dumps(progress, indent=2) + "\n")
+    if keep_last_n:
+        for old in checkpoint_dirs(output_dir)[:-keep_last_n]:
+            if old != dest:
+                shutil.rmtree(old)
+    return dest
+
+
+def load_training_state(ckpt_dir: Path) -> dict[str, Any]:
+    file = Path(ckpt_dir) / TRAINING_STATE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have many types; the message is what matters
+        raise ResumeError(f"{file}: cannot load training state ({type(e).__name__}: {e})") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from, as tensors and plain values
+    (numpy's key array becomes an int64 tensor, so ``weights_only`` loading accepts it)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": np_state["state"]["pos"],
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": np_state["bit_generator"],
+        "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+        "has_gauss": np_state["has_gauss"],
+        "gauss": np_state["gauss"],
+    })
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,219 @@
+"""Metric loggers: where the training loop sends its numbers.
+
+One small interface for all of them::
+
+    with build_metric_logger(cfg) as logger:    # also logs the config
+        logger.log_dict({"loss": 1.23, "lr": 2e-4}, step=global_step)
+        logger.log_checkpoint(ckpt_dir, {"global_step": global_step, ...})
+    # leaving the block closes the logger, also on an exception
+
+``step`` is the global optimizer step. The recipe calls ``log_dict`` every
+``log_every_n_steps`` optimizer steps (config key of that name). Values may be
+Python numbers or 0-d tensors.
+
+Pick one in the config with ``metric_logger._component_`` or a short name on the
+command line: ``metric_logger=disk`` (the default: JSONL in
+``${output_dir}/logs``), ``stdout``, ``wandb``, ``tensorboard``.
+
+Logged configs never carry secrets: keys naming a token, key, secret or password,
+and values that look like Hugging Face tokens, are dropped first.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from fastune.config import instantiate
+from fastune.config.schema import did_you_mean
+from fastune.errors import ConfigError, FastuneError
+
+
+class MetricLogger:
+    """The interface. This base class itself logs nothing: ranks other than 0 use it."""
+
+    def log(self, name: str, value: Any, step: int) -> None:
+        self.log_dict({name: value}, step)
+
+    def log_dict(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def log_config(self, cfg: DictConfig) -> None:
+        """Record the resolved config (``output_dir/config.yaml`` holds it in any case)."""
+
+    def log_checkpoint(self, path: str | os.PathLike, metadata: Mapping[str, Any]) -> None:
+        """Record a saved checkpoint folder; only W&B stores it (as an artifact)."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "MetricLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+def scalar(value: Any) -> Any:
+    """A 0-d tensor or numpy number as a Python number; other values unchanged."""
+    return value.item() if hasattr(value, "item") else value
+
+
+_SECRET_KEY = re.compile(r"(^|_)(token|key|secret|password|passwd|api_?key|credentials?)s?($|_)")
+_SECRET_VALUE = re.compile(r"hf_[A-Za-z0-9]{30,}")
+
+
+def _is_secret_key(name: str) -> bool:
+    # `hf_token`, `api-key`, `wandbApiKey`; not `tokenizer` or `keep_last_n`.
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).replace("-", "_").replace(".", "_")
+    return bool(_SECRET_KEY.search(words.lower()))
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a nested dict/list without secret-looking keys or token-looking strings."""
+    if isinstance(value, Mapping):
+        return {k: redact_secrets(v) for k, v in value.items()
+                if not _is_secret_key(k) and not (isinstance(v, str) and _SECRET_VALUE.search(v))}
+    if isinstance(value, (list, tuple)):
+        return [redact_secrets(v) for v in value if not (isinstance(v, str) and _SECRET_VALUE.search(v))]
+    return value
+
+
+def _loggable_config(cfg: DictConfig | Mapping) -> dict:
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return redact_secrets(cfg)
+
+
+class StdoutLogger(MetricLogger):
+    """One line per ``log_dict``: ``step 10 | loss=1.234 lr=0.0002``.
+    Printed through tqdm so that a progress bar stays intact."""
+
+    def log_dict(self, metrics, step):
+        from tqdm import tqdm
+
+        fields = " ".join(f"{k}={_format(scalar(v))}" for k, v in metrics.items())
+        tqdm.write(f"step {step} | {fields}")
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class DiskLogger(MetricLogger):
+    """JSON lines in ``log_dir/metrics.jsonl``: one object per ``log_dict`` call,
+    ``{"step": step, **metrics}``, flushed at once so a crash loses nothing.
+    The file is appended to, so a resumed run continues it (steps after the last
+    checkpoint then appear twice; the later line is the resumed run's)."""
+
+    def __init__(self, log_dir: str | os.PathLike, filename: str = "metrics.jsonl"):
+        self.path = Path(log_dir) / filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log_dict(self, metrics, step):
+        record = {"step": step, **{k: scalar(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+class TensorBoardLogger(MetricLogger):
+    """Scalars for TensorBoard in ``log_dir`` (needs ``pip install 'fastune[tensorboard]'``)."""
+
+    def __init__(self, log_dir: str | os.PathLike, **writer_kwargs):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise FastuneError("metric_logger: TensorBoardLogger needs the tensorboard package; "
+                               "pip install 'fastune[tensorboard]', or use metric_logger=disk") from None
+        self._writer = SummaryWriter(log_dir=str(log_dir), **writer_kwargs)
+
+    def log_dict(self, metrics, step):
+        for name, value in metrics.items():
+            self._writer.add_scalar(name, scalar(value), global_step=step)
+
+    def log_config(self, cfg):
+        text = OmegaConf.to_yaml(OmegaConf.create(_loggable_config(cfg)))
+        self._writer.add_text("config", f"```yaml\n{text}```")
+
+    def close(self):
+        self._writer.close()
+
+
+class WandBLogger(MetricLogger):
+    """Weights & Biases. Every keyword is passed to ``wandb.init`` (project, entity,
+    group, job_type, name, tags, notes, mode, dir, ...); ``project`` defaults to
+    "fastune". ``WANDB_MODE=offline`` works without an account.
+
+    ``log_config`` puts the config in ``wandb.config`` and uploads it as
+    ``fastune_config.yaml``; with ``log_checkpoints=True``, ``log_checkpoint``
+    uploads each checkpoint folder as a "model" artifact with its metadata.
+    ``close`` calls ``finish`` (exit code 1 when leaving a ``with`` block on an
+    exception, which marks the run as failed).
+    """
+
+    def __init__(self, log_checkpoints: bool = False, **init_kwargs):
+        import wandb
+
+        accepted = inspect.signature(wandb.init).parameters
+        for name in init_kwargs:
+            if name not in accepted:
+                raise ConfigError(f"metric_logger.{name}: not a parameter of wandb.init"
+                                  f"{did_you_mean(name, accepted)}")
+        init_kwargs.setdefault("project", "fastune")
+        self._wandb = wandb
+        self._run = wandb.init(**init_kwargs)
+        self.log_checkpoints = log_checkpoints
+        self._closed = False
+
+    def log_dict(self, metrics, step):
+        self._run.log({k: scalar(v) for k, v in metrics.items()}, step=step)
+
+    def log_config(self, cfg):
+        config = _loggable_config(cfg)
+        self._run.config.update(config, allow_val_change=True)
+        path = Path(self._run.dir) / "fastune_config.yaml"
+        path.write_text(OmegaConf.to_yaml(OmegaConf.create(config)), encoding="utf-8")
+        self._run.save(str(path), base_path=self._run.dir, policy="now")
+
+    def log_checkpoint(self, path, metadata):
+        if not self.log_checkpoints:
+            return
+        artifact = self._wandb.Artifact(f"model-{self._run.id}", type="model",
+                                        metadata={k: scalar(v) for k, v in metadata.items()})
+        artifact.add_dir(str(path))
+        self._run.log_artifact(artifact, aliases=[Path(path).name, "latest"])
+
+    def close(self, exit_code: int = 0):
+        if not self._closed:
+            self._closed = True
+            self._run.finish(exit_code=exit_code)
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(exit_code=0 if exc_type is None else 1)
+
+
+def build_metric_logger(cfg: DictConfig) -> MetricLogger:
+    """The logger named by ``cfg.metric_logger``, with the config already logged.
+
+    Under torchrun only rank 0 (env ``RANK``) logs; other ranks get the base
+    ``MetricLogger``, which drops everything.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return MetricLogger()
+    logger = instantiate(cfg.metric_logger)
+    try:
+        logger.log_config(cfg)
+    except BaseException:
+        logger.close()
+        raise
+    return logger

@@ -1,0 +1,95 @@
+"""Optimizer and learning-rate schedule for the training recipes.
+
+AdamW takes its fastest implementation for the device: ``fused=True`` on CUDA
+(one kernel for all parameters), ``foreach=True`` elsewhere (multi-tensor ops,
+which beat the per-parameter loop on CPU).
+
+Weight decay skips 1-D parameters (norm weights, biases, DoRA magnitudes): decaying
+a norm gain towards 0 pulls every activation of the layer towards 0, which is
+never what fine-tuning wants. LoRA A/B matrices and full weight matrices decay.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from fastune.config import instantiate
+from fastune.config.schema import COMPONENT
+
+_ADAM_FAMILY = ("torch.optim.AdamW", "torch.optim.Adam")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into a decayed group (matrices) and a non-decayed one
+    (vectors). Order follows ``model.parameters()``, so optimizer state indices are stable
+    across runs built the same way (resume relies on that)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The config's optimizer (``_component_`` plus keyword arguments) over the trainable
+    parameters, in two weight-decay groups (see ``param_groups``).
+
+    For Adam/AdamW, ``fused: null`` picks the device's fastest implementation:
+    fused on CUDA, foreach elsewhere.
+    """
+    kwargs = dict(node)
+    component = kwargs[COMPONENT]
+    weight_decay = kwargs.pop("weight_decay", 0.0)
+    if component in _ADAM_FAMILY and kwargs.get("fused") is None:
+        kwargs["fused"] = device.type == "cuda"
+        kwargs["foreach"] = not kwargs["fused"]
+    return instantiate(kwargs, param_groups(model, weight_decay))
+
+
+def warmup_cosine_lambda(warmup_steps: int, total_steps: int):
+    """Multiplier of the base lr at optimizer step ``s`` (0-based, before the step):
+
+        s < warmup:  (s + 1) / (warmup + 1)    linear ramp, never exactly 0 so step 0 learns
+        after:       0.5 * (1 + cos(pi * p)),  p = (s - warmup) / (total - warmup)
+
+    p is clamped to [0, 1], so running past ``total_steps`` stays at 0.
+    """
+    decay_steps = max(1, total_steps - warmup_steps)
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def build_warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+) -> LambdaLR:
+    """Linear warmup then cosine decay, stepped once per optimizer step.
+
+    The lambda is a closure (not a picklable object), so ``state_dict()`` holds only
+    plain numbers and loads with ``torch.load(weights_only=True)``.
+    """
+    return LambdaLR(optimizer, warmup_cosine_lambda(warmup_steps, total_steps))
+
+
+def build_lr_scheduler(node: Mapping[str, Any], optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler:
+    """The config's scheduler: the built-in warm-up + cosine (no ``_component_``), or
+    ``_component_(optimizer, num_training_steps=total_steps, **rest)``."""
+    kwargs = dict(node)
+    if COMPONENT in kwargs:
+        return instantiate(kwargs, optimizer, num_training_steps=total_steps)
+    return build_warmup_cosine(optimizer, total_steps=total_steps, **kwargs)

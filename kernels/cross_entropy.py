@@ -1,0 +1,240 @@
+"""Cross-entropy over a logits buffer, with the gradient written into that buffer.
+
+Math, per row i of logits z (V classes), target y, label smoothing e, z-loss weight k,
+all in fp32 whatever the dtype of z:
+
+    lse_i  = log sum_j exp(z_ij)                       (online: running max m and
+                                                        running sum d = sum_j exp(z_ij - m),
+                                                        rescaled when m grows)
+    loss_i = lse_i - (1 - e) z_iy - e mean_j z_ij + k lse_i^2
+           = (1 - e) NLL + e mean_j(-log p_ij) + k lse_i^2     (PyTorch's label smoothing)
+    dloss_i/dz_ij = p_ij (1 + 2 k lse_i) - e / V - (1 - e) [j == y],  p_ij = exp(z_ij - lse_i)
+
+Rows whose target is ``ignore_index`` have loss 0 and gradient 0. A target outside
+[0, V) that is not ``ignore_index`` makes that row's loss NaN: checking it on the host
+would cost a device sync, and a NaN loss is caught by the training loop at once.
+
+Forward computes the loss AND the gradient (when one is needed) and overwrites the logits
+buffer with dloss/dz in the input dtype. So the buffer is the only thing saved for
+backward, and backward scales it by the incoming scalar gradient of the summed loss.
+This halves the memory of eager cross-entropy, which keeps logits, log-probabilities and
+their gradient alive together.
+
+The Triton kernel handles one row per program: pass 1 reads the row once for the
+online logsumexp (and the row sum, for label smoothing), pass 2 reads it again and
+writes the gradient in place. ``linear_cross_entropy`` uses the same per-row entry
+point, ``cross_entropy_rows_``, on chunks of logits it computes itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastune.kernels.dispatch import use_triton
+from fastune.kernels.interpreter import cast
+
+# Widest vocabulary block a program loads at once: 4096 fp32 values over 8 warps are 16
+# registers per thread, so the loop over a 128k vocabulary stays spill-free.
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    logits_ptr, row_stride, labels_ptr, loss_ptr,
+    vocab, ignore_index, z_loss, label_smoothing,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """loss_ptr[row] = loss of one row; with COMPUTE_GRAD the row becomes dloss/dlogits."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * row_stride
+    label = tl.load(labels_ptr + row)
+    supervised = label != ignore_index
+    in_range = (label >= 0) & (label < vocab)
+
+    # Pass 1: online logsumexp, and the row sum that label smoothing needs.
+    m = float("-inf")
+    d = 0.0
+    row_sum = 0.0
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < vocab
+        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+
+    # The target logit must be read before pass 2 overwrites the row.
+    target = tl.load(row_ptr + label, mask=supervised & in_range, other=0.0).to(tl.float32)
+    loss = lse - (1.0 - label_smoothing) * target - label_smoothing * row_sum / vocab
+    loss += z_loss * lse * lse
+    loss = tl.where(in_range, loss, float("nan"))
+    tl.store(loss_ptr + row, tl.where(supervised, loss, 0.0))
+
+    if COMPUTE_GRAD:
+        # Ignored rows get all-zero coefficients, hence a zero gradient row.
+        p_scale = tl.where(supervised, 1.0 + 2.0 * z_loss * lse, 0.0)
+        uniform = tl.where(supervised, label_smoothing / vocab, 0.0)
+        target_coef = tl.where(supervised, 1.0 - label_smoothing, 0.0)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < vocab
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) * p_scale - uniform - tl.where(cols == label, target_coef, 0.0)
+            tl.store(row_ptr + cols, cast(grad, logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary size."""
+    block_v = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+    return block_v, (8 if block_v >= 2048 else 4)
+
+
+def _cross_entropy_rows_triton(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                               z_loss: float, label_smoothing: float,
+                               compute_grad: bool) -> torch.Tensor:
+    rows, vocab = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return loss
+    block_v, num_warps = _launch_config(vocab)
+    _cross_entropy_kernel[(rows,)](
+        logits, logits.stride(0), labels.contiguous(), loss, vocab, ignore_index, z_loss, label_smoothing,
+        COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return loss
+
+
+# An opaque op: torch.compile keeps it as one call (the kernel runs at run time, also under
+# the CPU interpreter), and functionalization knows it writes into `logits`.
+@torch.library.custom_op("fastune::cross_entropy_rows_", mutates_args={"logits"})
+def _cross_entropy_rows_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                           z_loss: float, label_smoothing: float,
+                           compute_grad: bool) -> torch.Tensor:
+    return _cross_entropy_rows_triton(logits, labels, ignore_index, z_loss, label_smoothing,
+                                      compute_grad)
+
+
+@_cross_entropy_rows_op.register_fake
+def _(logits, labels, ignore_index, z_loss, label_smoothing, compute_grad):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                                  z_loss: float, label_smoothing: float,
+                                  compute_grad: bool) -> torch.Tensor:
+    """The kernel's math in plain torch (inductor fuses it into one pass per reduction)."""
+    vocab = logits.shape[-1]
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    supervised = labels != ignore_index
+    in_range = (labels >= 0) & (labels < vocab)
+    safe_labels = torch.where(supervised & in_range, labels, 0).unsqueeze(-1)
+    target = x.gather(-1, safe_labels).squeeze(-1)
+    loss = lse - (1.0 - label_smoothing) * target + z_loss * lse * lse
+    if label_smoothing:
+        loss = loss - label_smoothing * x.mean(dim=-1)
+    loss = torch.where(in_range, loss, float("nan"))
+    loss = torch.where(supervised, loss, 0.0)
+    if compute_grad:
+        # In-place steps: eager keeps two [rows, V] fp32 buffers alive, not five.
+        p_scale = torch.where(supervised, 1.0 + 2.0 * z_loss * lse, 0.0).unsqueeze(-1)
+        uniform = torch.where(supervised, label_smoothing / vocab, 0.0).unsqueeze(-1)
+        target_coef = torch.where(supervised, label_smoothing - 1.0, 0.0).unsqueeze(-1)
+        grad = (x - lse.unsqueeze(-1)).exp_().mul_(p_scale).sub_(uniform)
+        logits.copy_(grad.scatter_add_(-1, safe_labels, target_coef))
+    return loss
+
+
+def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                        z_loss: float, label_smoothing: float,
+                        compute_grad: bool) -> torch.Tensor:
+    """Per-row fp32 loss of a [rows, V] logits buffer (last dim contiguous).
+
+    With ``compute_grad`` the buffer is overwritten with dloss_i/dlogits_i (see the module
+    docstring); without it the buffer is left as it is."""
+    if use_triton(logits):
+        return _cross_entropy_rows_op(logits, labels, ignore_index, z_loss, label_smoothing,
+                                      compute_grad)
+    return _cross_entropy_rows_reference(logits, labels, ignore_index, z_loss, label_smoothing,
+                                         compute_grad)
+
+
+def check_labels(labels: torch.Tensor, leading_shape: torch.Size, what: str) -> None:
+    """One-line error when labels do not line up with the rows of ``what``."""
+    if labels.shape != leading_shape:
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but {what} needs labels of "
+                         f"shape {tuple(leading_shape)} (one per token)")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
+def supervised_count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Number of supervised tokens as an int64 scalar tensor (no host sync)."""
+    return (labels != ignore_index).sum()
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Loss and gradient in forward; backward scales the saved gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, z_loss, label_smoothing, compute_grad):
+        loss = cross_entropy_rows_(logits, labels, ignore_index, z_loss, label_smoothing,
+                                   compute_grad).sum()
+        # The buffer now holds dloss/dlogits. Saving a detached alias keeps autograd's
+        # version check for any other user of the logits that saved them.
+        ctx.save_for_backward(logits.detach() if compute_grad else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_logits,) = ctx.saved_tensors
+        if grad_logits is None:
+            return None, None, None, None, None, None
+        return grad_logits * grad_loss.to(grad_logits.dtype), None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                  z_loss: float = 0.0,
+                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of ``logits`` [..., V] against ``labels`` [...].
+
+    Returns ``(loss_sum, n_tokens)``: the fp32 sum over supervised tokens (labels not
+    equal to ``ignore_index``) of the per-token loss, plus ``z_loss * logsumexp**2`` per
+    supervised token, with PyTorch's label smoothing; and the number of supervised tokens
+    as an int64 scalar tensor. Divide by the step's total ``n_tokens`` to normalize.
+
+    When a gradient is needed, ``logits`` is CONSUMED: its storage is overwritten with
+    dloss/dlogits during the forward (that buffer is what backward returns, scaled), so
+    do not read the logits after this call. Without a gradient they are left untouched.
+    """
+    check_labels(labels, logits.shape[:-1], f"logits of shape {tuple(logits.shape)}")
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    flat_labels = labels.reshape(-1)
+    loss = _CrossEntropy.apply(rows, flat_labels, ignore_index, float(z_loss),
+                               float(label_smoothing), compute_grad)
+    return loss, supervised_count(flat_labels, ignore_index)
+
+
+def aot_specs() -> list[dict]:
+    """Representative launches for kernels/aot.py: the Llama 3 vocabulary (128256), bf16
+    training chunks (gradient written in place) and fp32 evaluation (loss only)."""
+    vocab = 128256
+    block_v, num_warps = _launch_config(vocab)
+    specs = []
+    for dtype, compute_grad in (("bf16", True), ("fp32", False)):
+        signature = {"logits_ptr": f"*{dtype}", "row_stride": "i32", "labels_ptr": "*i64",
+                     "loss_ptr": "*fp32", "vocab": "i32", "ignore_index": "i32",
+                     "z_loss": "fp32", "label_smoothing": "fp32",
+                     "COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
+        specs.append(dict(
+            name=f"cross_entropy{'+grad' if compute_grad else ''} V={vocab} {dtype}",
+            kernel=_cross_entropy_kernel, signature=signature, num_warps=num_warps,
+            constexprs={"COMPUTE_GRAD": compute_grad, "BLOCK_V": block_v}))
+    return specs

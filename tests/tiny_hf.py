@@ -1,0 +1,76 @@
+"""Tiny random Hugging Face checkpoints, written by ``transformers`` itself, for
+the parity and checkpoint tests.
+
+Weights are re-drawn at a scale that makes logits O(1) and norm weights differ
+from 1, so that a wrong key mapping, norm or rotation changes the logits far
+beyond the tolerances (HF's own init, std 0.02, gives near-zero logits that
+would hide such bugs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+BASE = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5,
+    max_position_embeddings=2048, tie_word_embeddings=False,
+)
+LLAMA3_SCALING = {
+    # original_max_position_embeddings=32 puts the head's wavelengths in all
+    # three bands (kept, smoothed, divided) for head_dim 16.
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+}
+
+# name -> (architecture, config overrides)
+VARIANTS = {
+    "llama_mha": ("llama", {}),
+    "llama_gqa_llama3": ("llama", dict(num_key_value_heads=2, rope_theta=500000.0,
+                                       rope_scaling=LLAMA3_SCALING)),
+    "llama_tied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_bias": ("qwen2", dict(num_key_value_heads=2, rope_theta=1000000.0)),
+    "mistral": ("mistral", dict(num_key_value_heads=2)),
+    "llama_head_dim": ("llama", dict(num_key_value_heads=2, head_dim=32)),
+    "llama_linear_rope": ("llama", dict(rope_theta=50000.0,
+                                        rope_scaling={"rope_type": "linear", "factor": 4.0})),
+}
+
+
+def build_hf_model(variant: str, seed: int = 0):
+    """A random ``*ForCausalLM`` in fp32, eval mode."""
+    import transformers
+
+    arch, overrides = VARIANTS[variant]
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**BASE, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def save_hf_model(model, out_dir: Path, max_shard_size: Optional[str] = None) -> Path:
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    return out_dir
+
+
+def hf_logits(model, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens, position_ids=position_ids).logits
+
+
+def random_tokens(batch: int, seqlen: int, vocab: int = BASE["vocab_size"], seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
