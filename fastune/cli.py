@@ -1,21 +1,242 @@
-"""The ``fastune`` command line."""
+"""The ``fastune`` command line.
+
+Every command may raise ``fastune.errors.FastuneError`` for bad input: the group
+prints it as one line, ``error: <message>``, and exits with status 2. With
+``--debug`` (before or after the command name) or ``FASTUNE_DEBUG=1`` the
+traceback is shown instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import click
 
 from fastune import __version__
+from fastune.errors import FastuneError
+
+_DEBUG = "fastune.debug"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """A click group that turns a FastuneError into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FastuneError as e:
+            if ctx.meta.get(_DEBUG) or os.environ.get("FASTUNE_DEBUG") == "1":
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+def _set_debug(ctx: click.Context, _param, value: bool) -> None:
+    if value:
+        ctx.meta[_DEBUG] = True
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+    help="Show the full traceback of an error instead of one line.",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fastune")
+@debug_option
 def main() -> None:
     """fastune: fast, correct fine-tuning of Llama-family LLMs.
 
     \b
     Typical workflow:
-      fastune download meta-llama/Llama-3.2-1B-Instruct
-      fastune train configs/llama3_2/1B_lora.yaml batch_size=8
+      fastune ls                                  # shipped configs
+      fastune download meta-llama/Llama-3.2-1B-Instruct --output-dir /tmp/Llama-3.2-1B-Instruct
+      fastune train llama3_2/1B_lora batch_size=8
       fastune generate | eval | quantize
+
+    \b
+    Offline demo (CPU, a few minutes):
+      fastune train demo
     """
+
+
+_CONFIG_HELP = """
+\b
+CONFIG is a YAML file, or the name of a shipped config (see `fastune ls`).
+Each KEY=VALUE overrides one key; the value is read as YAML:
+  optimizer.lr=1e-4               a nested key
+  lora.targets=[q_proj,v_proj]    a list
+  max_steps_per_epoch=null        null
+  ~max_steps_per_epoch            delete a key (back to its default)
+  metric_logger=wandb             a short name for a component:
+                                  disk, stdout, wandb, tensorboard;
+                                  optimizer=adamw, adam, sgd
+  metric_logger.project=my-run    then its keyword arguments
+  metric_logger._component_=my.module.MyLogger
+  output_dir='${oc.env:HOME}/runs/x'   interpolation (quote the $)
+"""
+
+
+@main.command(epilog=_CONFIG_HELP)
+@click.argument("config")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE | ~KEY]...")
+@debug_option
+def train(config: str, overrides: tuple[str, ...]) -> None:
+    """Fine-tune a model as CONFIG says.
+
+    The config is validated before any heavy work, and the resolved config is
+    saved as OUTPUT_DIR/config.yaml.
+
+    \b
+    Examples:
+      fastune train demo
+      fastune train llama3_2/1B_lora optimizer.lr=1e-4 epochs=2
+      fastune train my_config.yaml metric_logger=wandb metric_logger.project=alpaca
+      fastune train out/config.yaml resume_from_checkpoint=auto
+    """
+    from fastune.config import load_config, save_resolved_config
+
+    cfg = load_config(config, overrides)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one writer
+        save_resolved_config(cfg, cfg.output_dir)
+    _recipe_train()(cfg)
+
+
+def _recipe_train():
+    try:
+        from fastune.training.recipe import train
+    except ModuleNotFoundError as e:
+        if e.name != "fastune.training.recipe":
+            raise
+        raise FastuneError("the training recipe (fastune.training.recipe) is not built yet") from None
+    return train
+
+
+@main.command(epilog=_CONFIG_HELP)
+@click.argument("config")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE | ~KEY]...")
+@click.option("--print-config", is_flag=True, help="Also print the whole resolved config.")
+@debug_option
+def validate(config: str, overrides: tuple[str, ...], print_config: bool) -> None:
+    """Check CONFIG (with overrides) without training: keys, types, files,
+    components, and the model's config.json. Prints "config OK" and a summary.
+
+    \b
+    Examples:
+      fastune validate demo
+      fastune validate my_config.yaml batch_size=16 --print-config
+    """
+    from omegaconf import OmegaConf
+
+    from fastune.config import load_config
+    from fastune.models.config import ModelConfig
+
+    cfg = load_config(config, overrides)
+    model = ModelConfig.from_json(cfg.model.checkpoint_dir)
+    click.echo(f"config OK: {config}")
+    click.echo(_summary(cfg, model))
+    if print_config:
+        click.echo(OmegaConf.to_yaml(cfg))
+
+
+def _summary(cfg, model) -> str:
+    """A few lines that say what a training run with ``cfg`` would do."""
+    data = cfg.dataset
+    if "_component_" in data:
+        dataset = data._component_
+    else:
+        validation = (f"split {data.val_split!r}" if data.val_split is not None else
+                      f"{data.val_fraction:.1%} held out" if data.val_fraction is not None else "none")
+        dataset = (f"{data.source} [{data.split}], {data.format}, max_seq_len {data.max_seq_len}"
+                   f"{', packed' if data.packed else ''}; validation: {validation}")
+    method = cfg.method
+    if method != "full":
+        method += f" (rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, on {', '.join(cfg.lora.targets)})"
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    epochs = f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
+    if cfg.max_steps_per_epoch is not None:
+        epochs += f" of at most {cfg.max_steps_per_epoch} steps"
+    optimizer = cfg.optimizer.get("_component_", "")
+    if "lr" in cfg.optimizer:
+        optimizer += f", lr {cfg.optimizer.lr:g}"
+    rows = [
+        ("model", f"{cfg.model.checkpoint_dir}: {model.model_type}, {model.num_hidden_layers} layers, "
+                  f"hidden {model.hidden_size}, vocab {model.vocab_size}; {cfg.model.dtype}, "
+                  f"kernels {'on' if cfg.model.use_kernels else 'off'}"),
+        ("method", method),
+        ("dataset", dataset),
+        ("batch", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation = {per_step} "
+                  f"sequences per optimizer step (per rank); {epochs}"),
+        ("optimizer", optimizer),
+        ("output", str(cfg.output_dir)),
+        ("logger", cfg.metric_logger._component_),
+    ]
+    return "\n".join(f"  {name:<10}{value}" for name, value in rows)
+
+
+@main.command(name="ls")
+def list_configs() -> None:
+    """List the shipped configs, by model and method.
+
+    \b
+    Use one by name, or copy it out to edit:
+      fastune train llama3_2/1B_lora
+      fastune cp llama3_2/1B_lora my_config.yaml
+    """
+    from omegaconf import OmegaConf
+
+    from fastune.config import shipped_config, shipped_config_names
+
+    rows = []
+    for name in shipped_config_names():
+        text = shipped_config(name).read_text(encoding="utf-8")
+        method = OmegaConf.create(text).get("method", "lora")
+        model = name.rsplit("/", 1)[0] if "/" in name else name
+        rows.append((model, method, name, _first_comment(text)))
+    widths = [max(len(r[i]) for r in rows + [("MODEL", "METHOD", "CONFIG", "")]) for i in range(3)]
+    for row in [("MODEL", "METHOD", "CONFIG", "DESCRIPTION")] + sorted(rows):
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths + [0])).rstrip())
+
+
+def _first_comment(text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("#") and line.strip("# "):
+            return line.strip("# ")
+    return ""
+
+
+@main.command(name="cp")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@debug_option
+def copy_config(name: str, dest: str, force: bool) -> None:
+    """Copy the shipped config NAME to DEST (a file, or a folder to put it in).
+
+    \b
+    Examples:
+      fastune cp llama3_2/1B_lora my_config.yaml
+      fastune cp demo configs/       # -> configs/demo.yaml
+    """
+    from fastune.config import shipped_config, shipped_config_names
+    from fastune.config.schema import did_you_mean
+
+    source = shipped_config(name)
+    if source is None:
+        raise FastuneError(f"no shipped config named {name!r}{did_you_mean(name, shipped_config_names())}; "
+                           f"`fastune ls` lists them")
+    target = Path(dest)
+    if target.is_dir() or dest.endswith(("/", os.sep)):
+        target = target / source.name
+    elif not target.suffix:
+        target = target.with_suffix(".yaml")
+    if target.exists() and not force:
+        raise FastuneError(f"{target} exists; pass --force to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes())
+    click.echo(f"copied {name} to {target}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,13 @@
 """Triton kernels with reference PyTorch implementations, imported as ``fastune.kernels``.
 
 This package depends on torch and triton only, never on the rest of fastune.
+Each op is a plain function that runs the Triton kernel on CUDA tensors (or under
+``dispatch.force_triton()``) and its reference implementation elsewhere.
+Add an op's public functions below, one import line per op file.
 """
+
+from fastune.kernels.rms_norm import add_rms_norm, rms_norm
+from fastune.kernels.rope import apply_rope
+from fastune.kernels.swiglu import swiglu
+
+__all__ = ["add_rms_norm", "apply_rope", "rms_norm", "swiglu"]

@@ -17,6 +17,9 @@ would cost a device sync, and a NaN loss is caught by the training loop at once.
 Forward computes the loss AND the gradient (when one is needed) and overwrites the logits
 buffer with dloss/dz in the input dtype. So the buffer is the only thing saved for
 backward, and backward scales it by the incoming scalar gradient of the summed loss.
+In bf16 that scaling rounds a second time, unless the scale is 1: call ``backward()``
+on the summed loss and divide the gradients by the token count afterwards to get
+exactly one rounding, as eager autograd has.
 This halves the memory of eager cross-entropy, which keeps logits, log-probabilities and
 their gradient alive together.
 
@@ -65,11 +68,15 @@ def _cross_entropy_kernel(
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
         m = m_new
-    lse = m + tl.log(d)
+    log_d = tl.log(d)
+    lse = m + log_d
 
-    # The target logit must be read before pass 2 overwrites the row.
+    # The target logit must be read before pass 2 overwrites the row. The loss is formed
+    # from logits shifted by the row max, as log_softmax does: lse - z_y would lose the
+    # low bits of two large, nearly equal numbers.
     target = tl.load(row_ptr + label, mask=supervised & in_range, other=0.0).to(tl.float32)
-    loss = lse - (1.0 - label_smoothing) * target - label_smoothing * row_sum / vocab
+    loss = log_d - (1.0 - label_smoothing) * (target - m)
+    loss -= label_smoothing * (row_sum / vocab - m)
     loss += z_loss * lse * lse
     loss = tl.where(in_range, loss, float("nan"))
     tl.store(loss_ptr + row, tl.where(supervised, loss, 0.0))
@@ -129,14 +136,18 @@ def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ig
     """The kernel's math in plain torch (inductor fuses it into one pass per reduction)."""
     vocab = logits.shape[-1]
     x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
+    # Shifted by the row max, as in the kernel (see there why).
+    m = x.amax(dim=-1, keepdim=True)
+    shifted = x - m
+    log_d = torch.logsumexp(shifted, dim=-1, keepdim=True)
+    lse = (m + log_d).squeeze(-1)
     supervised = labels != ignore_index
     in_range = (labels >= 0) & (labels < vocab)
     safe_labels = torch.where(supervised & in_range, labels, 0).unsqueeze(-1)
-    target = x.gather(-1, safe_labels).squeeze(-1)
-    loss = lse - (1.0 - label_smoothing) * target + z_loss * lse * lse
+    target = shifted.gather(-1, safe_labels)
+    loss = (log_d - (1.0 - label_smoothing) * target).squeeze(-1) + z_loss * lse * lse
     if label_smoothing:
-        loss = loss - label_smoothing * x.mean(dim=-1)
+        loss = loss - label_smoothing * shifted.mean(dim=-1)
     loss = torch.where(in_range, loss, float("nan"))
     loss = torch.where(supervised, loss, 0.0)
     if compute_grad:
@@ -144,7 +155,7 @@ def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ig
         p_scale = torch.where(supervised, 1.0 + 2.0 * z_loss * lse, 0.0).unsqueeze(-1)
         uniform = torch.where(supervised, label_smoothing / vocab, 0.0).unsqueeze(-1)
         target_coef = torch.where(supervised, label_smoothing - 1.0, 0.0).unsqueeze(-1)
-        grad = (x - lse.unsqueeze(-1)).exp_().mul_(p_scale).sub_(uniform)
+        grad = (shifted - log_d).exp_().mul_(p_scale).sub_(uniform)
         logits.copy_(grad.scatter_add_(-1, safe_labels, target_coef))
     return loss
 
@@ -194,7 +205,7 @@ class _CrossEntropy(torch.autograd.Function):
         (grad_logits,) = ctx.saved_tensors
         if grad_logits is None:
             return None, None, None, None, None, None
-        return grad_logits * grad_loss.to(grad_logits.dtype), None, None, None, None, None
+        return grad_logits * grad_loss, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,

@@ -156,10 +156,9 @@ def _lora_mlp_backward_op(
     dx, d_gate_a, d_gate_b = project(dg, gate_w, gate_meta, gate_a, gate_b, need_ab[0], need_ab[1], None)
     dx, d_up_a, d_up_b = project(du, up_w, up_meta, up_a, up_b, need_ab[2], need_ab[3], dx)
 
-    empty = dy.new_empty(0)
     grads = (dx.view(x.shape) if need_dx else None,
              d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b)
-    return tuple(empty if t is None else t for t in grads)
+    return tuple(dy.new_empty(0) if t is None else t for t in grads)  # outputs may not alias
 
 
 @_lora_mlp_backward_op.register_fake

@@ -98,6 +98,22 @@ def test_round_trip_through_transformers(source, tmp_path, max_shard_size):
         assert (out / name).read_text() == text
     assert (out / "generation_config.json").is_file()
     assert not (out / "README.md").exists()
+    # safetensors writes 0600 files; shards get the same permissions as config.json.
+    modes = {p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(modes) == 1, modes
+
+
+@pytest.mark.parametrize("variant", ["qwen2_bias", "mistral", "llama_head_dim", "llama_linear_rope"])
+def test_round_trip_other_architectures(tmp_path, variant):
+    from transformers import AutoModelForCausalLM
+
+    hf_model = build_hf_model(variant)
+    path = save_hf_model(hf_model, tmp_path / "src")
+    fastune.save_pretrained(fastune.from_pretrained(path), tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(reloaded) is type(hf_model)
+    tokens = random_tokens(2, 33)
+    assert torch.equal(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens))
 
 
 def test_tied_save_omits_lm_head(tied_source, tmp_path):

@@ -8,8 +8,10 @@ The keys, their types and defaults are in ``fastune.config.schema.SCHEMA``.
 """
 
 from fastune.config.components import instantiate, locate
-from fastune.config.loader import load_config, read_config_text, save_resolved_config, shipped_config_names
+from fastune.config.loader import (
+    load_config, read_config_text, save_resolved_config, shipped_config, shipped_config_names,
+)
 from fastune.config.schema import SCHEMA
 
 __all__ = ["SCHEMA", "instantiate", "load_config", "locate", "read_config_text",
-           "save_resolved_config", "shipped_config_names"]
+           "save_resolved_config", "shipped_config", "shipped_config_names"]

@@ -100,18 +100,28 @@ def shipped_config_names() -> list[str]:
     return sorted(names)
 
 
+def shipped_config(name: str):
+    """The shipped config ``name`` (``.yaml`` optional) as an importlib.resources
+    Traversable, or None."""
+    name = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    if name not in shipped_config_names():
+        return None
+    return importlib.resources.files("fastune.configs").joinpath(*f"{name}.yaml".split("/"))
+
+
 def read_config_text(config: str | os.PathLike) -> tuple[str, str]:
-    """``(path as messages show it, text)`` of a config file or shipped config name."""
+    """``(path as messages show it, text)`` of a config file, or else of a shipped
+    config of that name (a local file wins)."""
     config = os.fspath(config)
     local = os.path.expanduser(config)
     if os.path.isfile(local):
         return config, _decode(Path(local).read_bytes(), config)
-    name = config[: -len(".yaml")] if config.endswith(".yaml") else config
-    if name in shipped_config_names():
-        resource = importlib.resources.files("fastune.configs").joinpath(*f"{name}.yaml".split("/"))
-        return str(resource), _decode(resource.read_bytes(), config)
+    resource = shipped_config(config)
+    if resource is not None:
+        return str(resource), _decode(resource.read_bytes(), str(resource))
     if os.path.isdir(local):
         raise ConfigError(f"{config}: is a directory, not a config file")
+    name = config[: -len(".yaml")] if config.endswith(".yaml") else config
     raise ConfigError(f"no such config file or shipped config: {config}"
                       f"{did_you_mean(name, shipped_config_names())}; `fastune ls` lists shipped configs")
 
@@ -130,7 +140,9 @@ def _parse_yaml(text: str, path: str) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         problem = getattr(e, "problem", None) or str(e)
-        context = getattr(e, "context", None)
+        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and context_mark and mark and context_mark.line != mark.line:
+            context += f" that starts at line {context_mark.line + 1}"  # e.g. an unclosed [
         raise ConfigError(f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")) from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {e}".splitlines()[0]) from None

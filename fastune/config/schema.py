@@ -335,6 +335,11 @@ SCHEMA = Section({
         "label_smoothing": Key(Float(ge=0, lt=1), 0.0, ""),
     }),
     "eval_every_n_steps": Key(Maybe(Int(ge=1)), None, "validation loss every N optimizer steps; null: at the end of each epoch"),
+    "eval_exact_match": Section({
+        "source": Key(Maybe(PathTo("file")), None, "held-out rows in the dataset's format and column_map; null: off"),
+        "max_examples": Key(Maybe(Int(ge=1)), None, "use only the first N rows; null: all"),
+        "max_new_tokens": Key(Int(ge=1), 32, "longest answer greedy decoding may give"),
+    }, "exact-match accuracy of greedy answers, evaluated with the validation loss"),
     "save_every_n_steps": Key(Maybe(Int(ge=1)), None, "checkpoint every N optimizer steps, besides each epoch's end"),
     "keep_last_n": Key(Maybe(Int(ge=1)), None, "delete older step/epoch checkpoints; null: keep all"),
     "save_adapter_weights_only": Key(Bool(), False, "LoRA: write only the PEFT adapter, not the merged model"),

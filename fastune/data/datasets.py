@@ -22,8 +22,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from fastune.data.formats import (
     RowError,
     resolve_columns,
     row_to_sample,
+    shift_labels,
     tokenize_sample,
 )
 from fastune.data.tokenizer import Tokenizer
@@ -40,16 +42,19 @@ from fastune.data.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+DataFiles = Union[None, str, Path, Sequence[Union[str, Path]], Mapping[str, Union[str, Path, Sequence[Union[str, Path]]]]]
 
 
 class TokenizedDataset:
-    """Samples ``i`` = ``(tokens[offsets[i]:offsets[i+1]], labels[...])`` as int32 arrays."""
+    """Samples ``i`` = ``(tokens[offsets[i]:offsets[i+1]], labels[...])`` as int32 arrays;
+    ``pad_id`` is the tokenizer's, for collation."""
 
-    def __init__(self, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, source: str,
-                 max_seq_len: int):
+    def __init__(self, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *, source: str,
+                 max_seq_len: int, pad_id: int):
         self.tokens, self.labels, self.offsets = tokens, labels, offsets
         self.source = source
         self.max_seq_len = max_seq_len
+        self.pad_id = pad_id
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -77,18 +82,36 @@ class TokenizedDataset:
         flat = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(indices) \
             else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(ends - starts)])
-        return TokenizedDataset(self.tokens[flat], self.labels[flat], offsets, self.source, self.max_seq_len)
+        return TokenizedDataset(self.tokens[flat], self.labels[flat], offsets, source=self.source,
+                                max_seq_len=self.max_seq_len, pad_id=self.pad_id)
 
 
-def load_rows(source: Union[str, Path], split: str = "train", subset: Optional[str] = None,
-              cache_dir: Optional[str] = None):
-    """A ``datasets.Dataset`` from a local json/jsonl/csv/parquet/txt file, a local
-    folder of such files (split chosen by file name), or a Hub dataset name."""
+def load_rows(source: Union[str, Path], split: str = "train", *, data_files: DataFiles = None,
+              subset: Optional[str] = None, cache_dir: Optional[str] = None):
+    """One split, as a ``datasets.Dataset``, of:
+
+    - a local json/jsonl/csv/parquet/txt file (its only split is "train");
+    - a builder name (json, csv, parquet, text) with ``data_files``: a path or a
+      list of paths (split "train"), or ``{split: path or paths}``;
+    - a local folder of data files (splits named by file name, as ``datasets`` does);
+    - a Hugging Face Hub dataset name (``subset`` is its configuration).
+    """
     import datasets
 
+    if data_files is not None:
+        if source not in _BUILDERS.values():
+            raise DataError(f"dataset source {source!r}: data_files needs a builder source "
+                            f"({', '.join(sorted(set(_BUILDERS.values())))})")
+        return _load_files(str(source), _split_files(data_files, split), cache_dir)
     path = Path(source)
     if path.is_file():
-        return _load_file(path, split, cache_dir)
+        if path.suffix not in _BUILDERS:
+            raise DataError(f"{path}: unknown data file type {path.suffix!r} "
+                            f"(expected one of {', '.join(_BUILDERS)})")
+        if split != "train":
+            raise DataError(f"{path}: a single file has one split, so split={split!r} cannot be read "
+                            "from it; name the validation file itself, or hold out a fraction")
+        return _load_files(_BUILDERS[path.suffix], [path], cache_dir)
     if path.is_dir():
         return _load_named(str(path), split, subset, cache_dir)
     if path.suffix in _BUILDERS or str(source).startswith((".", "/", "~")):
@@ -105,6 +128,20 @@ def load_rows(source: Union[str, Path], split: str = "train", subset: Optional[s
                         f"Hugging Face Hub{hint}: {reason}") from None
 
 
+def _split_files(data_files: DataFiles, split: str) -> list[Path]:
+    if isinstance(data_files, Mapping):
+        if split not in data_files:
+            raise DataError(f"data_files has no {split!r} entry (it has {', '.join(map(str, data_files))})")
+        data_files = data_files[split]
+    elif split != "train":
+        raise DataError(f"data_files without split names hold only split 'train', not {split!r}")
+    paths = [Path(p) for p in ([data_files] if isinstance(data_files, (str, Path)) else data_files)]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p}: no such file")
+    return paths
+
+
 def _load_named(name: str, split: str, subset: Optional[str], cache_dir: Optional[str]):
     import datasets
 
@@ -116,34 +153,29 @@ def _load_named(name: str, split: str, subset: Optional[str], cache_dir: Optiona
         raise
 
 
-def _load_file(path: Path, split: str, cache_dir: Optional[str]):
+def _load_files(builder: str, paths: list[Path], cache_dir: Optional[str]):
     import datasets
 
-    builder = _BUILDERS.get(path.suffix)
-    if builder is None:
-        raise DataError(f"{path}: unknown data file type {path.suffix!r} "
-                        f"(expected one of {', '.join(_BUILDERS)})")
-    if split != "train":
-        raise DataError(f"{path}: a single file has one split, so split={split!r} cannot be read from it; "
-                        "pass the validation file itself, or hold out a fraction")
-    if builder != "parquet" and not _has_content(path):
-        raise DataError(f"{path}: the dataset is empty (0 rows)")
+    where = ", ".join(map(str, paths))
+    if builder != "parquet" and not any(_has_content(p) for p in paths):
+        raise DataError(f"{where}: the dataset is empty (0 rows)")
     kwargs: dict[str, Any] = {}
     if builder == "csv":
-        # Every cell as text: no "NA"/"None" turned into missing values, no
-        # "7.50" turned into 7.5.
-        _check_utf8(path)
-        with open(path, newline="", encoding="utf-8") as f:
+        # Every cell as text: no "NA"/"None" turned into missing values, no "7.50" into 7.5.
+        for p in paths:
+            _check_utf8(p)
+        with open(paths[0], newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])
         kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
                       na_filter=False)
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir,
-                                     **kwargs)
+        return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
+                                     cache_dir=cache_dir, **kwargs)
     except Exception as e:  # the datasets/pyarrow errors do not say where: find the line ourselves
-        _diagnose(path, builder)
-        reason = str(getattr(e, "__cause__", None) or e).splitlines()[0]
-        raise DataError(f"{path}: could not be read as {builder} ({reason})") from None
+        for p in paths:
+            _diagnose(p, builder)
+        reason = str(e.__cause__ or e).splitlines()[0]
+        raise DataError(f"{where}: could not be read as {builder} ({reason})") from None
 
 
 def _has_content(path: Path) -> bool:
@@ -188,6 +220,7 @@ def load_sft_dataset(
     *,
     format: str = "instruct",
     split: str = "train",
+    data_files: DataFiles = None,
     subset: Optional[str] = None,
     column_map: Optional[Mapping[str, str]] = None,
     train_on_input: bool = False,
@@ -197,7 +230,7 @@ def load_sft_dataset(
     cache_dir: Optional[str] = None,
 ) -> TokenizedDataset:
     """Load ``source`` (see ``load_rows``) and tokenize it (see ``tokenize_rows``)."""
-    rows = load_rows(source, split=split, subset=subset, cache_dir=cache_dir)
+    rows = load_rows(source, split, data_files=data_files, subset=subset, cache_dir=cache_dir)
     if len(rows) == 0:
         raise DataError(f"{source}: the dataset is empty (0 rows)")
     columns = resolve_columns(format, column_map, rows.column_names, str(source))
@@ -237,16 +270,13 @@ def tokenize_rows(
     for n_rows, row in enumerate(rows, start=1):
         if columns is None:
             columns = resolve_columns(format, None, list(row), source)
-        try:
+        with _row_context(source, n_rows):
             sample = row_to_sample(format, row, columns, system_prompt)
-            if sample is None:
-                empty += 1
-                continue
-            sample_ids, sample_mask = tokenize_sample(sample, tokenizer, train_on_input)
-        except RowError as e:
-            raise DataError(f"{source} row {n_rows}, column {e.column!r}: {e}") from None
-        except TokenizerError as e:
-            raise DataError(f"{source} row {n_rows}: {e}") from None
+            if sample is not None:
+                sample_ids, sample_mask = tokenize_sample(sample, tokenizer, train_on_input)
+        if sample is None:
+            empty += 1
+            continue
         if len(sample_ids) > max_seq_len:
             if not truncation:
                 raise DataError(f"{source} row {n_rows}: {len(sample_ids)} tokens, more than "
@@ -271,16 +301,9 @@ def tokenize_rows(
                         f"{unsupervised} have no supervised token")
     tokens = np.asarray(ids, dtype=np.int32)
     offsets_arr = np.asarray(offsets, dtype=np.int64)
-    return TokenizedDataset(tokens, _shift_labels_flat(tokens, np.asarray(mask), offsets_arr), offsets_arr,
-                            source, max_seq_len)
-
-
-def _shift_labels_flat(tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """``formats.shift_labels`` for all samples at once; each sample's last label is -100."""
-    labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int32)
-    labels[:-1] = np.where(mask[1:], IGNORE_INDEX, tokens[1:])
-    labels[offsets[1:] - 1] = IGNORE_INDEX
-    return labels
+    labels = shift_labels(tokens, np.asarray(mask), offsets_arr)
+    return TokenizedDataset(tokens, labels, offsets_arr, source=source, max_seq_len=max_seq_len,
+                            pad_id=tokenizer.pad_id)
 
 
 def holdout_split(dataset: TokenizedDataset, fraction: float, seed: int = 0
@@ -307,31 +330,38 @@ def prompt_answer_pairs(
     system_prompt: Optional[str] = None,
     cache_dir: Optional[str] = None,
 ) -> list[tuple[list[int], str]]:
-    """(prompt ids with the generation prompt, expected answer) per row, for exact-match
-    evaluation: the prompt is the conversation up to its last assistant message."""
-    if format == "text":
-        raise DataError(f"{source}: exact-match pairs need a format with an answer, not 'text'")
-    name = "<rows>" if isinstance(source, Sequence) and not isinstance(source, str) else str(source)
-    if name == "<rows>":
-        rows = list(source)
-        available = list(rows[0]) if rows else []
-    else:
+    """(prompt ids ending with the generation prompt, expected answer) per row of a file
+    (or of in-memory rows), for exact-match evaluation: the prompt is the conversation
+    up to its last assistant message, the answer that message."""
+    if isinstance(source, (str, Path)):
         dataset = load_rows(source, cache_dir=cache_dir)
-        rows, available = list(_iter_rows(dataset)), dataset.column_names
+        name, rows, available = str(source), list(_iter_rows(dataset)), dataset.column_names
+    else:
+        name, rows = "<rows>", list(source)
+        available = list(rows[0]) if rows else []
+    if format == "text":
+        raise DataError(f"{name}: exact-match pairs need a format with an answer, not 'text'")
     if not rows:
         raise DataError(f"{name}: the dataset is empty (0 rows)")
     columns = resolve_columns(format, column_map, available, name)
     pairs = []
     for n, row in enumerate(rows, start=1):
-        try:
+        with _row_context(name, n):
             messages = row_to_sample(format, row, columns, system_prompt)
             if messages is None:
                 continue
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             ids, _ = tokenizer.tokenize_messages(messages[:last], add_generation_prompt=True)
-        except RowError as e:
-            raise DataError(f"{name} row {n}, column {e.column!r}: {e}") from None
-        except TokenizerError as e:
-            raise DataError(f"{name} row {n}: {e}") from None
         pairs.append((ids, messages[last]["content"]))
     return pairs
+
+
+@contextmanager
+def _row_context(source: str, row: int) -> Iterator[None]:
+    """Name the file and row (1-based) in errors raised while reading one row."""
+    try:
+        yield
+    except RowError as e:
+        raise DataError(f"{source} row {row}, column {e.column!r}: {e}") from None
+    except TokenizerError as e:
+        raise DataError(f"{source} row {row}: {e}") from None

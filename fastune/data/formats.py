@@ -5,9 +5,9 @@ Formats and the columns they read (rename with ``column_map={"field": "my_column
 - ``instruct`` (Alpaca): ``instruction``, optional ``input``, ``output``. Becomes a
   user message ``instruction`` (plus ``"\\n\\n" + input`` when there is one) and an
   assistant message ``output``, formatted by the tokenizer's chat format.
-- ``chat`` (OpenAI): ``messages``, a list of ``{"role", "content"}``.
-- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` with ``from`` one
-  of human, gpt, system (user and assistant are accepted too).
+- ``chat``: ``messages`` (or, when there is no such column, ``conversations``), a
+  list of OpenAI ``{"role", "content"}`` messages or ShareGPT ``{"from", "value"}``
+  ones, ``from`` being human, gpt or system (user and assistant are accepted too).
 - ``text``: ``text``, trained on whole, between bos and eos.
 
 Masking: with ``train_on_input=False`` (the default) only assistant messages and
@@ -28,17 +28,18 @@ from fastune.data.errors import DataError
 from fastune.data.tokenizer import Message, Tokenizer
 
 IGNORE_INDEX = -100
-FORMATS = ("instruct", "chat", "sharegpt", "text")
+FORMATS = ("instruct", "chat", "text")
 _REQUIRED = {
     "instruct": ("instruction", "output"),
     "chat": ("messages",),
-    "sharegpt": ("conversations",),
     "text": ("text",),
 }
 _OPTIONAL = {"instruct": ("input",)}
 CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
+
+_CHAT_ROLE_MAP = {r: r for r in CHAT_ROLES}
 
 Sample = Union[list[Message], str]
 
@@ -66,6 +67,8 @@ def resolve_columns(
     columns = {}
     for field in fields:
         column = column_map.get(field, field)
+        if fmt == "chat" and field not in column_map and column not in available and "conversations" in available:
+            column = "conversations"  # ShareGPT's name
         if column in available:
             columns[field] = column
         elif field in _REQUIRED[fmt] or field in column_map:
@@ -85,10 +88,8 @@ def row_to_sample(
         return text if text.strip() else None
     if fmt == "instruct":
         messages = _instruct_messages(row, columns)
-    elif fmt == "chat":
-        messages = _chat_messages(row, columns["messages"], "role", "content", {r: r for r in CHAT_ROLES})
     else:
-        messages = _chat_messages(row, columns["conversations"], "from", "value", SHAREGPT_ROLES)
+        messages = _chat_messages(row, columns["messages"])
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return None
     if system_prompt is not None and messages[0]["role"] != "system":
@@ -116,9 +117,7 @@ def _instruct_messages(row: Mapping[str, Any], columns: Mapping[str, str]) -> li
             {"role": "assistant", "content": _text(row, columns["output"])}]
 
 
-def _chat_messages(
-    row: Mapping[str, Any], column: str, role_key: str, content_key: str, roles: Mapping[str, str]
-) -> list[Message]:
+def _chat_messages(row: Mapping[str, Any], column: str) -> list[Message]:
     value = row.get(column)
     if value is None:
         return []
@@ -126,8 +125,12 @@ def _chat_messages(
         raise RowError(column, f"expected a list of messages, got {type(value).__name__}")
     messages: list[Message] = []
     for i, item in enumerate(value):
-        if not isinstance(item, Mapping) or role_key not in item:
-            raise RowError(column, f"message {i} is not an object with {role_key!r} and {content_key!r}")
+        if not isinstance(item, Mapping) or not ("role" in item or "from" in item):
+            raise RowError(column, f"message {i} is not an object with role/content (or from/value)")
+        # Arrow gives every message of a column the union of keys, so test for a value.
+        sharegpt = item.get("role") is None
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+        roles = SHAREGPT_ROLES if sharegpt else _CHAT_ROLE_MAP
         role = item[role_key]
         if role not in roles:
             raise RowError(column, f"message {i} has unknown {role_key} {role!r} "
@@ -149,8 +152,11 @@ def tokenize_sample(sample: Sample, tokenizer: Tokenizer, train_on_input: bool) 
     return ids, ([False] * len(ids) if train_on_input else mask)
 
 
-def shift_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """labels[i] = ids[i + 1] where that token is trained on, else -100; the last is -100."""
-    labels = np.full(len(ids), IGNORE_INDEX, dtype=ids.dtype)
-    labels[:-1] = np.where(mask[1:], IGNORE_INDEX, ids[1:])
+def shift_labels(tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Labels of samples stored back to back (sample ``i`` is ``offsets[i]:offsets[i+1]``):
+    ``labels[j] = tokens[j + 1]`` where that token is trained on, else -100, and -100
+    for each sample's last token."""
+    labels = np.full(len(tokens), IGNORE_INDEX, dtype=tokens.dtype)
+    labels[:-1] = np.where(mask[1:], IGNORE_INDEX, tokens[1:])
+    labels[offsets[1:] - 1] = IGNORE_INDEX
     return labels

@@ -53,7 +53,8 @@ class Llama2Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # sentencepiece drops control tokens (<s>, </s>) when decoding; spell them
-        # out on request so that nothing is silently lost.
+        # out on request. Each run between them decodes on its own, so (like the
+        # start of a text) it loses its leading space: this is for display only.
         if skip_special_tokens:
             return self._sp.decode(list(ids))
         out, run = [], []

@@ -176,18 +176,21 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4=True"
 
 
-def to_nf4_checked(weight: torch.Tensor, name: str) -> torch.Tensor:
-    """torchao's ``to_nf4``, with a clear error for weights it cannot quantize."""
+def check_nf4_weight(weight: torch.Tensor, name: str) -> None:
+    """A clear error for a weight that torchao's ``to_nf4`` cannot quantize."""
     if weight.is_meta:
-        raise LoRAError(
-            f"QLoRA: {name} is on the meta device; quantize after the base weights are loaded"
-        )
+        raise LoRAError(f"QLoRA: {name} is on the meta device; quantize after the base weights are loaded")
     group = NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE
     if weight.numel() % group:
         raise LoRAError(
             f"QLoRA: {name} {tuple(weight.shape)} has {weight.numel()} elements; NF4 needs a "
             f"multiple of {group} (blocks of {NF4_BLOCK_SIZE}, scales in groups of {NF4_SCALER_BLOCK_SIZE})"
         )
+
+
+def to_nf4_checked(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """torchao's ``to_nf4`` after ``check_nf4_weight``."""
+    check_nf4_weight(weight, name)
     from torchao.quantization import to_nf4  # imported here: torchao is slow to import
 
     return to_nf4(weight.detach(), NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)

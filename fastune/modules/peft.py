@@ -36,7 +36,14 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from fastune.modules.lora import LoRAError, LoRALinear, NF4Linear, dequantize, merge_weight
+from fastune.modules.lora import (
+    LoRAError,
+    LoRALinear,
+    NF4Linear,
+    check_nf4_weight,
+    dequantize,
+    merge_weight,
+)
 
 # The linear layers LoRA can adapt, by their Hugging Face names (also fastune's).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -109,16 +116,21 @@ def apply_lora(
         )
     if use_kernels is None:
         use_kernels = bool(getattr(getattr(model, "config", None), "use_kernels", False))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped = 0
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if name in names and isinstance(child, nn.Linear):
-                setattr(parent, name, LoRALinear(child, rank, alpha, dropout, use_dora, use_kernels))
-                wrapped += 1
-    if wrapped == 0:
+    found = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name in names and isinstance(child, nn.Linear)
+    ]
+    if not found:
         raise LoRAError(f"LoRA targets {', '.join(names)} match no linear layer of the model")
+    if quantize_base:  # fail before changing anything
+        for _, _, child, full_name in _quantizable(model, names):
+            check_nf4_weight(child.weight, full_name)
+    for parent, name, child in found:
+        setattr(parent, name, LoRALinear(child, rank, alpha, dropout, use_dora, use_kernels))
+    for key, p in model.named_parameters():
+        p.requires_grad_(is_lora_key(key))
     if quantize_base:
         quantize_base_weights(model)
         # QLoRA trains on the dequantized weights: the magnitudes must be their norms.
@@ -127,14 +139,30 @@ def apply_lora(
 
 def quantize_base_weights(model: nn.Module) -> None:
     """QLoRA: store the frozen weights of every LoRA layer and of every decoder-layer
-    projection as NF4. Needs loaded (not meta, not sharded) weights."""
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            full_name = f"{parent_name}.{name}.weight" if parent_name else f"{name}.weight"
-            if isinstance(child, LoRALinear) and not child.quantized:
-                child.quantize_base(full_name)
-            elif type(child) is nn.Linear and name in LAYER_PROJECTIONS:
-                setattr(parent, name, NF4Linear(child, full_name))
+    projection as NF4. Needs loaded (not meta, not sharded) weights. Every weight is
+    checked before any is converted, so an error leaves the model as it was."""
+    layers = _quantizable(model)
+    for _, _, child, full_name in layers:
+        check_nf4_weight(child.weight, full_name)
+    for parent, name, child, full_name in layers:
+        if isinstance(child, LoRALinear):
+            child.quantize_base(full_name)
+        else:
+            setattr(parent, name, NF4Linear(child, full_name))
+
+
+def _quantizable(model: nn.Module, targets: tuple[str, ...] = ()) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """(parent, attribute, layer, weight name) of each layer QLoRA stores as NF4: the
+    LoRA layers (or, before apply_lora wraps them, the ``targets``) and the
+    decoder-layer projections."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            lora = isinstance(child, LoRALinear) and not child.quantized
+            if lora or (type(child) is nn.Linear and (name in LAYER_PROJECTIONS or name in targets)):
+                full_name = f"{parent_name}.{name}.weight" if parent_name else f"{name}.weight"
+                found.append((parent, name, child, full_name))
+    return found
 
 
 def reset_lora_parameters(model: nn.Module) -> None:
@@ -181,18 +209,17 @@ def merge_lora(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] =
     ``state_dict`` defaults to ``model.state_dict()``; under FSDP pass the gathered
     full state dict instead.
     """
-    settings = lora_settings(model)
+    scale = lora_settings(model).scale
     state_dict = model.state_dict() if state_dict is None else state_dict
     merged = {}
     for key, value in state_dict.items():
         if is_lora_key(key):
             continue
-        prefix = key[: -len("weight")]
-        if key.endswith(".weight") and f"{prefix}lora_A.weight" in state_dict:
-            magnitude = state_dict.get(f"{prefix}lora_magnitude_vector")
+        module = key.removesuffix("weight")  # "layers.0.self_attn.q_proj."
+        if key.endswith(".weight") and f"{module}lora_A.weight" in state_dict:
             merged[key] = merge_weight(
-                value, state_dict[f"{prefix}lora_A.weight"], state_dict[f"{prefix}lora_B.weight"],
-                settings.scale, magnitude if settings.use_dora else None,
+                value, state_dict[f"{module}lora_A.weight"], state_dict[f"{module}lora_B.weight"],
+                scale, state_dict.get(f"{module}lora_magnitude_vector"),
             )
         else:
             merged[key] = dequantize(value)

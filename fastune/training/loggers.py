@@ -44,7 +44,7 @@ class MetricLogger:
     def log_dict(self, metrics: Mapping[str, Any], step: int) -> None:
         pass
 
-    def log_config(self, cfg: DictConfig) -> None:
+    def log_config(self, cfg: DictConfig | Mapping[str, Any]) -> None:
         """Record the resolved config (``output_dir/config.yaml`` holds it in any case)."""
 
     def log_checkpoint(self, path: str | os.PathLike, metadata: Mapping[str, Any]) -> None:

@@ -54,13 +54,13 @@ def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.dev
     return instantiate(kwargs, param_groups(model, weight_decay))
 
 
-def warmup_cosine_lambda(warmup_steps: int, total_steps: int):
+def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
     """Multiplier of the base lr at optimizer step ``s`` (0-based, before the step):
 
         s < warmup:  (s + 1) / (warmup + 1)    linear ramp, never exactly 0 so step 0 learns
-        after:       0.5 * (1 + cos(pi * p)),  p = (s - warmup) / (total - warmup)
+        after:       m + (1 - m) * 0.5 * (1 + cos(pi * p)),  p = (s - warmup) / (total - warmup)
 
-    p is clamped to [0, 1], so running past ``total_steps`` stays at 0.
+    with m = ``min_lr_ratio``; p is clamped to [0, 1], so steps past ``total_steps`` stay at m.
     """
     decay_steps = max(1, total_steps - warmup_steps)
 
@@ -68,7 +68,7 @@ def warmup_cosine_lambda(warmup_steps: int, total_steps: int):
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = min(1.0, (step - warmup_steps) / decay_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return multiplier
 
@@ -77,13 +77,14 @@ def build_warmup_cosine(
     optimizer: torch.optim.Optimizer,
     warmup_steps: int,
     total_steps: int,
+    min_lr_ratio: float = 0.0,
 ) -> LambdaLR:
     """Linear warmup then cosine decay, stepped once per optimizer step.
 
     The lambda is a closure (not a picklable object), so ``state_dict()`` holds only
     plain numbers and loads with ``torch.load(weights_only=True)``.
     """
-    return LambdaLR(optimizer, warmup_cosine_lambda(warmup_steps, total_steps))
+    return LambdaLR(optimizer, warmup_cosine_lambda(warmup_steps, total_steps, min_lr_ratio))
 
 
 def build_lr_scheduler(node: Mapping[str, Any], optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler:

@@ -1,0 +1,118 @@
+"""apply_rope: reference vs float64, Triton (interpreter) vs reference on contiguous and
+strided q/k, per-token (packed) positions, bf16 error bound, compile."""
+
+import pytest
+import torch
+
+from fastune.kernels.dispatch import force_triton
+from fastune.kernels.rope import apply_rope, apply_rope_reference
+from tests.kernels.numerics import (assert_bf16_close, assert_close_to_truth, assert_max_rel_err,
+                                    fwd_bwd, to_float64)
+
+# (batch, seq, q heads, kv heads, head_dim)
+SHAPES = [(2, 5, 3, 1, 10), (2, 8, 4, 2, 32)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def rope_64(q, k, cos, sin):
+    """out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 per head, written out half by half."""
+    def rotate(x):
+        half = x.shape[-1] // 2
+        c, s = cos[:, :, None], sin[:, :, None]
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * c[..., :half] - x2 * s[..., :half],
+                          x2 * c[..., half:] + x1 * s[..., half:]), -1)
+    return rotate(q), rotate(k)
+
+
+def make(shape, dtype, packed=False, fused_qkv=False, seed=0):
+    """q, k [B, S, H, D] and HF-layout cos/sin. ``packed``: per-row positions that restart
+    (two documents in a row), cos/sin [B, S, D]; else positions 0..S-1 and [1, S, D].
+    ``fused_qkv``: q and k are strided views into one [B, S, Hq + 2 Hk, D] tensor."""
+    bsz, seqlen, n_q, n_k, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    if fused_qkv:
+        qkv = torch.randn(bsz, seqlen, n_q + 2 * n_k, head_dim, generator=gen).to(dtype)
+        q, k = qkv[:, :, :n_q], qkv[:, :, n_q:n_q + n_k]
+    else:
+        q = torch.randn(bsz, seqlen, n_q, head_dim, generator=gen).to(dtype)
+        k = torch.randn(bsz, seqlen, n_k, head_dim, generator=gen).to(dtype)
+    if packed:
+        pos = torch.stack([torch.cat([torch.arange(3), torch.arange(seqlen - 3)]),
+                           torch.arange(seqlen)] * (bsz // 2))
+    else:
+        pos = torch.arange(seqlen)[None]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).double() / head_dim))
+    angles = pos.double()[..., None] * inv_freq
+    emb = torch.cat((angles, angles), -1)
+    return [q, k, emb.cos().to(dtype), emb.sin().to(dtype)]
+
+
+def forced(*args):
+    with force_triton():
+        return apply_rope(*args)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_matches_float64_math(shape):
+    inputs = make(shape, torch.float32)
+    got = fwd_bwd(apply_rope_reference, inputs)
+    want = fwd_bwd(rope_64, to_float64(inputs), grad_dtype=torch.float32)
+    # cos/sin get no gradient from the kernel; compare q, k outputs and dq, dk.
+    assert_close_to_truth(got[0] + got[1][:2], want[0] + want[1][:2], rtol=1e-5, atol=1e-5)
+    inputs = make(shape, torch.bfloat16)
+    got = fwd_bwd(apply_rope_reference, inputs)
+    want = fwd_bwd(rope_64, to_float64(inputs), grad_dtype=torch.bfloat16)
+    assert_max_rel_err(got[0] + got[1][:2], want[0] + want[1][:2], tol=3 * 2**-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "fused_qkv", "packed"])
+def test_triton_matches_reference(shape, dtype, layout):
+    inputs = make(shape, dtype, packed=layout == "packed", fused_qkv=layout == "fused_qkv")
+    kern_out, kern_grads = fwd_bwd(forced, inputs)
+    ref_out, ref_grads = fwd_bwd(apply_rope_reference, inputs)
+    names = ["q_out", "k_out", "dq", "dk"]
+    kern, ref = kern_out + kern_grads[:2], ref_out + ref_grads[:2]
+    assert kern_grads[2:] == (None, None), "cos/sin must get no gradient from the kernel"
+    if dtype == torch.float32:
+        for name, a, b in zip(names, kern, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    else:
+        true_out, true_grads = fwd_bwd(rope_64, to_float64(inputs), grad_dtype=dtype)
+        assert_bf16_close(kern, ref, true_out + true_grads[:2], names)
+
+
+def test_general_cos_sin_halves():
+    """The kernel does not assume the two halves of cos/sin are equal (HF layout)."""
+    q, k, _, _ = make((1, 4, 2, 1, 8), torch.float32)
+    cos, sin = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    kern_out, kern_grads = fwd_bwd(forced, [q, k, cos, sin])
+    ref_out, ref_grads = fwd_bwd(apply_rope_reference, [q, k, cos, sin])
+    for a, b in zip(kern_out + kern_grads[:2], ref_out + ref_grads[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_raise_one_clear_error():
+    q, k, cos, sin = make((1, 4, 2, 1, 8), torch.float32)
+    with pytest.raises(ValueError, match="apply_rope: cos"):
+        apply_rope(q, k, cos[:, :3], sin[:, :3])
+    with pytest.raises(ValueError, match="apply_rope: q"):
+        apply_rope(q, k[:, :3], cos, sin)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
+def test_compile_fullgraph_matches_eager(triton_path):
+    def attn_inputs(q, k, cos, sin):
+        qr, kr = apply_rope(q, k, cos, sin)
+        return qr * 2, kr.sum(2)
+
+    inputs = make((2, 5, 3, 1, 10), torch.float32, packed=True)
+    with force_triton(triton_path):
+        eager = fwd_bwd(attn_inputs, inputs)
+        torch._dynamo.reset()
+        compiled = fwd_bwd(torch.compile(attn_inputs, fullgraph=True), inputs)
+    for a, b in zip(compiled[0] + compiled[1][:2], eager[0] + eager[1][:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
