@@ -118,8 +118,8 @@ def compile_one(mod_name: str, index: int, arch: int) -> dict[str, Any]:
     )
     try:
         multiple_of_16 = set(spec.get("multiple_of_16", ()))
-        aligned = {(i,): [["tt.divisibility", 16]]
-                   for i, (arg, ty) in enumerate(spec["signature"].items())
+        aligned = {(spec["kernel"].arg_names.index(arg),): [["tt.divisibility", 16]]
+                   for arg, ty in spec["signature"].items()
                    if ty.startswith("*") or arg in multiple_of_16}
         src = ASTSource(fn=spec["kernel"], signature=spec["signature"],
                         constexprs=spec["constexprs"], attrs=aligned)
@@ -152,7 +152,7 @@ def compile_all(archs=ARCHS, only: str = "", workers: int = 0) -> list[dict[str,
     """Compile every spec for every arch, in parallel processes (compiles are CPU-bound)."""
     jobs = [(m, i, arch) for m, i, name in collect_specs() if only in name for arch in archs]
     workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
-    # spawn: workers must not inherit a parent that may hold TRITON_INTERPRET state or locks.
+    # spawn, not fork: forking a process that has imported torch can deadlock on its locks.
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         return list(pool.map(compile_one, *zip(*jobs))) if jobs else []

@@ -23,23 +23,19 @@ Saved for backward: x, g and u (plus the weights themselves, not copies). silu·
 and all rank-r intermediates are recomputed; NF4 weights are dequantized again.
 Peak extra memory in backward is two [N, I] buffers (h, dh), reused for du, dg.
 
-Rounding follows the eager PyTorch expression ``F.silu(g) * u`` in g's dtype:
-silu(g) is rounded to that dtype before the product, and in backward dh·u is
-rounded before the silu derivative is applied, as autograd rounds them.
-
 The matmuls are cuBLAS/oneDNN (``torch.mm``); the elementwise SwiGLU forward and
-backward are the Triton kernels below, inside ``torch.library.custom_op``s.
+backward are the Triton kernels of kernels/swiglu.py (fp32 inside, one rounding per
+output), launched on the buffers above; NF4 weights use kernels/nf4.py. Forward and
+backward are ``torch.library.custom_op``s, so under ``torch.compile`` the buffers
+and what is saved stay as written here.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from fastune.kernels.dispatch import use_triton
-from fastune.kernels.interpreter import cast
 from fastune.kernels.lora import (
     LoRAKernelError,
     check_lora_args,
@@ -49,56 +45,7 @@ from fastune.kernels.lora import (
     materialize,
     weight_args,
 )
-
-_BLOCK = 1024
-_NUM_WARPS = 4
-
-
-@triton.jit
-def _swiglu_fwd_kernel(G, U, H, n, BLOCK: tl.constexpr):
-    """h = cast(cast(silu(g)) * u), flat over n elements."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    silu = cast(g * tl.sigmoid(g), H.dtype.element_ty).to(tl.float32)
-    tl.store(H + offs, cast(silu * u, H.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _swiglu_bwd_kernel(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
-    """dg = cast(cast(dh * u) * σ(g)(1 + g(1 - σ(g)))), du = cast(dh * cast(silu(g))).
-    Elementwise, each element read before it is written: DG may be DH and DU may be
-    any buffer that is no longer needed."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    silu = cast(g * sig, DU.dtype.element_ty).to(tl.float32)
-    d_silu = cast(dh * u, DG.dtype.element_ty).to(tl.float32)
-    tl.store(DG + offs, cast(d_silu * sig * (1.0 + g * (1.0 - sig)), DG.dtype.element_ty), mask=mask)
-    tl.store(DU + offs, cast(dh * silu, DU.dtype.element_ty), mask=mask)
-
-
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, _BLOCK),)
-
-
-def _swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    h = torch.empty_like(g)
-    _swiglu_fwd_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
-    return h
-
-
-def _swiglu_bwd_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
-                 du_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) with dg written over ``dh`` and du into ``du_out``."""
-    _swiglu_bwd_kernel[_grid(g.numel())](dh, g, u, dh, du_out, g.numel(), BLOCK=_BLOCK,
-                                         num_warps=_NUM_WARPS)
-    return dh, du_out
-
+from fastune.kernels.swiglu import swiglu_bwd_into, swiglu_fwd_into
 
 # --- op registration -------------------------------------------------------------------
 
@@ -114,7 +61,7 @@ def _lora_mlp_op(
     x2 = x.reshape(-1, x.shape[-1])
     g, _ = lora_forward_2d(x2, materialize(gate_w, gate_meta, x.dtype), gate_a, gate_b, scale)
     u, _ = lora_forward_2d(x2, materialize(up_w, up_meta, x.dtype), up_a, up_b, scale)
-    h = _swiglu_fwd(g, u)
+    h = swiglu_fwd_into(g, u, torch.empty_like(g))
     y, _ = lora_forward_2d(h, materialize(down_w, down_meta, x.dtype), down_a, down_b, scale)
     return y.view(x.shape[:-1] + (y.shape[-1],)), g, u
 
@@ -141,13 +88,13 @@ def _lora_mlp_backward_op(
     dtype = x.dtype
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
 
-    h = _swiglu_fwd(g, u)
+    h = swiglu_fwd_into(g, u, torch.empty_like(g))
     h_a = torch.mm(h, down_a.t())
     dh, d_down_a, d_down_b = lora_backward_2d(
         dy2, h, h_a, materialize(down_w, down_meta, dtype), down_a, down_b, scale,
         need_ab[4], need_ab[5])
     del h_a
-    dg, du = _swiglu_bwd_(dh, g, u, du_out=h)  # h is dead once dAd is formed
+    dg, du = swiglu_bwd_into(dh, g, u, dgate=dh, dup=h)  # h is dead once dAd is formed
 
     def project(d, w, meta, a, b, need_a, need_b, dx):
         weight = materialize(w, meta, dtype) if need_dx else None

@@ -67,7 +67,7 @@ def _rope_kernel(
     s1 = tl.load(SIN + cs_off + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(SIN + cs_off + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     if BACKWARD:
-        a, b = -s1, -s2
+        a, b = -s2, -s1
     else:
         a, b = s1, s2
     _rotate_heads(Q + bi * stride_qb + si * stride_qs, QO + bi * stride_qob + si * stride_qos,

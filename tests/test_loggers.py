@@ -126,10 +126,15 @@ def wait_for_exit_record(run_dir, timeout=60.0):
 
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    return tmp_path
+    yield tmp_path
+    # wandb reads its environment once per process and caches it; tearing it down
+    # makes the next test's WANDB_DIR count.
+    wandb.teardown()
 
 
 def test_wandb_logs_config_metrics_checkpoint_and_finishes(cfg_dir, wandb_offline):

@@ -317,7 +317,9 @@ def _write_shard(file: Path, tensors: dict[str, torch.Tensor]) -> None:
     file.chmod(file.parent.stat().st_mode & 0o666)
 
 
-def _write_index(file: Path, tensors: dict[str, torch.Tensor], shards: list[list[str]], names: list[str], itemsize: int) -> None:
+def _write_index(
+    file: Path, tensors: dict[str, torch.Tensor], shards: list[list[str]], names: list[str], itemsize: int
+) -> None:
     total = sum(t.numel() for t in tensors.values())
     weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
     _write_json(file, {"metadata": {"total_size": total * itemsize, "total_parameters": total},

@@ -19,6 +19,7 @@ Validation: a named split (``split="validation"``, or another file), or
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -159,11 +160,12 @@ def _load_files(builder: str, paths: list[Path], cache_dir: Optional[str]):
     where = ", ".join(map(str, paths))
     if builder != "parquet" and not any(_has_content(p) for p in paths):
         raise DataError(f"{where}: the dataset is empty (0 rows)")
+    if builder != "parquet":
+        for p in paths:
+            _check_utf8(p)
     kwargs: dict[str, Any] = {}
     if builder == "csv":
         # Every cell as text: no "NA"/"None" turned into missing values, no "7.50" into 7.5.
-        for p in paths:
-            _check_utf8(p)
         with open(paths[0], newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])
         kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
@@ -184,20 +186,29 @@ def _has_content(path: Path) -> bool:
 
 
 def _check_utf8(path: Path) -> None:
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} line {lineno}, column {e.start + 1}: not valid UTF-8 "
-                                f"(byte 0x{line[e.start]:02x}); save the file as UTF-8") from None
+    """Raise a DataError naming the line and column of the first byte that is not UTF-8
+    (pyarrow would load such a JSON string and fail later, far from the cause)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+        return
+    except UnicodeDecodeError:
+        pass
+    data = path.read_bytes()  # only on the error path: find the line and column
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path} line {line}, column {column}: not valid UTF-8 "
+                        f"(byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
 
 
 def _diagnose(path: Path, builder: str) -> None:
-    """Raise a DataError naming the line of a non-UTF-8 byte or of malformed JSON."""
-    if builder == "parquet":
-        return
-    _check_utf8(path)
+    """Raise a DataError naming the line of malformed JSON (the file is valid UTF-8)."""
     if builder != "json":
         return
     text = path.read_text(encoding="utf-8")

@@ -36,7 +36,7 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has a bias
     model_type: str = "llama"
     # Route RMSNorm, RoPE, SwiGLU (and LoRA) through fastune.kernels.
-    use_kernels: bool = False  # flipped on once fastune.kernels lands
+    use_kernels: bool = True
     # Everything else from config.json, written back unchanged on save.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 

@@ -41,6 +41,15 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) with s = x + residual; with kernels, one fused pass over memory."""
+        if self.use_kernels:
+            from fastune import kernels
+
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        s = x + residual
+        return s, self(s)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -119,8 +128,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        h, normed = self.post_attention_layernorm.forward_add(attn, x)  # h = x + attn
+        return h + self.mlp(normed)
 
 
 class Transformer(nn.Module):

@@ -68,7 +68,8 @@ def test_labels_of_an_instruct_sample(hf_dir, train_on_input):
     for i in range(len(ids) - 1):
         assert labels[i] in (IGNORE_INDEX, tokens[i + 1])
     if not train_on_input:
-        assert tok.decode([y for y in labels.tolist() if y != IGNORE_INDEX]) == "five"
+        supervised = [y for y in labels.tolist() if y != IGNORE_INDEX]
+        assert tok.decode(supervised, skip_special_tokens=False) == "five<|im_end|>\n"  # ChatML
 
 
 def test_text_format_trains_on_everything_between_bos_and_eos(hf_dir):
