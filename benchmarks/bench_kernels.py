@@ -152,6 +152,76 @@ def _case_linear_cross_entropy(dtype, weight_trains: bool = True) -> Case:
         frozen=() if weight_trains else (1,), error_inputs=[small_hidden, weight, small_labels])
 
 
+RANK, LORA_SCALE, INTERMEDIATE = 16, 2.0, 8192  # Llama 3.2 1B MLP: 2048 -> 8192
+
+
+def _lora64(x, w, a, b, s, bias=None):
+    return torch.nn.functional.linear(x, w, bias) + s * (x @ a.T) @ b.T
+
+
+def _lora_inputs(dtype, tokens, in_features, out_features, seed=0):
+    """x [1, tokens, in], A [r, in], B [out, r]: B non-zero, as after some training."""
+    return (_randn(1, tokens, in_features, dtype=dtype, seed=seed),
+            _randn(RANK, in_features, dtype=dtype, scale=in_features**-0.5, seed=seed + 1),
+            _randn(out_features, RANK, dtype=dtype, scale=RANK**-0.5, seed=seed + 2))
+
+
+def _case_lora_linear(dtype, quantized: bool = False) -> Case:
+    """A LoRA q_proj: 4096 tokens, 2048 -> 2048, rank 16, W frozen (NF4 for QLoRA).
+    Eager baseline: F.linear(x, W) + s * F.linear(F.linear(x, A), B) with autograd
+    (torchao's NF4 linear for an NF4 W). Errors: on 256 tokens."""
+    from torchao.quantization import to_nf4
+
+    from fastune.kernels.lora import lora_linear, lora_linear_reference
+
+    weight = _randn(HIDDEN, HIDDEN, dtype=dtype, scale=HIDDEN**-0.5, seed=9)
+    weight = to_nf4(weight.to(torch.bfloat16)) if quantized else weight
+    x, a, b = _lora_inputs(dtype, TOKENS, HIDDEN, HIDDEN)
+    small_x = _lora_inputs(dtype, 256, HIDDEN, HIDDEN, seed=3)[0]
+    return Case(f"{TOKENS} x {HIDDEN} -> {HIDDEN}, r {RANK}" + (", NF4 W" if quantized else ""),
+                [x, weight, a, b, LORA_SCALE], lora_linear, lora_linear_reference, _lora64,
+                frozen=(1,), error_inputs=[small_x, weight, a, b, LORA_SCALE])
+
+
+def _case_lora_linear_ops(dtype) -> Case:
+    """The CUDA path's custom ops (fastune::lora_linear, in-place low-rank add, rank-r
+    backward) run on CPU with a dense W, where they use torch.mm only, no Triton."""
+    from fastune.kernels.lora import _lora_linear_op, weight_args
+
+    case = _case_lora_linear(dtype)
+
+    def ops(x, w, a, b, s):
+        return _lora_linear_op(x, *weight_args(w), a, b, s, None)[0]
+
+    return dataclasses.replace(case, shape=case.shape + ", custom ops", fn=ops)
+
+
+def _case_lora_mlp(dtype) -> Case:
+    """A Llama 3.2 1B MLP with LoRA on gate, up and down: 4096 tokens, 2048 -> 8192 ->
+    2048, rank 16. Eager baseline: three LoRA linears and F.silu(g) * u with autograd.
+    Errors: on 256 tokens."""
+    from fastune.kernels.lora_mlp import lora_mlp, lora_mlp_reference
+
+    def weight(rows, cols, seed):
+        return _randn(rows, cols, dtype=dtype, scale=cols**-0.5, seed=seed)
+
+    def adapters(in_features, out_features, seed):
+        return list(_lora_inputs(dtype, 1, in_features, out_features, seed)[1:])
+
+    def inputs(x):
+        return [x, weight(INTERMEDIATE, HIDDEN, 10), *adapters(HIDDEN, INTERMEDIATE, 11),
+                weight(INTERMEDIATE, HIDDEN, 20), *adapters(HIDDEN, INTERMEDIATE, 21),
+                weight(HIDDEN, INTERMEDIATE, 30), *adapters(INTERMEDIATE, HIDDEN, 31), LORA_SCALE]
+
+    def truth(x, gw, ga, gb, uw, ua, ub, dw, da, db, s):
+        h = torch.nn.functional.silu(_lora64(x, gw, ga, gb, s)) * _lora64(x, uw, ua, ub, s)
+        return _lora64(h, dw, da, db, s)
+
+    return Case(f"{TOKENS} x {HIDDEN} -> {INTERMEDIATE} -> {HIDDEN}, r {RANK}",
+                inputs(_randn(1, TOKENS, HIDDEN, dtype=dtype)), lora_mlp, lora_mlp_reference,
+                truth, frozen=(1, 4, 7), error_inputs=inputs(_randn(1, 256, HIDDEN, dtype=dtype, seed=5)))
+
+
 CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "rms_norm": _case_rms_norm,
     "add_rms_norm": _case_add_rms_norm,
@@ -159,6 +229,10 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "swiglu": _case_swiglu,
     "linear_cross_entropy": _case_linear_cross_entropy,
     "linear_cross_entropy_frozen_w": lambda dtype: _case_linear_cross_entropy(dtype, False),
+    "lora_linear": _case_lora_linear,
+    "lora_linear_nf4": lambda dtype: _case_lora_linear(dtype, quantized=True),
+    "lora_linear_ops": _case_lora_linear_ops,
+    "lora_mlp": _case_lora_mlp,
 }
 
 

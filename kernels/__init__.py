@@ -6,8 +6,11 @@ Each op is a plain function that runs the Triton kernel on CUDA tensors (or unde
 Add an op's public functions below, one import line per op file.
 """
 
+from fastune.kernels.lora import lora_linear
+from fastune.kernels.lora_mlp import lora_mlp
+from fastune.kernels.nf4 import nf4_dequantize
 from fastune.kernels.rms_norm import add_rms_norm, rms_norm
 from fastune.kernels.rope import apply_rope
 from fastune.kernels.swiglu import swiglu
 
-__all__ = ["add_rms_norm", "apply_rope", "rms_norm", "swiglu"]
+__all__ = ["add_rms_norm", "apply_rope", "lora_linear", "lora_mlp", "nf4_dequantize", "rms_norm", "swiglu"]

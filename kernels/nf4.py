@@ -160,5 +160,6 @@ def aot_specs() -> list[dict]:
             },
             constexprs={"HALF_BLOCK": 32, "SCALER_BLOCK": 256, "BLOCK_BYTES": _BLOCK_BYTES},
             num_warps=_NUM_WARPS,
+            multiple_of_16=["n_bytes"],  # numel / 2 of any Llama projection
         )
     ]

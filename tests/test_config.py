@@ -233,6 +233,7 @@ BAD_FILES = [
     (BASE.replace("model:\n  checkpoint_dir: ckpt\n", ""),
      "config.yaml: missing required key 'model.checkpoint_dir'"),
     ("", "config.yaml: missing required key 'output_dir'"),
+    ("1: one\n" + BASE, "config.yaml: top level: key 1 is not a name"),
 ]
 
 

@@ -131,9 +131,10 @@ def wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    yield tmp_path
     # wandb reads its environment once per process and caches it; tearing it down
-    # makes the next test's WANDB_DIR count.
+    # makes this test's WANDB_DIR count, whatever ran before.
+    wandb.teardown()
+    yield tmp_path
     wandb.teardown()
 
 

@@ -46,7 +46,6 @@ FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 _DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 
 
-
 def _asset_path(relative: str) -> str:
     """``${asset:demo/base_model}``: a file shipped in ``fastune/assets``, wherever fastune is installed."""
     return str(importlib.resources.files("fastune") / "assets" / relative)
@@ -235,7 +234,7 @@ def _merge(user: dict, section: Section, prefix: str, origin: _Origin) -> dict:
     except in a component section, where they are the callable's keyword arguments."""
     if COMPONENT in user and not section.component:
         raise origin.error(prefix + COMPONENT, f"{prefix.rstrip('.') or 'the top level'} takes no {COMPONENT}")
-    component = user.get(COMPONENT, section.default_component)
+    component = user.get(COMPONENT) or section.default_component  # `_component_: null` = the default
     # Listed keys are the defaults of the default component (or the built-in behaviour).
     use_defaults = component == section.default_component
     merged: dict[str, Any] = {COMPONENT: component} if component is not None else {}
@@ -254,6 +253,8 @@ def _merge(user: dict, section: Section, prefix: str, origin: _Origin) -> dict:
             merged[name] = _merge({}, entry, key + ".", origin) if isinstance(entry, Section) \
                 else copy.deepcopy(entry.default)
     for name, value in user.items():
+        if not isinstance(name, str):
+            raise origin.error(prefix.rstrip(".") or "top level", f"key {name!r} is not a name")
         if name in section.keys or name == COMPONENT:
             continue
         if component is None:

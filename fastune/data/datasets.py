@@ -43,7 +43,8 @@ from fastune.data.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-DataFiles = Union[None, str, Path, Sequence[Union[str, Path]], Mapping[str, Union[str, Path, Sequence[Union[str, Path]]]]]
+_Paths = Union[str, Path, Sequence[Union[str, Path]]]
+DataFiles = Union[None, _Paths, Mapping[str, _Paths]]  # paths, or {split: paths}
 
 
 class TokenizedDataset:

@@ -67,8 +67,9 @@ def resolve_columns(
     columns = {}
     for field in fields:
         column = column_map.get(field, field)
-        if fmt == "chat" and field not in column_map and column not in available and "conversations" in available:
-            column = "conversations"  # ShareGPT's name
+        sharegpt = field == "messages" and field not in column_map and "conversations" in available
+        if sharegpt and column not in available:
+            column = "conversations"  # ShareGPT's name for it
         if column in available:
             columns[field] = column
         elif field in _REQUIRED[fmt] or field in column_map:
@@ -143,7 +144,9 @@ def _chat_messages(row: Mapping[str, Any], column: str) -> list[Message]:
     return messages
 
 
-def tokenize_sample(sample: Sample, tokenizer: Tokenizer, train_on_input: bool) -> tuple[list[int], list[bool]]:
+def tokenize_sample(
+    sample: Sample, tokenizer: Tokenizer, train_on_input: bool
+) -> tuple[list[int], list[bool]]:
     """Token ids and mask (True = not trained on) of one sample."""
     if isinstance(sample, str):
         ids = tokenizer.encode(sample, add_bos=True, add_eos=True)

@@ -16,6 +16,7 @@ the rare template that rewrites earlier turns gets a clear error.
 
 from __future__ import annotations
 
+import bisect
 import json
 from datetime import datetime
 from functools import lru_cache
@@ -117,12 +118,13 @@ class HFTokenizer:
         self, messages: Sequence[Message], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[bool]]:
         text = self.render(messages, add_generation_prompt)
-        spans = []  # [start, end) character ranges of trained text
+        spans = []  # [start, end) character ranges of trained text, in order
         for i, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
             before = self.render(messages[:i], add_generation_prompt=True)
-            through = self.render(messages[: i + 1])
+            last = i == len(messages) - 1 and not add_generation_prompt
+            through = text if last else self.render(messages[: i + 1])
             if not (through.startswith(before) and text.startswith(through)):
                 raise TokenizerError(
                     f"{self.source}: the chat_template renders earlier turns differently once later "
@@ -130,7 +132,11 @@ class HFTokenizer:
                 )
             spans.append((len(before), len(through)))
         encoding = self._tok.encode(text, add_special_tokens=False)
-        mask = [not any(s <= start < e for s, e in spans) for start, _ in encoding.offsets]
+        starts = [start for start, _ in encoding.offsets]  # non-decreasing
+        mask = [True] * len(starts)
+        for start, end in spans:
+            lo, hi = bisect.bisect_left(starts, start), bisect.bisect_left(starts, end)
+            mask[lo:hi] = [False] * (hi - lo)
         return encoding.ids, mask
 
 

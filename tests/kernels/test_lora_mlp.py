@@ -69,30 +69,40 @@ def test_reference_matches_float64(x_shape, inter, rank):
     assert_close_to_truth(out + grads, truth + true_grads, rtol=1e-5, atol=5e-5, names=GRAD_NAMES)
 
 
+def pooled_results(make, dtype, seeds=range(4)):
+    """(kernel, eager, truth) result lists, each tensor flattened and concatenated over
+    several random draws. Three chained bf16 projections make the max error of one small
+    draw noisy (kernel/eager ratios of 0.4 to 2.0 across single draws, at most 1.3 when
+    pooled over four), so the rule is applied to the pooled sample."""
+    runs = []
+    for seed in seeds:
+        fn, fn64, inputs = make(seed)
+        kernel = run(fn, inputs, triton=True)
+        eager = run(fn, inputs, triton=False)
+        truth = run(fn64, to_float64(inputs), False, grad_dtype=dtype)
+        runs.append([r[0] + r[1] for r in (kernel, eager, truth)])
+    return [[torch.cat([draw[which][i].flatten() for draw in runs]) for i in range(len(GRAD_NAMES))]
+            for which in range(3)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("x_shape,inter,rank", SHAPES)
 def test_kernel_within_dtype_rule(dtype, x_shape, inter, rank):
-    x, weights, adapters = make_case(x_shape, inter, rank, dtype)
-    inputs = [x, *adapters]
-    kernel = run(op(weights), inputs, triton=True)
-    eager = run(op(weights), inputs, triton=False)
-    truth = run(op(to_float64(weights)), to_float64(inputs), False, grad_dtype=dtype)
-    assert_within_dtype_rule(kernel[0] + kernel[1], eager[0] + eager[1], truth[0] + truth[1],
-                      names=GRAD_NAMES)
+    def make(seed):
+        x, weights, adapters = make_case(x_shape, inter, rank, dtype, seed)
+        return op(weights), op(to_float64(weights)), [x, *adapters]
+    assert_within_dtype_rule(*pooled_results(make, dtype), names=GRAD_NAMES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_with_nf4_weights_within_dtype_rule(dtype):
     """QLoRA: all three base weights NF4 (quantized from bf16). Truth uses the
     dequantized weights."""
-    x, weights, adapters = make_case(*NF4_SHAPE, dtype)
-    nf4 = [to_nf4(w.to(torch.bfloat16), *NF4_BLOCKS) for w in weights]
-    inputs = [x, *adapters]
-    kernel = run(op(nf4), inputs, triton=True)
-    eager = run(op(nf4), inputs, triton=False)
-    truth = run(op([w.to(torch.float64) for w in nf4]), to_float64(inputs), False, grad_dtype=dtype)
-    assert_within_dtype_rule(kernel[0] + kernel[1], eager[0] + eager[1], truth[0] + truth[1],
-                      names=GRAD_NAMES)
+    def make(seed):
+        x, weights, adapters = make_case(*NF4_SHAPE, dtype, seed)
+        nf4 = [to_nf4(w.to(torch.bfloat16), *NF4_BLOCKS) for w in weights]
+        return op(nf4), op([w.to(torch.float64) for w in nf4]), [x, *adapters]
+    assert_within_dtype_rule(*pooled_results(make, dtype), names=GRAD_NAMES)
 
 
 @pytest.mark.parametrize("quantized", [False, True])
