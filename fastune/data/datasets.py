@@ -243,11 +243,13 @@ def load_sft_dataset(
 ) -> TokenizedDataset:
     """Load ``source`` (see ``load_rows``) and tokenize it (see ``tokenize_rows``)."""
     rows = load_rows(source, split, data_files=data_files, subset=subset, cache_dir=cache_dir)
+    # Errors name the files read, not the builder ("json") that read them.
+    name = ", ".join(map(str, _split_files(data_files, split))) if data_files is not None else str(source)
     if len(rows) == 0:
-        raise DataError(f"{source}: the dataset is empty (0 rows)")
-    columns = resolve_columns(format, column_map, rows.column_names, str(source))
+        raise DataError(f"{name}: the dataset is empty (0 rows)")
+    columns = resolve_columns(format, column_map, rows.column_names, name)
     rows = rows.select_columns(sorted(set(columns.values())))
-    return tokenize_rows(_iter_rows(rows), tokenizer, format=format, columns=columns, source=str(source),
+    return tokenize_rows(_iter_rows(rows), tokenizer, format=format, columns=columns, source=name,
                          train_on_input=train_on_input, system_prompt=system_prompt,
                          max_seq_len=max_seq_len, truncation=truncation)
 

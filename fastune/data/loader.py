@@ -93,7 +93,12 @@ class SFTDataLoader:
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             pin_memory=pin_memory,
+            # Its own generator: every new iterator draws a worker seed from it, and
+            # drawing from the global RNG would shift the training's dropout masks
+            # (a resumed run would then not repeat the uninterrupted one).
+            generator=torch.Generator().manual_seed(seed),
         )
+        self._plan(self.epoch)  # fail now, not at the first step, when the data is too small
 
     def __len__(self) -> int:
         return len(self._plan(self.epoch))

@@ -112,7 +112,7 @@ class HFTokenizer:
                 messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens
             )
         except jinja2.TemplateError as e:
-            raise TokenizerError(f"{self.source}: chat_template: {e.message}") from None
+            raise TokenizerError(f"{self.source}: chat_template: {e.message or type(e).__name__}") from None
 
     def tokenize_messages(
         self, messages: Sequence[Message], add_generation_prompt: bool = False

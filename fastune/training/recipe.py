@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import random
+import shutil
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -72,6 +73,8 @@ from fastune.training.memory import (
 from fastune.training.optim import build_lr_scheduler, build_optimizer
 
 log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"  # inside a checkpoint folder: the PEFT adapter of LoRA methods
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -145,6 +148,13 @@ def setup(cfg: DictConfig) -> TrainingRun:
     resume = checkpointer.resolve_resume(cfg.resume_from_checkpoint, output_dir)
     if resume is None:
         _refuse_to_overwrite(output_dir)
+    else:
+        progress = checkpointer.read_trainer_state(resume)
+        if progress.get("method") != cfg.method:
+            raise checkpointer.ResumeError(
+                f"resume_from_checkpoint: {resume} was written by a method={progress.get('method')} run, "
+                f"this run has method={cfg.method}"
+            )
     seed_everything(cfg.seed)
 
     model = load_model(cfg, device, resume)
@@ -175,7 +185,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
         forward_context=offload_activations(device, cfg.activation_offloading),
     )
     if resume is not None:
-        restore_training_state(run, resume)
+        restore_training_state(run, resume, progress)
     return run
 
 
@@ -219,7 +229,7 @@ def load_model(cfg: DictConfig, device: torch.device, resume: Optional[Path]) ->
     apply_lora(model, list(lora.targets), lora.rank, lora.alpha, lora.dropout,
                use_dora=cfg.method == "dora", quantize_base=cfg.method == "qlora")
     if resume is not None:
-        load_peft_adapter(model, resume)
+        load_peft_adapter(model, resume / ADAPTER_DIR)
     return model
 
 
@@ -335,16 +345,11 @@ def build_exact_match_examples(cfg: DictConfig, tokenizer) -> Optional[list[tupl
 # ----------------------------------------------------------------------------- resume
 
 
-def restore_training_state(run: TrainingRun, ckpt_dir: Path) -> None:
+def restore_training_state(run: TrainingRun, ckpt_dir: Path, progress: dict[str, Any]) -> None:
     """Put optimizer, schedule, RNGs and data position back where ``ckpt_dir`` left them
-    (the weights or adapter were loaded by ``load_model``)."""
+    (the weights or adapter were loaded by ``load_model``); ``progress`` is its
+    trainer_state.json."""
     state = checkpointer.load_training_state(ckpt_dir)
-    progress = checkpointer.read_trainer_state(ckpt_dir)
-    if progress.get("method") != run.cfg.method:
-        raise checkpointer.ResumeError(
-            f"resume_from_checkpoint: {ckpt_dir} was written by a method={progress.get('method')} run, "
-            f"this run has method={run.cfg.method}"
-        )
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.epoch, run.step_in_epoch = progress["epochs_run"], progress["step_in_epoch"]
@@ -548,24 +553,27 @@ def save_checkpoint(run: TrainingRun, logger: MetricLogger, name: str) -> Path:
 
 
 def write_model_files(run: TrainingRun, folder: Path) -> None:
-    """HF-format model (merged for LoRA methods) plus, for LoRA methods, the PEFT adapter."""
+    """The model in HF format (merged, for LoRA methods) and, for LoRA methods, the PEFT
+    adapter in ``folder/adapter``.
+
+    The adapter gets its own folder because transformers' ``from_pretrained`` treats
+    a folder holding ``adapter_config.json`` as an adapter: it would load the base
+    model named there and apply the adapter, and with the merged weights beside it
+    apply the update twice, silently.
+    """
     cfg, model = run.cfg, run.model
     source = cfg.model.checkpoint_dir
     if cfg.method == "full":
         save_hf_checkpoint(model, model.config, folder, source_dir=source)
         return
     if cfg.save_adapter_weights_only:
-        _write_config_and_tokenizer(model, folder, Path(source))
+        _copy_tokenizer_files(Path(source), folder)
     else:
         save_hf_checkpoint(merge_lora(model), model.config, folder, source_dir=source)
-    save_peft_adapter(model, folder, base_model_name_or_path=str(Path(source).resolve()))
+    save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=str(Path(source).resolve()))
 
 
-def _write_config_and_tokenizer(model: nn.Module, folder: Path, source: Path) -> None:
-    import json
-    import shutil
-
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+def _copy_tokenizer_files(source: Path, folder: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)

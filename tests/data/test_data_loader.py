@@ -4,6 +4,7 @@ resumable at the exact batch, with and without worker processes."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from fastune.data import DataError, SFTDataLoader, TokenizedDataset, build_dataloader
@@ -117,4 +118,14 @@ def test_drop_last_and_bad_arguments():
     with pytest.raises(DataError, match="more than the packing length max_seq_len=4"):
         SFTDataLoader(ds, 4, packed=True, max_seq_len=4)
     with pytest.raises(DataError, match="too few for world_size=64"):
-        len(SFTDataLoader(ds, 4, world_size=64))
+        SFTDataLoader(ds, 4, world_size=64)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterating_leaves_the_global_rng_alone(num_workers):
+    # Otherwise each new epoch's iterator would shift the training's dropout masks.
+    loader = build_dataloader(_dataset(), 4, num_workers=num_workers)
+    before = torch.random.get_rng_state()
+    for _ in range(2):
+        list(loader)
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -54,6 +54,9 @@ def test_builder_with_data_files_per_split(tmp_path, tok, hf_cache):
     files = {"train": str(train), "validation": [str(val)]}
     assert len(load_sft_dataset("json", tok, data_files=files, cache_dir=hf_cache)) == 5
     assert len(load_sft_dataset("json", tok, split="validation", data_files=files, cache_dir=hf_cache)) == 2
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "answer": "y"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl row 1: missing column 'output'"):
+        load_sft_dataset("json", tok, data_files={"train": str(bad)}, cache_dir=hf_cache)
     with pytest.raises(DataError, match="data_files has no 'test' entry"):
         load_rows("json", "test", data_files=files)
     with pytest.raises(DataError, match="data_files needs a builder source"):
