@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -102,7 +103,7 @@ def main() -> None:
         "supervised_tokens": dataset.num_supervised_tokens, "batch_size": BATCH_SIZE, "max_seq_len": MAX_SEQ_LEN,
         "repeats": args.repeats, "target_tokens_per_s": TARGET_TOKENS_PER_S,
         "python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
-        "cpus": len(__import__("os").sched_getaffinity(0)),
+        "cpus": len(os.sched_getaffinity(0)), "load_average_1min": os.getloadavg()[0],
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "data.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
@@ -116,7 +117,8 @@ def _markdown(meta: dict, results: list[dict]) -> str:
         f"`{meta['command']}`: {meta['rows']} rows of `{meta['data']}` ({meta['tokens']:,} tokens, "
         f"{meta['supervised_tokens']:,} supervised) with the demo tokenizer; batch {meta['batch_size']}, "
         f"max_seq_len {meta['max_seq_len']}, num_workers 0. Median of {meta['repeats']} runs after a warm-up; "
-        f"torch {meta['torch']}, {meta['cpus']} CPUs shared with other jobs.",
+        f"torch {meta['torch']}, {meta['cpus']} CPUs shared with other jobs "
+        f"(1-minute load average {meta['load_average_1min']:.1f} at the end: expect noise).",
         "",
         "Tokens/s counts all non-padding tokens (prompt and answer). "
         f"Target: >= {meta['target_tokens_per_s']:,} tok/s (20x the CPU demo's training throughput).",

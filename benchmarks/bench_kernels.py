@@ -306,11 +306,13 @@ def run_worker(op: str, mode: str, dtype: torch.dtype, warmup: int, steps: int) 
     first_s = time.perf_counter() - t0  # includes compilation in "compiled" mode
     for _ in range(warmup):
         step()
-    times = []
+    load_avg = os.getloadavg()[0]
+    times, cpu_times = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     for t in step.leaves:
         t.grad = None
     _release_freed_memory()
@@ -321,6 +323,8 @@ def run_worker(op: str, mode: str, dtype: torch.dtype, warmup: int, steps: int) 
     del outs
     return dict(op=op, mode=mode, shape=case.shape, dtype=str(dtype).replace("torch.", ""),
                 median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times),
+                cpu_median_ms=1e3 * statistics.median(cpu_times), load_avg=load_avg,
+                date=time.strftime("%Y-%m-%d %H:%M"),
                 first_step_s=first_s, steps=steps, warmup=warmup,
                 peak_rss_delta_mib=peak_kib / 1024, errors=_errors(case, step))
 
@@ -349,18 +353,27 @@ def _markdown(data: dict) -> str:
         "Error = worst over outputs and input gradients of max|err| / max|truth| against "
         "float64.",
         "",
+        "The build machine is shared: `load` is the 1-minute load average when the timed steps "
+        "began. Above the core count, wall times stretch; the CPU-time speedup (process user + "
+        "system time, all threads) is then the steadier figure.",
+        "",
         f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads. "
         f"Reproduce: `{meta['command']}`",
         "",
-        "| op | shape | eager ms | compiled ms | speedup | eager peak MiB | compiled peak MiB "
-        "| eager error | compiled error |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| op | shape | eager ms | compiled ms | speedup | speedup, CPU time | load "
+        "| eager peak MiB | compiled peak MiB | eager error | compiled error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for op, modes in data["results"].items():
         e, c = modes["eager"], modes["compiled"]
+        # Entries written before CPU time and load were recorded show "-" there.
+        cpu = (f"{e['cpu_median_ms'] / c['cpu_median_ms']:.2f}x" if "cpu_median_ms" in e and "cpu_median_ms" in c
+               else "-")
+        load = f"{e['load_avg']:.1f} / {c['load_avg']:.1f}" if "load_avg" in e and "load_avg" in c else "-"
         lines.append(
             f"| {op} | {e['shape']} | {e['median_ms']:.2f} | {c['median_ms']:.2f} | "
-            f"{e['median_ms'] / c['median_ms']:.2f}x | {e['peak_rss_delta_mib']:.0f} | "
+            f"{e['median_ms'] / c['median_ms']:.2f}x | {cpu} | "
+            f"{load} | {e['peak_rss_delta_mib']:.0f} | "
             f"{c['peak_rss_delta_mib']:.0f} | {max(e['errors'].values()):.1e} | "
             f"{max(c['errors'].values()):.1e} |"
         )
@@ -383,17 +396,21 @@ def main(argv=None) -> int:
     unknown = [op for op in ops if op not in CASES]
     if unknown:
         parser.error(f"unknown op(s) {unknown}; known: {', '.join(CASES)}")
+    results = {}
+    for op in ops:
+        results[op] = {}
+        for mode in MODES:
+            r = _run_child(op, mode, args)
+            results[op][mode] = r
+            print(f"{op:14} {mode:9} {r['median_ms']:9.2f} ms  cpu {r['cpu_median_ms']:9.2f} ms  "
+                  f"peak {r['peak_rss_delta_mib']:7.0f} MiB  max rel err {max(r['errors'].values()):.1e}  "
+                  f"load {r['load_avg']:.1f}", flush=True)
+    # Merge into the results file as it is now (other runs may have written other ops).
     out_json = RESULTS / "kernels.json"
     data = json.loads(out_json.read_text()) if out_json.exists() else {"results": {}}
     if data.get("meta", {}).get("dtype", args.dtype) != args.dtype:
         data["results"] = {}  # never mix dtypes in one table
-    for op in ops:
-        data["results"][op] = {}
-        for mode in MODES:
-            r = _run_child(op, mode, args)
-            data["results"][op][mode] = r
-            print(f"{op:14} {mode:9} {r['median_ms']:9.2f} ms  peak {r['peak_rss_delta_mib']:7.0f} MiB  "
-                  f"max rel err {max(r['errors'].values()):.1e}", flush=True)
+    data["results"].update(results)
     data["meta"] = dict(
         dtype=args.dtype, warmup=args.warmup, steps=args.steps, torch=torch.__version__,
         threads=torch.get_num_threads(), machine=f"{platform.machine()} {os.cpu_count()} cores",

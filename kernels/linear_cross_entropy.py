@@ -38,6 +38,8 @@ from fastune.kernels.cross_entropy import check_labels, cross_entropy_rows_, sup
 
 # Largest chunk of logits, in elements, that one forward holds at a time.
 LOGITS_BUDGET = 1 << 26
+# Vocabulary rows per GEMM when dW is accumulated over chunks (see _add_grad_weight_).
+GRAD_WEIGHT_SLICE = 8192
 
 
 def default_chunk_size(n_tokens: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
@@ -47,6 +49,16 @@ def default_chunk_size(n_tokens: int, vocab: int, budget: int = LOGITS_BUDGET) -
     return max(1, math.ceil(n_tokens / n_chunks))
 
 
+def _add_grad_weight_(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
+                      h: torch.Tensor) -> None:
+    """grad_weight += grad_logits^T h, one slice of vocabulary rows at a time: each slice's
+    GEMM result (input dtype) is added into the fp32 accumulator at once, so no second
+    [V, H] buffer ever exists beside it."""
+    for start in range(0, grad_logits.shape[1], GRAD_WEIGHT_SLICE):
+        rows = slice(start, start + GRAD_WEIGHT_SLICE)
+        grad_weight[rows].add_(grad_logits[:, rows].t() @ h)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Loss and both gradients in forward; backward scales the saved gradients."""
 
@@ -54,21 +66,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, ignore_index, z_loss, label_smoothing, chunk_size,
                 need_grad_hidden, need_grad_weight):
         compute_grad = need_grad_hidden or need_grad_weight
+        chunks = list(zip(hidden.split(chunk_size), labels.split(chunk_size)))
+        # One chunk: its GEMM gives dW as it is. More: their sum, accumulated in fp32.
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if need_grad_weight and len(chunks) > 1 else None)
         loss = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden_chunks = []
-        grad_weight = None
-        for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
+        for h, y in chunks:
             logits = h @ weight.t()
             loss = loss + cross_entropy_rows_(logits, y, ignore_index, z_loss, label_smoothing,
                                               compute_grad).sum()
             # `logits` now holds dloss/dlogits for this chunk.
             if need_grad_hidden:
                 grad_hidden_chunks.append(logits @ weight)
-            if need_grad_weight:
-                part = logits.t() @ h
-                # One chunk: its GEMM result as it is. More: sum them in fp32 (.float() is
-                # a no-op once the accumulator is fp32).
-                grad_weight = part if grad_weight is None else grad_weight.float().add_(part)
+            if need_grad_weight and grad_weight is None:
+                grad_weight = logits.t() @ h
+            elif need_grad_weight:
+                _add_grad_weight_(grad_weight, logits, h)
         grad_hidden = torch.cat(grad_hidden_chunks) if need_grad_hidden else None
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)

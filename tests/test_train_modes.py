@@ -5,6 +5,7 @@ and QLoRA against LoRA on the dequantized weights."""
 import pytest
 import torch
 
+from train_helpers import single_thread  # noqa: F401 (autouse fixture)
 from train_helpers import NF4_FRIENDLY, hf_llama, make_config, run, save_base
 
 
@@ -51,10 +52,10 @@ def test_activation_offloading_is_a_warned_no_op_on_cpu(tmp_path, base):
 
 
 @pytest.mark.slow
-def test_compiled_matches_eager(tmp_path, base):
-    """One tiny run with every decoder layer and the loss compiled. Packed rows have one
-    shape and there is no validation pass, so each graph compiles once (forward and
-    backward)."""
+def test_compiled_matches_eager(tmp_path):
+    """One tiny run with the decoder layer and the loss compiled. One layer, packed rows
+    of one shape and no validation pass: each graph compiles once (forward and backward)."""
+    base = save_base(hf_llama(seed=4, num_hidden_layers=1), tmp_path / "base")
     common = dict(max_steps_per_epoch=2, batch_size=2,
                   overrides=["dataset.packed=true", "dataset.val_split=null"])
     eager, _ = curve(tmp_path, base, "eager", **common)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from train_helpers import single_thread  # noqa: F401 (autouse fixture)
 from train_helpers import hf_llama, make_config, run, save_base
 
 IGNORE = -100

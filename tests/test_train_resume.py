@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastune.training.checkpointer import TRAINER_STATE, TRAINING_STATE
+from train_helpers import single_thread  # noqa: F401 (autouse fixture)
 from train_helpers import RecordingLogger, hf_llama, make_config, run, save_base
 
 # 32 rows, batch 4: 8 batches; accumulation 2: 4 optimizer steps per epoch, 2 epochs.

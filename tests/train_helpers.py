@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+import pytest
 import torch
 import yaml
 
@@ -29,6 +30,17 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
 # Every projection a multiple of 64 * 256 elements, as NF4 needs.
 NF4_FRIENDLY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread while a test runs: these models are so small that a second
+    thread buys nothing, and on a machine shared with other processes OpenMP's waiting
+    made each step about 8x slower. Import this fixture into a test module to use it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def hf_llama(seed: int = 0, tie_word_embeddings: bool = False, **shape):
