@@ -13,10 +13,16 @@ Every (op, mode) runs in a fresh subprocess, which
    same math, as max |error| / max |truth| per tensor.
 Speedups are ratios of medians measured in the same run of this script.
 
-    python benchmarks/bench_kernels.py                   # all ops, ~5 minutes
+    python benchmarks/bench_kernels.py                   # all ops
     python benchmarks/bench_kernels.py --ops swiglu      # some ops; merged into the results
+    python benchmarks/bench_kernels.py --malloc retain   # glibc keeps freed memory
 
-Results: benchmarks/results/kernels.json and kernels.md.
+Results: benchmarks/results/kernels.json and kernels.md (``--malloc retain``:
+kernels_retain.*). By default glibc malloc returns every freed block of more
+than ~32 MiB to the OS, so each step page-faults its large tensors in again
+(system time that is often larger than the arithmetic here); ``retain`` sets
+M_MMAP_THRESHOLD and M_TRIM_THRESHOLD so that freed memory is reused instead,
+as a training process can do for itself.
 
 How to add an op: write a function ``_case_<op>() -> Case`` with realistic shapes
 (4096 tokens, hidden 2048; vocab 128256 for cross-entropy; rank 16 for LoRA) and
@@ -246,6 +252,14 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
+def _retain_freed_memory() -> None:
+    """glibc: serve large blocks from the heap and never trim it, so freed memory
+    is reused without page faults."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB from the heap
+    libc.mallopt(-1, 1 << 62)  # M_TRIM_THRESHOLD: never shrink the heap
+
+
 def _release_freed_memory() -> None:
     """Make RSS track live memory: mmap every block >= 64 KiB (freed -> unmapped at
     once, no dynamic threshold) and return the heap's free space to the OS."""
@@ -297,7 +311,9 @@ def _errors(case: Case, step: _Step) -> dict[str, float]:
             for n, a, b in zip(names, got, want)}
 
 
-def run_worker(op: str, mode: str, dtype: torch.dtype, warmup: int, steps: int) -> dict:
+def run_worker(op: str, mode: str, dtype: torch.dtype, warmup: int, steps: int, malloc: str) -> dict:
+    if malloc == "retain":
+        _retain_freed_memory()
     case = CASES[op](dtype)
     fn = case.reference if mode == "eager" else torch.compile(case.fn, fullgraph=True)
     step = _Step(case, fn)
@@ -333,7 +349,7 @@ def run_worker(op: str, mode: str, dtype: torch.dtype, warmup: int, steps: int) 
 
 def _run_child(op: str, mode: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", op, mode, "--dtype", args.dtype,
-           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--malloc", args.malloc]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{op}/{mode} failed:\n{proc.stderr[-4000:]}")
@@ -357,8 +373,9 @@ def _markdown(data: dict) -> str:
         "began. Above the core count, wall times stretch; the CPU-time speedup (process user + "
         "system time, all threads) is then the steadier figure.",
         "",
-        f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads. "
-        f"Reproduce: `{meta['command']}`",
+        f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, "
+        f"malloc: {meta['malloc']}. Ops can come from several runs (each row's date is in the "
+        f"JSON); the last run: `{meta['command']}`",
         "",
         "| op | shape | eager ms | compiled ms | speedup | speedup, CPU time | load "
         "| eager peak MiB | compiled peak MiB | eager error | compiled error |",
@@ -386,11 +403,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--malloc", default="glibc", choices=["glibc", "retain"],
+                        help="glibc defaults, or keep freed memory for reuse (see the module docstring)")
     parser.add_argument("--worker", nargs=2, metavar=("OP", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         op, mode = args.worker
-        print(json.dumps(run_worker(op, mode, getattr(torch, args.dtype), args.warmup, args.steps)))
+        print(json.dumps(run_worker(op, mode, getattr(torch, args.dtype), args.warmup, args.steps,
+                                    args.malloc)))
         return 0
     ops = args.ops.split(",")
     unknown = [op for op in ops if op not in CASES]
@@ -406,21 +426,22 @@ def main(argv=None) -> int:
                   f"peak {r['peak_rss_delta_mib']:7.0f} MiB  max rel err {max(r['errors'].values()):.1e}  "
                   f"load {r['load_avg']:.1f}", flush=True)
     # Merge into the results file as it is now (other runs may have written other ops).
-    out_json = RESULTS / "kernels.json"
+    stem = "kernels" if args.malloc == "glibc" else f"kernels_{args.malloc}"
+    out_json = RESULTS / f"{stem}.json"
     data = json.loads(out_json.read_text()) if out_json.exists() else {"results": {}}
     if data.get("meta", {}).get("dtype", args.dtype) != args.dtype:
         data["results"] = {}  # never mix dtypes in one table
     data["results"].update(results)
     data["meta"] = dict(
-        dtype=args.dtype, warmup=args.warmup, steps=args.steps, torch=torch.__version__,
+        dtype=args.dtype, warmup=args.warmup, steps=args.steps, malloc=args.malloc, torch=torch.__version__,
         threads=torch.get_num_threads(), machine=f"{platform.machine()} {os.cpu_count()} cores",
         date=time.strftime("%Y-%m-%d"),
         command="python benchmarks/bench_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     )
     RESULTS.mkdir(exist_ok=True)
     out_json.write_text(json.dumps(data, indent=1) + "\n")
-    (RESULTS / "kernels.md").write_text(_markdown(data))
-    print(f"wrote {out_json} and kernels.md")
+    out_json.with_suffix(".md").write_text(_markdown(data))
+    print(f"wrote {out_json} and {stem}.md")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -82,12 +83,22 @@ Each KEY=VALUE overrides one key; the value is read as YAML:
 @main.command(epilog=_CONFIG_HELP)
 @click.argument("config")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE | ~KEY]...")
+@click.option("--nproc-per-node", type=int, default=None,
+              help="Train on this many processes per node with FSDP2 (one per GPU), through torchrun.")
+@click.option("--nnodes", type=int, default=1, show_default=True, help="Number of nodes (multi-node).")
+@click.option("--node-rank", type=int, default=None, help="This node's rank, 0 to NNODES-1 (multi-node).")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="c10d rendezvous on one node, the same on every node (multi-node).")
 @debug_option
-def train(config: str, overrides: tuple[str, ...]) -> None:
+@click.pass_context
+def train(ctx: click.Context, config: str, overrides: tuple[str, ...], nproc_per_node: Optional[int],
+          nnodes: int, node_rank: Optional[int], rdzv_endpoint: Optional[str]) -> None:
     """Fine-tune a model as CONFIG says.
 
     The config is validated before any heavy work, and the resolved config is
-    saved as OUTPUT_DIR/config.yaml.
+    saved as OUTPUT_DIR/config.yaml. With --nproc-per-node the run is launched
+    through torch.distributed.run (torchrun) and sharded with FSDP2; the same
+    works as `torchrun --nproc-per-node N -m fastune.cli train CONFIG`.
 
     \b
     Examples:
@@ -95,13 +106,38 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
       fastune train llama3_2/1B_lora optimizer.lr=1e-4 epochs=2
       fastune train my_config.yaml metric_logger=wandb metric_logger.project=alpaca
       fastune train out/config.yaml resume_from_checkpoint=auto
+      fastune train llama3_2/1B_lora --nproc-per-node 8
+      fastune train my_70B_lora.yaml --nproc-per-node 8 --nnodes 2 --rdzv-endpoint node0:29400
     """
     from fastune.config import load_config, save_resolved_config
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides)  # checked once here, before any rank starts
+    if nproc_per_node is not None or nnodes > 1 or rdzv_endpoint is not None:
+        _launch(ctx, [config, *overrides], cfg.output_dir, nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+        return
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one writer
         save_resolved_config(cfg, cfg.output_dir)
     _recipe_train()(cfg)
+
+
+def _launch(ctx: click.Context, train_args: list[str], output_dir: str, nproc_per_node: Optional[int],
+            nnodes: int, node_rank: Optional[int], rdzv_endpoint: Optional[str]) -> None:
+    """Run `python -m fastune.cli train CONFIG OVERRIDES` on every rank through torchrun;
+    a failed rank ends the job and this command with status 1."""
+    from fastune import distributed
+
+    if distributed.launched_by_torchrun():
+        raise FastuneError("--nproc-per-node: this process already runs under torchrun; drop the option")
+    if nproc_per_node is None:
+        raise FastuneError("--nproc-per-node: required with --nnodes or --rdzv-endpoint")
+    debug = ["--debug"] if ctx.meta.get(_DEBUG) else []
+    args = distributed.torchrun_args(["train", *debug, *train_args], nproc_per_node, nnodes, node_rank,
+                                     rdzv_endpoint, distributed.job_id(output_dir))
+    try:
+        distributed.launch(args)
+    except distributed.RankFailed as e:
+        click.echo(f"error: {e}", err=True)
+        ctx.exit(1)
 
 
 def _recipe_train():

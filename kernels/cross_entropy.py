@@ -135,11 +135,11 @@ def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ig
                                   compute_grad: bool) -> torch.Tensor:
     """The kernel's math in plain torch (inductor fuses it into one pass per reduction)."""
     vocab = logits.shape[-1]
-    x = logits.float()
-    # Shifted by the row max, as in the kernel (see there why).
-    m = x.amax(dim=-1, keepdim=True)
-    shifted = x - m
-    log_d = torch.logsumexp(shifted, dim=-1, keepdim=True)
+    # Shifted by the row max, as in the kernel (see there why). `m` is fp32, so `shifted`
+    # is the one fp32 [rows, V] buffer (eager also makes one exp temporary).
+    m = logits.amax(dim=-1, keepdim=True).float()
+    shifted = logits - m
+    log_d = shifted.exp().sum(dim=-1, keepdim=True).log()
     lse = (m + log_d).squeeze(-1)
     supervised = labels != ignore_index
     in_range = (labels >= 0) & (labels < vocab)

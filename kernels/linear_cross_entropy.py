@@ -22,9 +22,12 @@ W is trained, the [V, H] fp32 accumulator. The default C keeps C * V at most
 128256 vocabulary that is 8 chunks of 512 tokens, against 1 GiB for the full bf16
 logits (and about 6x that for eager F.linear + F.cross_entropy in training).
 
-The matmuls are torch's (cuBLAS on CUDA), so only the per-chunk cross-entropy differs
-between the Triton path and the reference path; the chunk loop is the same code, traced
-by torch.compile like any Python loop (the chunk count is fixed by the shapes).
+The whole chunk loop is ONE opaque custom op. Traced as plain Python, the loop would be
+unrolled into one graph, and inductor, free to reorder and fuse it, computes every
+chunk's logits before any gradient and sums all chunks' dW in a single fused kernel: all
+chunks alive at once, more memory than no chunking at all. Opaque, the loop runs as
+written; the matmuls are torch's (cuBLAS on CUDA), the per-chunk cross-entropy is the
+Triton kernel on CUDA and the plain-torch reference elsewhere (see cross_entropy.py).
 """
 
 from __future__ import annotations
@@ -59,43 +62,73 @@ def _add_grad_weight_(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
         grad_weight[rows].add_(grad_logits[:, rows].t() @ h)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Loss and both gradients in forward; backward scales the saved gradients."""
+def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     ignore_index: int, z_loss: float, label_smoothing: float, chunk_size: int,
+                     need_grad_hidden: bool, need_grad_weight: bool):
+    """(loss_sum, dloss/dhidden, dloss/dweight), chunk by chunk; a gradient that is not
+    needed comes back as an empty placeholder (custom ops return tensors only)."""
+    n_tokens = hidden.shape[0]
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
+    grad_weight = weight.new_empty(0)
+    if need_grad_weight and n_tokens > chunk_size:
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for start in range(0, n_tokens, chunk_size):
+        rows = slice(start, start + chunk_size)
+        h = hidden[rows]
+        logits = h @ weight.t()
+        loss += cross_entropy_rows_(logits, labels[rows], ignore_index, z_loss,
+                                    label_smoothing, need_grad_hidden or need_grad_weight).sum()
+        # `logits` now holds dloss/dlogits for this chunk.
+        if need_grad_hidden:
+            torch.mm(logits, weight, out=grad_hidden[rows])
+        if need_grad_weight and n_tokens > chunk_size:
+            _add_grad_weight_(grad_weight, logits, h)
+        elif need_grad_weight:  # one chunk: its GEMM gives dW as it is
+            grad_weight = logits.t() @ h
+    return loss, grad_hidden, grad_weight
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, z_loss, label_smoothing, chunk_size,
-                need_grad_hidden, need_grad_weight):
-        compute_grad = need_grad_hidden or need_grad_weight
-        chunks = list(zip(hidden.split(chunk_size), labels.split(chunk_size)))
-        # One chunk: its GEMM gives dW as it is. More: their sum, accumulated in fp32.
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if need_grad_weight and len(chunks) > 1 else None)
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden_chunks = []
-        for h, y in chunks:
-            logits = h @ weight.t()
-            loss = loss + cross_entropy_rows_(logits, y, ignore_index, z_loss, label_smoothing,
-                                              compute_grad).sum()
-            # `logits` now holds dloss/dlogits for this chunk.
-            if need_grad_hidden:
-                grad_hidden_chunks.append(logits @ weight)
-            if need_grad_weight and grad_weight is None:
-                grad_weight = logits.t() @ h
-            elif need_grad_weight:
-                _add_grad_weight_(grad_weight, logits, h)
-        grad_hidden = torch.cat(grad_hidden_chunks) if need_grad_hidden else None
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+# Opaque to torch.compile (see the module docstring for why).
+@torch.library.custom_op("fastune::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             ignore_index: int, z_loss: float, label_smoothing: float,
+                             chunk_size: int, need_grad_hidden: bool,
+                             need_grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]:
+    return _chunked_forward(hidden, weight, labels, ignore_index, z_loss, label_smoothing,
+                            chunk_size, need_grad_hidden, need_grad_weight)
+
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, labels, ignore_index, z_loss, label_smoothing, chunk_size,
+      need_grad_hidden, need_grad_weight):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
+    grad_weight = weight.new_empty(0)
+    if need_grad_weight:
+        accumulated = hidden.shape[0] > chunk_size
+        grad_weight = weight.new_empty(weight.shape,
+                                       dtype=torch.float32 if accumulated else weight.dtype)
+    return loss, grad_hidden, grad_weight
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_hidden, grad_weight = output
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.need_grad_hidden, ctx.need_grad_weight = inputs[7], inputs[8]
+    ctx.save_for_backward(grad_hidden, grad_weight)
+
+
+def _backward(ctx, grad_loss, _grad_hidden_out, _grad_weight_out):
+    """The gradients were formed in forward for a unit upstream gradient: scale them."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    return (grad_hidden * grad_loss if ctx.need_grad_hidden else None,
+            (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.need_grad_weight else None,
+            None, None, None, None, None, None, None)
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -127,7 +160,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     hidden = hidden.reshape(-1, hidden_size)
     labels = labels.reshape(-1)
     grad_enabled = torch.is_grad_enabled()
-    loss = _LinearCrossEntropy.apply(
+    loss, _, _ = _linear_cross_entropy_op(
         hidden, weight, labels, ignore_index, float(z_loss), float(label_smoothing),
         chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0]),
         grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,

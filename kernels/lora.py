@@ -108,7 +108,8 @@ def check_lora_args(in_features: int, dtype: torch.dtype, weight: torch.Tensor,
     dense = [] if is_nf4(weight) else [weight]
     for t in [lora_a, lora_b, *dense, *([] if bias is None else [bias])]:
         if t.dtype != dtype:
-            raise LoRAKernelError(f"{name}: input is {dtype} but a weight is {t.dtype}; cast the adapter first")
+            raise LoRAKernelError(
+                f"{name}: input is {dtype} but a weight is {t.dtype}; cast the adapter first")
     if bias is not None and bias.shape != (out_dim,):
         raise LoRAKernelError(f"{name}: bias shape {tuple(bias.shape)} != ({out_dim},)")
     if weight.requires_grad and torch.is_grad_enabled():

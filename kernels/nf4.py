@@ -88,8 +88,10 @@ def _nf4_dequant_kernel(
     tl.store(out_ptr + out_offs, values, mask=out_offs < 2 * n_bytes)
 
 
-def _dequantize_triton(parts: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """Launch the dequant kernel on the inner tensors of an NF4 weight (see ``nf4_parts``)."""
+def dequantize_parts(parts: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Dense weight in ``dtype`` from the inner tensors of an NF4 weight (``nf4_parts``),
+    through the Triton kernel. Other ``fastune::`` ops call it directly inside their
+    own (already opaque) implementations."""
     qdata, qscalers, qfactor, mean, table = parts
     block_size, scaler_block_size, rows, cols = meta
     out = torch.empty(rows, cols, dtype=dtype, device=qdata.device)
@@ -105,7 +107,7 @@ def _dequantize_triton(parts: list[torch.Tensor], meta: list[int], dtype: torch.
 
 @torch.library.custom_op("fastune::nf4_dequantize", mutates_args=())
 def _nf4_dequantize_op(parts: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:
-    return _dequantize_triton(parts, meta, dtype)
+    return dequantize_parts(parts, meta, dtype)
 
 
 @_nf4_dequantize_op.register_fake
@@ -130,12 +132,6 @@ def nf4_parts(weight: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
     parts = [weight.quantized_data, weight.quantized_scalers, weight.quantization_factor,
              weight.scaler_mean, weight.nf4]
     return parts, [weight.block_size, weight.scaler_block_size, *weight.shape]
-
-
-def dequantize_parts(parts: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """Dense weight from ``nf4_parts`` through the Triton kernel (for use inside other
-    ``fastune::`` ops, which are already opaque to autograd and compile)."""
-    return _dequantize_triton(parts, meta, dtype)
 
 
 def nf4_dequantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -10,10 +10,11 @@ and the records give the bytes live at the peak, by category:
 - ``parameters``: parameters and buffers (NF4 weights count their packed bytes);
 - ``gradients``: storages that ended up in a parameter's ``.grad``;
 - ``optimizer_state``: storages held in ``optimizer.state``;
-- ``activations``: anything else created during the forward pass (the batch too):
-  at the peak these are mostly the tensors saved for backward;
-- ``temporary``: anything else created during backward or the optimizer step
-  (gradients of activations, optimizer work buffers).
+- ``activations``: anything else created during the forward pass and still alive
+  when it ends (the tensors saved for backward, the loss), and the batch;
+- ``temporary``: forward-pass tensors freed before the forward pass ends, and
+  anything else created during backward or the optimizer step (gradients of
+  activations, optimizer work buffers).
 
 A storage's category is decided when the step is over (``finish``), so a gradient
 that appears in the middle of backward counts as a gradient at the peak, not as a
@@ -57,6 +58,7 @@ class _Record:
     born: int  # the event counter when it was allocated
     died: Optional[int]  # ... and freed; None while alive
     category: str
+    forward: Optional[int] = None  # index of the forward phase that created it
 
 
 @dataclasses.dataclass
@@ -96,18 +98,19 @@ class MemoryTracker(TorchDispatchMode):
         self._peak_event = 0
         self._phase = "forward"
         self._phase_at_peak = "forward"
+        self._forward_ends: list[int] = []  # the event counter at the end of each forward phase
 
     # ------------------------------------------------------------------ recording
 
     def _rounded(self, nbytes: int) -> int:
         return -(-nbytes // self.round_to) * self.round_to
 
-    def _add(self, storage: torch.UntypedStorage, category: str) -> None:
+    def _add(self, storage: torch.UntypedStorage, category: str, forward: Optional[int] = None) -> None:
         key = storage._cdata
         if key in self._refs:
             return  # a view, an in-place result, or an already-known tensor
         self._events += 1
-        record = _Record(self._rounded(storage.nbytes()), self._events, None, category)
+        record = _Record(self._rounded(storage.nbytes()), self._events, None, category, forward)
         self._records[key] = record
         self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
         self._live += record.nbytes
@@ -140,16 +143,27 @@ class MemoryTracker(TorchDispatchMode):
             yield
         finally:
             self._phase = previous
+            if name == "forward":
+                self._forward_ends.append(self._events)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        forward = len(self._forward_ends) if self._phase == "forward" else None
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 for s in storages(t):
-                    self._add(s, _PHASE_CATEGORY[self._phase])
+                    self._add(s, _PHASE_CATEGORY[self._phase], forward)
         return out
 
     # ------------------------------------------------------------------ results
+
+    def _category(self, record: _Record) -> str:
+        """A forward-pass tensor freed before its forward pass ended was a temporary."""
+        if record.category == "activations" and record.forward is not None and record.died is not None:
+            ends = self._forward_ends
+            if record.forward < len(ends) and record.died <= ends[record.forward]:
+                return "temporary"
+        return record.category
 
     def _recategorize(self, tensors: Iterable[torch.Tensor], category: str) -> None:
         for t in tensors:
@@ -175,5 +189,5 @@ class MemoryTracker(TorchDispatchMode):
         for record in [*self._records.values(), *self._dead]:
             alive_at_peak = record.born <= self._peak_event and (record.died is None or record.died > self._peak_event)
             if alive_at_peak:
-                by_category[record.category] += record.nbytes
+                by_category[self._category(record)] += record.nbytes
         return MemoryReport(self._peak, by_category, self._phase_at_peak)

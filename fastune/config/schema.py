@@ -356,6 +356,8 @@ SCHEMA = Section({
         "fsdp_reshard_after_forward": Key(Bool(), True, "FSDP2: free gathered parameters after forward"),
         "fsdp_cpu_offload": Key(Bool(), False, "FSDP2: keep parameters, gradients and optimizer state on CPU"),
         "reduce_dtype": Key(Choice("fp32", "bf16", aliases={"float32": "fp32", "bfloat16": "bf16"}), "fp32", "dtype of gradient reduce-scatter"),
+        "timeout_s": Key(Int(ge=1), 1800, "collective timeout: a rank waiting longer on the others fails the job; must exceed rank 0's checkpoint export"),
+        "async_save": Key(Bool(), False, "write the DCP resume state in the background while training goes on"),
     }, "multi-process training (torchrun)"),
 })
 

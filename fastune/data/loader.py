@@ -13,7 +13,9 @@ Each epoch's batches are a pure function of ``(seed, epoch, rank, world_size)``:
 
 Resume: ``state_dict()`` records the epoch and how many batches were handed out;
 ``load_state_dict()`` makes the next iteration start at the next batch, so the
-run continues at the exact sample. Collation runs in ``num_workers`` processes
+run continues at the exact sample. A state saved with another world size (and the
+same batch size) continues at the same sample too, when the samples handed out
+make whole batches on the new ranks. Collation runs in ``num_workers`` processes
 (torch ``DataLoader``, in order, persistent); workers only collate batches whose
 contents were fixed in the main process, so the batches, and resuming, do not
 depend on ``num_workers``: it may even change between runs.
@@ -121,6 +123,7 @@ class SFTDataLoader:
         return {"epoch": self.epoch, "batches_done": self._batches_done, **self._order_settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = self._for_this_world_size(state)
         settings = self._order_settings()
         for key in _ORDER_KEYS:
             if state.get(key) != settings[key]:
@@ -128,6 +131,21 @@ class SFTDataLoader:
                                 f"{settings[key]!r} now, so resuming would not continue the same data order")
         self.epoch = int(state["epoch"])
         self._batches_done = self._resume_at = int(state["batches_done"])
+
+    def _for_this_world_size(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A state saved under another world size (same batch size), in this loader's
+        batches. Units are dealt round-robin, so after ``b`` batches on every rank the first
+        ``b * batch_size * world_size`` units of the epoch were handed out; the run goes on
+        at the same unit when that is a whole number of this loader's steps over all ranks."""
+        saved = state.get("world_size")
+        if saved in (None, self.world_size) or state.get("batch_size") != self.batch_size:
+            return state  # nothing to convert, or a mismatch the caller reports
+        units = int(state["batches_done"]) * self.batch_size * int(saved)
+        per_batch = self.batch_size * self.world_size
+        if units % per_batch:
+            raise DataError(f"data loader state: {units} units were handed out on {saved} ranks, not a whole "
+                            f"number of batches of {self.batch_size} on each of {self.world_size} ranks")
+        return {**state, "world_size": self.world_size, "batches_done": units // per_batch}
 
     def _order_settings(self) -> dict[str, Any]:
         return {"seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size,

@@ -1,4 +1,6 @@
-"""Single-device fine-tuning: ``fastune train CONFIG`` ends here, in ``train(cfg)``.
+"""Fine-tuning: ``fastune train CONFIG`` ends here, in ``train(cfg)``, on one device or,
+launched by torchrun, on N ranks with FSDP2 (the sharded steps are in
+``fastune.distributed``; ``world`` is None in a single process).
 
 Read it top to bottom: ``setup`` builds everything from the validated config
 (device, seed, model and adapters, activation checkpointing, compile, data,
@@ -7,8 +9,8 @@ optimizer, schedule, and the state of a resumed run); ``fit`` runs the loop;
 
 Loss normalization (DESIGN decision 3): the loss of an optimizer step is the
 sum of token losses over all of its micro-batches divided by the number of
-supervised tokens in all of them. The step's micro-batches are fetched first,
-so that count is known before the first backward.
+supervised tokens in all of them, on all ranks. The step's micro-batches are
+fetched first, so that count is known before the first backward.
 
 Metrics, logged every ``log_every_n_steps`` optimizer steps (``global_step``):
 
@@ -16,7 +18,7 @@ Metrics, logged every ``log_every_n_steps`` optimizer steps (``global_step``):
   gradient norm before clipping; ``epoch``.
 - ``tokens_per_second``: non-padding tokens (positions holding real text, prompt
   included) per second of wall time since the previous log, data loading
-  included. ``tokens_per_second_supervised``: positions with a label only
+  included, summed over ranks. ``tokens_per_second_supervised``: positions with a label only
   (torchtune's tokens/s counted those).
 - ``peak_memory_active``/``_alloc``/``_reserved`` (GiB) on CUDA, ``peak_rss_gib`` on CPU.
 - ``val_loss`` (and ``exact_match``, when ``eval_exact_match`` is set) before
@@ -41,9 +43,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import fastune
+from fastune import distributed
 from fastune.checkpoint import save_hf_checkpoint
 from fastune.checkpoint.hf import TOKENIZER_FILES, parse_dtype
 from fastune.checkpoint.peft import load_peft_adapter, save_peft_adapter
@@ -104,6 +108,8 @@ class TrainingRun:
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
     global_step: int = 0  # optimizer steps done in total
     resumed_from: Optional[Path] = None
+    world: Optional[distributed.World] = None  # None: a single process
+    saver: Optional[distributed.CheckpointSaver] = None  # checkpoints of a sharded run
 
     @property
     def total_steps(self) -> int:
@@ -117,9 +123,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``eval_exact_match``, ``exact_match_before``/``exact_match_after``.
     """
     _show_info_logs()
-    run = setup(cfg)
-    with build_metric_logger(cfg) as logger:  # closed (wandb.finish) on any exit
-        return fit(run, logger)
+    with distributed.process_group(cfg.device, cfg.distributed.timeout_s) as world:  # None: one process
+        if world is not None and not world.is_main:
+            logging.getLogger("fastune").setLevel(logging.WARNING)  # INFO lines from rank 0 only
+        run = setup(cfg)
+        with build_metric_logger(cfg) as logger:  # closed (wandb.finish) on any exit
+            return fit(run, logger)
 
 
 class _TqdmHandler(logging.Handler):
@@ -143,7 +152,8 @@ def _show_info_logs() -> None:
 
 
 def setup(cfg: DictConfig) -> TrainingRun:
-    device = resolve_device(cfg.device)
+    world = distributed.current_world(cfg.device)
+    device = world.device if world is not None else resolve_device(cfg.device)
     output_dir = Path(cfg.output_dir)
     resume = checkpointer.resolve_resume(cfg.resume_from_checkpoint, output_dir)
     if resume is None:
@@ -155,9 +165,23 @@ def setup(cfg: DictConfig) -> TrainingRun:
                 f"resume_from_checkpoint: {resume} was written by a method={progress.get('method')} run, "
                 f"this run has method={cfg.method}"
             )
+        if world is not None and not distributed.has_resume_state(resume):
+            raise checkpointer.ResumeError(
+                f"resume_from_checkpoint: {resume} was written by a single-process run, whose optimizer "
+                "state is not sharded; resume it without torchrun"
+            )
     seed_everything(cfg.seed)
 
-    model = load_model(cfg, device, resume)
+    # Data first: a bad dataset fails in seconds, before a model is loaded.
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    train_loader, val_loader = build_data(cfg, tokenizer, device, world)
+    exact_match_examples = build_exact_match_examples(cfg, tokenizer)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+
+    # Sharded: built on the meta device; sharded and loaded once AC and compile are in place.
+    model = load_model(cfg, device, resume) if world is None else distributed.build_meta_model(cfg)
     trainable, total = count_parameters(model)
     log.info("%s: %s trainable of %s parameters (%.3f%%)", cfg.method,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -165,24 +189,21 @@ def setup(cfg: DictConfig) -> TrainingRun:
     loss_fn = build_loss(model, cfg.loss, cfg.model.use_kernels)
     if cfg.compile:
         loss_fn = apply_compile(model, loss_fn)
-
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    train_loader, val_loader = build_data(cfg, tokenizer, device)
-    batches_per_epoch = len(train_loader)
-    if batches_per_epoch == 0:
-        raise TrainingError(f"dataset: no training batches (dataset {cfg.dataset.source!r} is empty?)")
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
-    if cfg.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if world is not None:
+        # Full fine-tuning resumed from DCP state reads every weight from it (restore_training_state).
+        weights = None if (resume is not None and cfg.method == "full") else Path(cfg.model.checkpoint_dir)
+        distributed.shard_and_load(model, cfg, world, weights)
 
     optimizer = build_optimizer(_plain(cfg.optimizer), model, device)
     lr_scheduler = build_lr_scheduler(_plain(cfg.lr_scheduler), optimizer, cfg.epochs * steps_per_epoch)
     run = TrainingRun(
         cfg=cfg, device=device, model=model, loss_fn=loss_fn, optimizer=optimizer,
         lr_scheduler=lr_scheduler, tokenizer=tokenizer, train_loader=train_loader,
-        val_loader=val_loader, exact_match_examples=build_exact_match_examples(cfg, tokenizer),
+        val_loader=val_loader, exact_match_examples=exact_match_examples,
         steps_per_epoch=steps_per_epoch,
         forward_context=offload_activations(device, cfg.activation_offloading),
+        world=world,
+        saver=None if world is None else distributed.CheckpointSaver(world, cfg.distributed.async_save),
     )
     if resume is not None:
         restore_training_state(run, resume, progress)
@@ -285,31 +306,37 @@ def build_loss(model: nn.Module, loss_cfg: DictConfig, use_kernels: bool) -> Los
 # ----------------------------------------------------------------------------- data
 
 
-def build_data(cfg: DictConfig, tokenizer, device: torch.device) -> tuple[SFTDataLoader, Optional[SFTDataLoader]]:
+def build_data(cfg: DictConfig, tokenizer, device: torch.device, world: Optional[distributed.World] = None,
+               ) -> tuple[SFTDataLoader, Optional[SFTDataLoader]]:
     """(train loader, validation loader or None) for ``cfg.dataset``: the built-in
     loader (source / data_files, format, ...) or a ``_component_`` called with the
-    tokenizer that returns a ``TokenizedDataset``."""
+    tokenizer that returns a ``TokenizedDataset``. Under torchrun each rank gets its
+    own share of both splits."""
     data = cfg.dataset
     if COMPONENT in data:
         train_set, val_set = instantiate(data, tokenizer=tokenizer), None
     else:
-        train_set = _load_split(data, data.split, tokenizer)
+        # Both splits' files are looked up before either is read, so a missing one fails fast.
+        train_source = _split_source(data, data.split)
+        val_source = None if data.val_split is None else _split_source(data, data.val_split)
+        train_set = _load_split(data, train_source, tokenizer)
         val_set = None
-        if data.val_split is not None:
-            val_set = _load_split(data, data.val_split, tokenizer)
+        if val_source is not None:
+            val_set = _load_split(data, val_source, tokenizer)
         elif data.val_fraction is not None:
             train_set, val_set = holdout_split(train_set, data.val_fraction, seed=cfg.seed)
     options = dict(seed=cfg.seed, packed=data.get("packed", False), num_workers=cfg.num_workers,
                    pin_memory=device.type == "cuda")
+    if world is not None:
+        options.update(rank=world.rank, world_size=world.world_size)
     train_loader = build_dataloader(train_set, cfg.batch_size, shuffle=data.get("shuffle", True), **options)
     val_loader = None if val_set is None else build_dataloader(val_set, cfg.batch_size, shuffle=False, **options)
     return train_loader, val_loader
 
 
-def _load_split(data: DictConfig, split: str, tokenizer) -> TokenizedDataset:
-    """One split of the built-in dataset. With ``data_files`` the split's file is read
-    (a mapping names a file per split; a single path is the training split)."""
-    source, split_in_source = _split_source(data, split)
+def _load_split(data: DictConfig, source: tuple[str, str], tokenizer) -> TokenizedDataset:
+    """One split of the built-in dataset: ``source`` is ``(path or name, split in it)``."""
+    source, split_in_source = source
     return load_sft_dataset(
         source, tokenizer, format=data.format, split=split_in_source, column_map=data.column_map,
         train_on_input=data.train_on_input, max_seq_len=data.max_seq_len, truncation=data.truncation,
@@ -317,6 +344,8 @@ def _load_split(data: DictConfig, split: str, tokenizer) -> TokenizedDataset:
 
 
 def _split_source(data: DictConfig, split: str) -> tuple[str, str]:
+    """(path or name, split in it) of a split. With ``data_files``, the split's file
+    (a mapping names a file per split; a single path is the training split)."""
     files = data.data_files
     if files is None:
         return data.source, split
@@ -350,14 +379,17 @@ def restore_training_state(run: TrainingRun, ckpt_dir: Path, progress: dict[str,
     (the weights or adapter were loaded by ``load_model``); ``progress`` is its
     trainer_state.json."""
     state = checkpointer.load_training_state(ckpt_dir)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if distributed.has_resume_state(ckpt_dir):  # written by a sharded run; resumes at any world size
+        distributed.load_resume_state(run.model, run.optimizer, ckpt_dir)
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.epoch, run.step_in_epoch = progress["epochs_run"], progress["step_in_epoch"]
     run.global_step = progress["global_step"]
     if run.step_in_epoch:  # a step checkpoint: the loader continues inside the epoch
         run.train_loader.set_epoch(run.epoch)
         run.train_loader.load_state_dict(state["dataloader"])
-    checkpointer.set_rng_state(state["rng"])
+    checkpointer.set_rng_state(distributed.rng_state_for_rank(state, run.world))
     run.resumed_from = ckpt_dir
     log.info("resumed from %s: epoch %d, global step %d", ckpt_dir, run.epoch, run.global_step)
 
@@ -372,7 +404,8 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
         results.update({f"{k}_before": v for k, v in evaluate(run, logger).items()})
     accumulation = cfg.gradient_accumulation_steps
     meter = ThroughputMeter(run.tokenizer.pad_id)
-    bar = tqdm(total=run.total_steps, initial=run.global_step, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.global_step, unit="step", dynamic_ncols=True,
+               disable=run.world is not None and not run.world.is_main)
     try:
         while run.epoch < cfg.epochs:
             if run.step_in_epoch == 0:
@@ -401,6 +434,8 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
             if not cfg.eval_every_n_steps and run.epoch < cfg.epochs:
                 evaluate(run, logger)
             save_checkpoint(run, logger, f"epoch_{run.epoch - 1}")
+        if run.saver is not None:
+            run.saver.wait()  # an async save still in flight
     finally:
         bar.close()
     results.update({f"{k}_after": v for k, v in evaluate(run, logger).items()})
@@ -418,6 +453,8 @@ def train_step(run: TrainingRun, micro_batches: list[Batch]) -> tuple[torch.Tens
     model, cfg = run.model, run.cfg
     model.train()
     supervised = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+    if run.world is not None:  # the whole step's count: every rank divides by the same number
+        supervised = int(distributed.sum_over_ranks(torch.tensor(supervised, dtype=torch.float64), run.world))
     denominator = max(supervised, 1)  # an all-masked step contributes zero gradient, not NaN
     step_loss = torch.zeros((), device=run.device)
     for batch in micro_batches:
@@ -428,6 +465,7 @@ def train_step(run: TrainingRun, micro_batches: list[Batch]) -> tuple[torch.Tens
         loss_sum, _ = run.loss_fn(hidden, batch["labels"])
         (loss_sum / denominator).backward()
         step_loss += loss_sum.detach()
+    step_loss = distributed.sum_over_ranks(step_loss, run.world)
     grad_norm = clip_gradients(model, cfg.clip_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
@@ -437,10 +475,13 @@ def train_step(run: TrainingRun, micro_batches: list[Batch]) -> tuple[torch.Tens
 
 def clip_gradients(model: nn.Module, max_norm: Optional[float]) -> torch.Tensor:
     """Clip the global gradient norm to ``max_norm`` (if set); the norm before clipping."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if max_norm is None:
-        return torch.nn.utils.get_total_norm(grads)
-    return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):  # FSDP: partial norms of the shards, reduced over ranks here
+        norm = norm.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 class ThroughputMeter:
@@ -458,10 +499,12 @@ class ThroughputMeter:
             self.tokens += int((batch["tokens"] != self.pad_id).sum())
             self.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
 
-    def rates(self) -> dict[str, float]:
+    def rates(self, world: Optional[distributed.World] = None) -> dict[str, float]:
+        """Every rank must call it under torchrun (the counts are summed over ranks)."""
         seconds = max(self.seconds, 1e-9)
-        rates = {"tokens_per_second": self.tokens / seconds,
-                 "tokens_per_second_supervised": self.supervised / seconds}
+        counts = torch.tensor([self.tokens, self.supervised], dtype=torch.float64)
+        tokens, supervised = distributed.sum_over_ranks(counts, world).tolist()
+        rates = {"tokens_per_second": tokens / seconds, "tokens_per_second_supervised": supervised / seconds}
         self.seconds, self.tokens, self.supervised = 0.0, 0, 0
         return rates
 
@@ -476,7 +519,7 @@ def log_step(run: TrainingRun, logger: MetricLogger, bar: tqdm, loss: torch.Tens
         "grad_norm": grad_norm.item(),
         "global_step": run.global_step,
         "epoch": run.epoch,
-        **meter.rates(),
+        **meter.rates(run.world),
     }
     if run.cfg.log_peak_memory_stats:
         metrics.update(peak_memory_stats(run.device))
@@ -504,19 +547,19 @@ def evaluate(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
 
 @torch.no_grad()
 def validation_loss(run: TrainingRun) -> float:
-    """Summed token loss over the whole validation split / its supervised tokens."""
+    """Summed token loss over the whole validation split / its supervised tokens (every
+    rank's share, under torchrun)."""
     run.model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=run.device)
-    count = 0
+    sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss, supervised tokens
     for batch in run.val_loader:
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         hidden = run.model(batch["tokens"], position_ids=batch.get("position_ids"),
                            document_ids=batch.get("document_ids"), return_hidden=True)
         loss_sum, n = run.loss_fn(hidden, batch["labels"])
-        total += loss_sum.double()
-        count += int(n)
+        sums += torch.stack([loss_sum.double(), n.double()])
     run.model.train()
-    return total.item() / max(count, 1)
+    total, count = distributed.sum_over_ranks(sums, run.world).tolist()
+    return total / max(count, 1)
 
 
 def _report(results: dict[str, float]) -> None:
@@ -539,11 +582,13 @@ def save_checkpoint(run: TrainingRun, logger: MetricLogger, name: str) -> Path:
         "seed": cfg.seed, "method": cfg.method,
     }
     training_state = {
-        "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(),
         "rng": checkpointer.rng_state(),
         "dataloader": run.train_loader.state_dict(),
     }
+    if run.world is not None:
+        return _save_sharded_checkpoint(run, logger, name, training_state, progress)
+    training_state["optimizer"] = run.optimizer.state_dict()
     path = checkpointer.save_checkpoint(
         Path(cfg.output_dir), name, lambda folder: write_model_files(run, folder),
         training_state, progress, cfg.keep_last_n,
@@ -552,9 +597,25 @@ def save_checkpoint(run: TrainingRun, logger: MetricLogger, name: str) -> Path:
     return path
 
 
-def write_model_files(run: TrainingRun, folder: Path) -> None:
+def _save_sharded_checkpoint(run: TrainingRun, logger: MetricLogger, name: str, training_state: dict,
+                             progress: dict) -> Path:
+    """Under FSDP: the optimizer and trainable weights as DCP shards (in the checkpoint's
+    ``distributed_checkpoint/``), every rank's RNG state, and the export gathered to rank 0
+    and written by ``write_model_files`` (see ``fastune.distributed.CheckpointSaver``)."""
+    cfg = run.cfg
+    training_state["rng_by_rank"] = distributed.gather_objects(training_state["rng"], run.world)
+    adapter_only = cfg.method != "full" and cfg.save_adapter_weights_only
+    export = distributed.gather_full_state_dict(run.model, trainable_only=adapter_only)
+    return run.saver.save(
+        Path(cfg.output_dir), name, run.model, run.optimizer, lambda folder: write_model_files(run, folder, export),
+        training_state, progress, cfg.keep_last_n, on_saved=lambda path: logger.log_checkpoint(path, progress),
+    )
+
+
+def write_model_files(run: TrainingRun, folder: Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
     """The model in HF format (merged, for LoRA methods) and, for LoRA methods, the PEFT
-    adapter in ``folder/adapter``.
+    adapter in ``folder/adapter``. ``state_dict``: the full state dict gathered from the
+    shards of a sharded run (the model's own by default).
 
     The adapter gets its own folder because transformers' ``from_pretrained`` treats
     a folder holding ``adapter_config.json`` as an adapter: it would load the base
@@ -564,13 +625,14 @@ def write_model_files(run: TrainingRun, folder: Path) -> None:
     cfg, model = run.cfg, run.model
     source = cfg.model.checkpoint_dir
     if cfg.method == "full":
-        save_hf_checkpoint(model, model.config, folder, source_dir=source)
+        save_hf_checkpoint(model if state_dict is None else state_dict, model.config, folder, source_dir=source)
         return
     if cfg.save_adapter_weights_only:
         _copy_tokenizer_files(Path(source), folder)
     else:
-        save_hf_checkpoint(merge_lora(model), model.config, folder, source_dir=source)
-    save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=str(Path(source).resolve()))
+        save_hf_checkpoint(merge_lora(model, state_dict), model.config, folder, source_dir=source)
+    save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=str(Path(source).resolve()),
+                      state_dict=state_dict)
 
 
 def _copy_tokenizer_files(source: Path, folder: Path) -> None:

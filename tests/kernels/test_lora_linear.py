@@ -1,6 +1,6 @@
-"""lora_linear: reference vs the float64 closed form, custom ops (forced path) vs reference
-within the bf16 rule for dense and NF4 base weights, what is saved for backward, which
-inputs get gradients, bad input, compile.
+"""lora_linear: reference vs the float64 closed form; custom ops (forced path) vs float64
+within the bf16 rule (fp32: a norm-wise bound), for dense and NF4 base weights; what is
+saved for backward, which inputs get gradients, bad input, compile.
 
 (Named test_lora_linear.py, not test_lora.py: tests/test_lora.py exists, and test
 modules without __init__.py files must have unique basenames.)
@@ -15,8 +15,8 @@ from torchao.quantization import to_nf4
 from fastune.kernels.dispatch import force_triton
 from fastune.kernels.lora import LoRAKernelError, lora_linear
 from tests.kernels.numerics import (
-    assert_within_dtype_rule,
     assert_close_to_truth,
+    assert_within_dtype_rule,
     fwd_bwd,
     to_float64,
     upstream_grads,

@@ -1,6 +1,7 @@
-"""lora_mlp: reference vs float64, custom ops with the Triton SwiGLU kernels (interpreter)
-vs reference within the bf16 rule for dense and NF4 base weights, what is saved for
-backward, gradients only where needed, bad input, compile.
+"""lora_mlp: reference vs float64; custom ops with the Triton SwiGLU and NF4 kernels
+(interpreter) vs float64 within the bf16 rule (fp32: a norm-wise bound), for dense and
+NF4 base weights; what is saved for backward, gradients only where needed, bad input,
+compile.
 
 The kernels have no tl.dot (the matmuls are torch.mm), so bf16 runs under the
 interpreter as it is."""
@@ -22,7 +23,8 @@ from tests.kernels.numerics import (
 SCALE = 1.7
 # (x shape, intermediate size, rank): odd (the SwiGLU grid's last program is masked), round.
 SHAPES = [((3, 5, 40), 72, 3), ((4, 64), 128, 16)]
-NF4_SHAPE, NF4_BLOCKS = ((3, 5, 64), 128, 4), (64, 4)
+# Weights of 72 x 40: 45 NF4 blocks of 64 in 9 scaler blocks; two dequant programs each.
+NF4_SHAPE, NF4_BLOCKS = ((3, 5, 40), 72, 3), (64, 5)
 GRAD_NAMES = ["y", "dx", "dA gate", "dB gate", "dA up", "dB up", "dA down", "dB down"]
 
 

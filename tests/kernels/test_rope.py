@@ -1,5 +1,6 @@
 """apply_rope: reference vs float64, Triton (interpreter) vs reference on contiguous and
-strided q/k, per-token (packed) positions, bf16 error bound, compile."""
+strided q/k, per-token (packed) positions, bf16 error bound. torch.compile: see
+tests/test_model_kernels.py."""
 
 import pytest
 import torch
@@ -100,19 +101,3 @@ def test_bad_shapes_raise_one_clear_error():
         apply_rope(q, k, cos[:, :3], sin[:, :3])
     with pytest.raises(ValueError, match="apply_rope: q"):
         apply_rope(q, k[:, :3], cos, sin)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
-def test_compile_fullgraph_matches_eager(triton_path):
-    def attn_inputs(q, k, cos, sin):
-        qr, kr = apply_rope(q, k, cos, sin)
-        return qr * 2, kr.sum(2)
-
-    inputs = make((2, 5, 3, 1, 10), torch.float32, packed=True)
-    with force_triton(triton_path):
-        eager = fwd_bwd(attn_inputs, inputs)
-        torch._dynamo.reset()
-        compiled = fwd_bwd(torch.compile(attn_inputs, fullgraph=True), inputs)
-    for a, b in zip(compiled[0] + compiled[1][:2], eager[0] + eager[1][:2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,189 @@
+"""Autoregressive generation with a static KV cache, optionally with a compiled decode step.
+
+One call generates for a batch of prompts (token ids of different lengths):
+
+1. **Prefill.** The prompts, left-padded to the longest, run through the model
+   once; their keys and values fill the cache. Padding is kept out of attention by
+   the mask (see ``cache_mask``) and each row's positions start at 0 on its first
+   real token, so a padded row computes exactly what it would alone.
+2. **Decode.** One token per step for every row: a forward of shape [B, 1] at cache
+   position ``input_pos``. All shapes are fixed, so ``torch.compile`` traces the
+   step once; only the value of ``input_pos`` changes between steps.
+
+Only the last position goes through ``lm_head``, so a long prompt never
+materializes [B, S, vocab] logits. A row stops at its first stop id (eos or
+``stop_ids``); the loop ends when every row has stopped or after
+``max_new_tokens``. Returned ids exclude the stop token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from fastune.errors import FastuneError
+from fastune.generation.kv_cache import cache_mask, clear_kv_caches, setup_kv_caches
+from fastune.generation.sampling import SamplingParams, sample
+
+
+class GenerationError(FastuneError, ValueError):
+    """Generation asked for something impossible (empty prompt, no room in the context)."""
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # per prompt: the generated ids, cut before the first stop id
+    prompt_tokens: int  # real (non-padding) prompt tokens in the batch
+    prefill_seconds: float
+    step_seconds: list[float]  # wall time of each decode step, the first one included
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens produced per second by decode steps (every row counts, stopped or not),
+        leaving out the first step, which pays for compilation and warm-up. Median
+        step time, so one slow step on a shared machine does not move it."""
+        steps = self.step_seconds[1:] or self.step_seconds
+        if not steps:
+            return float("nan")
+        return self.batch_size / statistics.median(steps)
+
+
+StopFn = Callable[[int, list[int]], bool]  # (row, ids generated so far) -> stop this row?
+TokenCallback = Callable[[list[int]], None]  # the new token of every row, after each step
+
+
+class Generator:
+    """Generates with ``model`` (a fastune ``Transformer`` in eval mode).
+
+    Keep one ``Generator`` for many calls: with ``compile=True`` the decode step is
+    compiled on the first call and reused as long as batch size and cache length
+    stay the same (a new shape compiles once more).
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = False):
+        self.model = model
+        self._decode = _forward_last
+        if compile:
+            # CUDA graphs remove the per-step launch overhead that dominates decoding
+            # on a GPU; on CPU inductor's generated C++ is the whole win.
+            mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else None
+            self._decode = torch.compile(_forward_last, fullgraph=True, dynamic=False, mode=mode)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        stop_ids: Sequence[int] = (),
+        seed: Optional[int] = None,
+        on_token: Optional[TokenCallback] = None,
+        stop_fn: Optional[StopFn] = None,
+    ) -> GenerationOutput:
+        """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+        ``seed`` makes sampling reproducible; ``on_token`` sees each step's tokens as
+        they come (for streaming); ``stop_fn`` can stop a row early, e.g. on a stop string.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise GenerationError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        model = self.model
+        device = model.embed_tokens.weight.device
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        tokens, valid, offsets = _left_pad(prompts, max_new_tokens, device)
+        prompt_len = tokens.shape[1]
+        stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+
+        setup_kv_caches(model, len(prompts), valid.shape[1])
+        try:
+            start = time.perf_counter()
+            logits = _forward_last(model, tokens, torch.arange(prompt_len, device=device), offsets, valid)
+            next_token = sample(logits, sampling, generator)
+            prefill_seconds = time.perf_counter() - start
+            generated = [next_token]
+            step_seconds = []
+            finished = self._finished(next_token, stops, generated, stop_fn)
+            if on_token is not None:
+                on_token(next_token.tolist())
+            for step in range(1, max_new_tokens):
+                if bool(finished.all()):
+                    break
+                start = time.perf_counter()
+                input_pos = torch.tensor([prompt_len + step - 1], device=device)
+                logits = self._decode(model, next_token[:, None], input_pos, offsets, valid)
+                next_token = sample(logits, sampling, generator)
+                step_seconds.append(time.perf_counter() - start)  # .tolist() below syncs on CUDA
+                generated.append(next_token)
+                finished |= self._finished(next_token, stops, generated, stop_fn)
+                if on_token is not None:
+                    on_token(next_token.tolist())
+        finally:
+            clear_kv_caches(model)
+        rows = torch.stack(generated, dim=1).tolist()
+        stop_set = set(stop_ids)
+        return GenerationOutput(
+            tokens=[_cut_at_stop(row, stop_set) for row in rows],
+            prompt_tokens=sum(len(p) for p in prompts),
+            prefill_seconds=prefill_seconds,
+            step_seconds=step_seconds,
+        )
+
+    @staticmethod
+    def _finished(next_token: torch.Tensor, stops: torch.Tensor, generated: list[torch.Tensor],
+                  stop_fn: Optional[StopFn]) -> torch.Tensor:
+        done = torch.isin(next_token, stops)
+        if stop_fn is not None:
+            rows = torch.stack(generated, dim=1).tolist()
+            extra = [stop_fn(i, row) for i, row in enumerate(rows)]
+            done |= torch.tensor(extra, device=done.device)
+        return done
+
+
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             **kwargs) -> GenerationOutput:
+    """One-off ``Generator(model).generate(...)`` (eager decode)."""
+    return Generator(model).generate(prompts, max_new_tokens, **kwargs)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], max_new_tokens: int, device: torch.device):
+    """(tokens [B, P] left-padded with 0, valid [B, P + max_new_tokens] False on padding,
+    offsets [B] = padding length of each row)."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros((len(prompts), width), dtype=torch.long)
+    offsets = torch.tensor([width - len(p) for p in prompts])
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+    valid = torch.arange(width + max_new_tokens)[None, :] >= offsets[:, None]
+    return tokens.to(device), valid.to(device), offsets.to(device)
+
+
+def _positions(input_pos: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, S]: cache position minus the row's padding (0 on padding)."""
+    return (input_pos[None, :] - offsets[:, None]).clamp(min=0)
+
+
+def _forward_last(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor, offsets: torch.Tensor,
+                  valid: torch.Tensor) -> torch.Tensor:
+    """Run ``tokens`` [B, S] at cache positions ``input_pos`` [S] (the prompts at 0..P-1 in
+    prefill, one token per row in decode); fp32 logits [B, V] of the last position."""
+    hidden = model(tokens, position_ids=_positions(input_pos, offsets), mask=cache_mask(valid, input_pos),
+                   input_pos=input_pos, return_hidden=True)
+    return model.lm_head(hidden[:, -1]).float()
+
+
+def _cut_at_stop(ids: list[int], stop_set: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stop_set:
+            return ids[:i]
+    return ids
