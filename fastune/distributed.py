@@ -277,7 +277,7 @@ def _dense_base_keys(module: nn.Module, prefix: str = "") -> dict[str, torch.Ten
     for key, tensor in module.state_dict().items():
         if is_lora_key(key) or (tied and key == "lm_head.weight"):
             continue
-        if type(_local(tensor)).__name__ == "NF4Tensor":
+        if _is_nf4(_local(tensor)):
             continue
         out[to_hf_key(prefix + key)] = tensor
     return out
@@ -320,7 +320,7 @@ def _load_and_quantize_layer(layer: nn.Module, prefix: str, checkpoint_dir: Path
     load_hf_weights(layer, checkpoint_dir, prefix, whole=True)
     quantize_base_weights(layer)
     for name, param in layer.named_parameters():
-        if type(param).__name__ == "NF4Tensor":
+        if _is_nf4(param):
             _check_nf4_shardable(param, prefix + name, world_size)
 
 
@@ -367,13 +367,43 @@ def init_adapters(model: nn.Module, device: torch.device) -> None:
     init_dora_magnitudes(model)
 
 
-def gather_full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """The full (unsharded) state dict on rank 0's CPU, one tensor gathered at a time; an
-    empty dict on the other ranks. Every rank must call it. NF4 weights stay NF4."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+@torch.no_grad()
+def gather_full_state_dict(model: nn.Module, world: World, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict in rank 0's host memory, gathered one tensor at a
+    time; an empty dict on the other ranks. Every rank must call it.
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=options)
+    NF4 weights come back dense: each rank dequantizes its own shard (whole NF4 blocks,
+    see ``_check_nf4_shardable``) and the dense rows are gathered. The export needs them
+    dense anyway, and torchao's NF4 all-gather outside FSDP's own hooks leaves
+    collectives unwaited (torch warns about it).
+    """
+    trainable = {key for key, p in model.named_parameters() if p.requires_grad}
+    gathered: dict[int, Optional[torch.Tensor]] = {}  # tied weights are gathered once
+    out = {}
+    for key, value in model.state_dict().items():
+        if trainable_only and key not in trainable:
+            continue
+        if id(value) not in gathered:
+            gathered[id(value)] = _gather(value, keep=world.is_main)
+        if world.is_main:
+            out[key] = gathered[id(value)]
+    return out
+
+
+def _gather(value: torch.Tensor, keep: bool) -> Optional[torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        local = value.to_local()
+        if _is_nf4(local):
+            value = DTensor.from_local(local.get_original_weight(), value.device_mesh, value.placements,
+                                       shape=value.shape, stride=value.stride())
+        value = value.full_tensor()
+    return value.cpu() if keep else None
+
+
+def _is_nf4(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "NF4Tensor"  # no torchao import for the check
 
 
 # ----------------------------------------------------------------------------- checkpoints

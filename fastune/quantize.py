@@ -143,12 +143,14 @@ def quantize_checkpoint(
     recipe: QuantizationRecipe,
     device: Union[str, torch.device] = "cpu",
 ) -> Path:
-    """Load the HF checkpoint ``source``, quantize it and write ``out_dir`` (atomically),
-    with the tokenizer files of ``source``. ``fastune generate`` and ``fastune eval`` load it."""
-    import fastune
+    """Load ``source`` (a checkpoint or a run's output_dir, see ``load_for_inference``),
+    quantize it and write ``out_dir`` (atomically) with its tokenizer files.
+    ``fastune generate`` and ``fastune eval`` load the result."""
+    from fastune.generation.load import load_for_inference, resolve_checkpoint
 
-    source, out_dir = Path(source), Path(out_dir)
-    model = fastune.from_pretrained(source, dtype=recipe.dtype, device=device)
+    if is_quantized(resolve_checkpoint(source)):
+        raise QuantizationError(f"{source}: already quantized; quantize the original checkpoint")
+    model, _, ckpt = load_for_inference(source, dtype=recipe.dtype, device=device)
     quantize_model(model, recipe)
     tensors = _flat_tensors(model, recipe)
     config = model.config.to_hf_dict()
@@ -158,9 +160,9 @@ def quantize_checkpoint(
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
-    return out_dir
+            if (ckpt / name).is_file():
+                shutil.copy2(ckpt / name, tmp / name)
+    return Path(out_dir)
 
 
 def _flat_tensors(model: Transformer, recipe: QuantizationRecipe) -> dict[str, torch.Tensor]:

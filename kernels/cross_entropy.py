@@ -17,11 +17,14 @@ would cost a device sync, and a NaN loss is caught by the training loop at once.
 Forward computes the loss AND the gradient (when one is needed) and overwrites the logits
 buffer with dloss/dz in the input dtype. So the buffer is the only thing saved for
 backward, and backward scales it by the incoming scalar gradient of the summed loss.
-In bf16 that scaling rounds a second time, unless the scale is 1: call ``backward()``
-on the summed loss and divide the gradients by the token count afterwards to get
-exactly one rounding, as eager autograd has.
 This halves the memory of eager cross-entropy, which keeps logits, log-probabilities and
-their gradient alive together.
+their gradient alive together. In bf16 the scaling rounds a second time, unless the scale
+is 1: call ``backward()`` on the summed loss and divide the gradients by the token count
+afterwards to get exactly one rounding, as eager autograd has.
+
+The loss is formed from the logits shifted by the row max m, log d - (1 - e)(z_iy - m)
+- e (mean_j z_ij - m) + k lse^2 with lse = m + log d, as log_softmax does: lse - z_iy
+would lose the low bits of two large, nearly equal numbers.
 
 The Triton kernel handles one row per program: pass 1 reads the row once for the
 online logsumexp (and the row sum, for label smoothing), pass 2 reads it again and
@@ -72,8 +75,7 @@ def _cross_entropy_kernel(
     lse = m + log_d
 
     # The target logit must be read before pass 2 overwrites the row. The loss is formed
-    # from logits shifted by the row max, as log_softmax does: lse - z_y would lose the
-    # low bits of two large, nearly equal numbers.
+    # from logits shifted by the row max (see the module docstring).
     target = tl.load(row_ptr + label, mask=supervised & in_range, other=0.0).to(tl.float32)
     loss = log_d - (1.0 - label_smoothing) * (target - m)
     loss -= label_smoothing * (row_sum / vocab - m)
@@ -109,8 +111,8 @@ def _cross_entropy_rows_triton(logits: torch.Tensor, labels: torch.Tensor, ignor
         return loss
     block_v, num_warps = _launch_config(vocab)
     _cross_entropy_kernel[(rows,)](
-        logits, logits.stride(0), labels.contiguous(), loss, vocab, ignore_index, z_loss, label_smoothing,
-        COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
+        logits, logits.stride(0), labels.contiguous(), loss, vocab, ignore_index, z_loss,
+        label_smoothing, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
     )
     return loss
 
@@ -135,7 +137,7 @@ def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ig
                                   compute_grad: bool) -> torch.Tensor:
     """The kernel's math in plain torch (inductor fuses it into one pass per reduction)."""
     vocab = logits.shape[-1]
-    # Shifted by the row max, as in the kernel (see there why). `m` is fp32, so `shifted`
+    # Shifted by the row max, as in the kernel. `m` is fp32, so `shifted`
     # is the one fp32 [rows, V] buffer (eager also makes one exp temporary).
     m = logits.amax(dim=-1, keepdim=True).float()
     shifted = logits - m

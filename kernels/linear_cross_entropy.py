@@ -62,17 +62,23 @@ def _add_grad_weight_(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
         grad_weight[rows].add_(grad_logits[:, rows].t() @ h)
 
 
+def _single_chunk(n_tokens: int, chunk_size: int) -> bool:
+    """Whether the tokens make exactly one chunk, whose GEMM then gives dW as it is.
+    Several chunks (or none) sum dW in an fp32 buffer instead."""
+    return 0 < n_tokens <= chunk_size
+
+
 def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                      ignore_index: int, z_loss: float, label_smoothing: float, chunk_size: int,
                      need_grad_hidden: bool, need_grad_weight: bool):
     """(loss_sum, dloss/dhidden, dloss/dweight), chunk by chunk; a gradient that is not
     needed comes back as an empty placeholder (custom ops return tensors only)."""
     n_tokens = hidden.shape[0]
+    accumulate = need_grad_weight and not _single_chunk(n_tokens, chunk_size)
     loss = hidden.new_zeros((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
-    grad_weight = weight.new_empty(0)
-    if need_grad_weight and n_tokens > chunk_size:
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                   if accumulate else weight.new_empty(0))
     for start in range(0, n_tokens, chunk_size):
         rows = slice(start, start + chunk_size)
         h = hidden[rows]
@@ -82,9 +88,9 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         # `logits` now holds dloss/dlogits for this chunk.
         if need_grad_hidden:
             torch.mm(logits, weight, out=grad_hidden[rows])
-        if need_grad_weight and n_tokens > chunk_size:
+        if accumulate:
             _add_grad_weight_(grad_weight, logits, h)
-        elif need_grad_weight:  # one chunk: its GEMM gives dW as it is
+        elif need_grad_weight:
             grad_weight = logits.t() @ h
     return loss, grad_hidden, grad_weight
 
@@ -107,9 +113,9 @@ def _(hidden, weight, labels, ignore_index, z_loss, label_smoothing, chunk_size,
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
     grad_weight = weight.new_empty(0)
     if need_grad_weight:
-        accumulated = hidden.shape[0] > chunk_size
+        single = _single_chunk(hidden.shape[0], chunk_size)
         grad_weight = weight.new_empty(weight.shape,
-                                       dtype=torch.float32 if accumulated else weight.dtype)
+                                       dtype=weight.dtype if single else torch.float32)
     return loss, grad_hidden, grad_weight
 
 

@@ -78,7 +78,7 @@ def _rope_kernel(
 
 def launch_config(head_dim: int, n_heads: int) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_H, num_warps): half a head per row of the tile, up to 2048
-    elements per tile (e.g. 16 heads x 64 for head_dim 128)."""
+    elements per tile (32 heads x 64 for head_dim 128)."""
     block_d = triton.next_power_of_2(head_dim // 2)
     block_h = min(triton.next_power_of_2(n_heads), max(2048 // block_d, 1))
     return block_d, block_h, 4

@@ -60,10 +60,11 @@ def write_report(out_dir: str | os.PathLike, name: str, data: dict, markdown: st
     return [json_path, md_path]
 
 
-def bar_chart(path: str | os.PathLike, title: str, groups: Sequence[str], series: dict[str, Sequence[float]],
-              ylabel: str) -> Optional[Path]:
-    """Grouped bars (one group per entry of ``groups``, one bar per series) as a PNG.
-    Returns None, drawing nothing, when matplotlib is not installed."""
+def bar_chart(path: str | os.PathLike, title: str, groups: Sequence[str],
+              panels: dict[str, dict[str, Sequence[Optional[float]]]]) -> Optional[Path]:
+    """Grouped bars as a PNG: one panel per entry of ``panels`` (its y label -> series),
+    one group of bars per entry of ``groups``, one bar per series. Returns None,
+    drawing nothing, when matplotlib is not installed (``pip install 'fastune[plot]'``)."""
     try:
         import matplotlib
     except ImportError:
@@ -71,17 +72,19 @@ def bar_chart(path: str | os.PathLike, title: str, groups: Sequence[str], series
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(series)) / 2 + 2), 4.2))
-    width = 0.8 / max(1, len(series))
-    for i, (label, values) in enumerate(series.items()):
-        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, [v if v is not None else 0 for v in values], width, label=label)
-        ax.bar_label(bars, labels=[f"{v:.3g}" if v is not None else "" for v in values], fontsize=7)
-    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 0.9 * len(groups) + 2) * len(panels) / 1.5, 4.5),
+                             squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        width = 0.8 / len(series)
+        for i, (label, values) in enumerate(series.items()):
+            xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+            bars = ax.bar(xs, [0 if v is None else v for v in values], width, label=label)
+            ax.bar_label(bars, labels=["" if v is None else f"{v:.3g}" for v in values], fontsize=7)
+        ax.set_xticks(range(len(groups)), groups, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

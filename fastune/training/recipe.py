@@ -16,10 +16,12 @@ Metrics, logged every ``log_every_n_steps`` optimizer steps (``global_step``):
 
 - ``loss``: that step's loss, as above; ``lr``; ``grad_norm``: the global
   gradient norm before clipping; ``epoch``.
-- ``tokens_per_second``: non-padding tokens (positions holding real text, prompt
-  included) per second of wall time since the previous log, data loading
-  included, summed over ranks. ``tokens_per_second_supervised``: positions with a label only
-  (torchtune's tokens/s counted those).
+- ``tokens_per_second``: non-padding tokens (input positions whose token is not the
+  tokenizer's pad id; prompt included) per second of training-step time since the
+  previous log (data loading included, evaluation and checkpointing not), summed
+  over ranks. A tokenizer without a pad token pads with eos, so a trailing eos then
+  counts as padding. ``tokens_per_second_supervised``: positions with a label only
+  (what torchtune's tokens/s counted).
 - ``peak_memory_active``/``_alloc``/``_reserved`` (GiB) on CUDA, ``peak_rss_gib`` on CPU.
 - ``val_loss`` (and ``exact_match``, when ``eval_exact_match`` is set) before
   training, every ``eval_every_n_steps`` (or at each epoch's end) and at the end.
@@ -287,8 +289,7 @@ def build_loss(model: nn.Module, loss_cfg: DictConfig, use_kernels: bool) -> Los
 
         return eager_loss
 
-    from fastune.kernels.cross_entropy import cross_entropy
-    from fastune.kernels.linear_cross_entropy import linear_cross_entropy
+    from fastune.kernels import cross_entropy, linear_cross_entropy
 
     options["z_loss"] = float(loss_cfg.z_loss)
     if type(head) is nn.Linear:
@@ -605,7 +606,7 @@ def _save_sharded_checkpoint(run: TrainingRun, logger: MetricLogger, name: str, 
     cfg = run.cfg
     training_state["rng_by_rank"] = distributed.gather_objects(training_state["rng"], run.world)
     adapter_only = cfg.method != "full" and cfg.save_adapter_weights_only
-    export = distributed.gather_full_state_dict(run.model, trainable_only=adapter_only)
+    export = distributed.gather_full_state_dict(run.model, run.world, trainable_only=adapter_only)
     return run.saver.save(
         Path(cfg.output_dir), name, run.model, run.optimizer, lambda folder: write_model_files(run, folder, export),
         training_state, progress, cfg.keep_last_n, on_saved=lambda path: logger.log_checkpoint(path, progress),

@@ -241,3 +241,15 @@ def test_bad_input_gets_one_line_errors():
         linear_cross_entropy(hidden, weight, labels.reshape(-1))
     with pytest.raises(ValueError, match="chunk_size must be a positive"):
         linear_cross_entropy(hidden, weight, labels, chunk_size=0)
+
+
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_empty_batch(weight_trains):
+    hidden, weight, labels = make_case((0,), 37, 67, torch.float32)
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(weight_trains)
+    loss, n_tokens = linear_cross_entropy(h, w, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and n_tokens.item() == 0
+    assert h.grad.shape == (0, 37)
+    if weight_trains:
+        assert torch.equal(w.grad, torch.zeros_like(w))

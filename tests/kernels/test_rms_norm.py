@@ -73,6 +73,21 @@ def test_triton_matches_reference(shape, dtype, residual):
         assert_bf16_close(kern_out + kern_grads, ref_out + ref_grads, true_out + true_grads, names)
 
 
+@pytest.mark.parametrize("layout", ["row_strided", "transposed"])
+def test_non_contiguous_input(layout):
+    """x is a slice of a wider tensor (rows strided), or a transposed slice (a copy is made)."""
+    def view(wide):
+        x = wide[..., :67]
+        return x if layout == "row_strided" else x.transpose(0, 1)
+
+    wide, w, eps = make((3, 5, 100), torch.float32)
+    inputs = [wide, w[:67], eps]
+    kern = fwd_bwd(lambda t, w, eps: forced(rms_norm)(view(t), w, eps), inputs)
+    ref = fwd_bwd(lambda t, w, eps: rms_norm_reference(view(t), w, eps), inputs)
+    for a, b in zip(kern[0] + kern[1], ref[0] + ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_weight_gets_no_gradient():
     x, w, eps = make((3, 5, 67), torch.bfloat16)
     x = x.requires_grad_()

@@ -26,18 +26,13 @@ def rope_64(q, k, cos, sin):
     return rotate(q), rotate(k)
 
 
-def make(shape, dtype, packed=False, fused_qkv=False, seed=0):
+def make(shape, dtype, packed=False, seed=0):
     """q, k [B, S, H, D] and HF-layout cos/sin. ``packed``: per-row positions that restart
-    (two documents in a row), cos/sin [B, S, D]; else positions 0..S-1 and [1, S, D].
-    ``fused_qkv``: q and k are strided views into one [B, S, Hq + 2 Hk, D] tensor."""
+    (two documents in a row), cos/sin [B, S, D]; else positions 0..S-1 and [1, S, D]."""
     bsz, seqlen, n_q, n_k, head_dim = shape
     gen = torch.Generator().manual_seed(seed)
-    if fused_qkv:
-        qkv = torch.randn(bsz, seqlen, n_q + 2 * n_k, head_dim, generator=gen).to(dtype)
-        q, k = qkv[:, :, :n_q], qkv[:, :, n_q:n_q + n_k]
-    else:
-        q = torch.randn(bsz, seqlen, n_q, head_dim, generator=gen).to(dtype)
-        k = torch.randn(bsz, seqlen, n_k, head_dim, generator=gen).to(dtype)
+    q = torch.randn(bsz, seqlen, n_q, head_dim, generator=gen).to(dtype)
+    k = torch.randn(bsz, seqlen, n_k, head_dim, generator=gen).to(dtype)
     if packed:
         pos = torch.stack([torch.cat([torch.arange(3), torch.arange(seqlen - 3)]),
                            torch.arange(seqlen)] * (bsz // 2))
@@ -47,6 +42,14 @@ def make(shape, dtype, packed=False, fused_qkv=False, seed=0):
     angles = pos.double()[..., None] * inv_freq
     emb = torch.cat((angles, angles), -1)
     return [q, k, emb.cos().to(dtype), emb.sin().to(dtype)]
+
+
+def on_fused_qkv(op, n_q, n_k):
+    """``op`` on q and k sliced (strided views) out of one [B, S, Hq + 2 Hk, D] tensor,
+    as from a fused qkv projection."""
+    def run(qkv, cos, sin):
+        return op(qkv[:, :, :n_q], qkv[:, :, n_q:n_q + n_k], cos, sin)
+    return run
 
 
 def forced(*args):
@@ -71,18 +74,24 @@ def test_reference_matches_float64_math(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "fused_qkv", "packed"])
 def test_triton_matches_reference(shape, dtype, layout):
-    inputs = make(shape, dtype, packed=layout == "packed", fused_qkv=layout == "fused_qkv")
-    kern_out, kern_grads = fwd_bwd(forced, inputs)
-    ref_out, ref_grads = fwd_bwd(apply_rope_reference, inputs)
-    names = ["q_out", "k_out", "dq", "dk"]
-    kern, ref = kern_out + kern_grads[:2], ref_out + ref_grads[:2]
-    assert kern_grads[2:] == (None, None), "cos/sin must get no gradient from the kernel"
+    inputs = make(shape, dtype, packed=layout == "packed")
+    fns = [forced, apply_rope_reference, rope_64]
+    n_grads, names = 2, ["q_out", "k_out", "dq", "dk"]
+    if layout == "fused_qkv":
+        q, k, cos, sin = inputs
+        inputs = [torch.cat([q, k, k], dim=2), cos, sin]
+        fns = [on_fused_qkv(fn, shape[2], shape[3]) for fn in fns]
+        n_grads, names = 1, ["q_out", "k_out", "dqkv"]
+    kern_out, kern_grads = fwd_bwd(fns[0], inputs)
+    ref_out, ref_grads = fwd_bwd(fns[1], inputs)
+    assert kern_grads[n_grads:] == (None, None), "cos/sin must get no gradient from the kernel"
+    kern, ref = kern_out + kern_grads[:n_grads], ref_out + ref_grads[:n_grads]
     if dtype == torch.float32:
         for name, a, b in zip(names, kern, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     else:
-        true_out, true_grads = fwd_bwd(rope_64, to_float64(inputs), grad_dtype=dtype)
-        assert_bf16_close(kern, ref, true_out + true_grads[:2], names)
+        true_out, true_grads = fwd_bwd(fns[2], to_float64(inputs), grad_dtype=dtype)
+        assert_bf16_close(kern, ref, true_out + true_grads[:n_grads], names)
 
 
 def test_general_cos_sin_halves():

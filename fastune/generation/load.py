@@ -1,0 +1,97 @@
+"""Find and load a model to generate or evaluate with.
+
+``CHECKPOINT`` may be:
+
+- a Hugging Face checkpoint folder (``config.json`` + safetensors), downloaded or
+  written by a run (``output_dir/epoch_N``, merged weights for LoRA);
+- a training run's ``output_dir``: its latest complete ``epoch_N``/``step_N``;
+- a checkpoint written with ``save_adapter_weights_only``: the base model named in
+  ``adapter/adapter_config.json`` with the adapter merged in;
+- a checkpoint written by ``fastune quantize``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from fastune.checkpoint.hf import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from fastune.data import Tokenizer, load_tokenizer
+from fastune.errors import FastuneError
+
+
+class CheckpointNotFound(FastuneError):
+    """A path that holds no checkpoint fastune can load."""
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """The checkpoint folder ``path`` names: itself, or a run's latest checkpoint."""
+    from fastune.training.checkpointer import checkpoint_dirs
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointNotFound(f"{path}: no such directory")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    found = checkpoint_dirs(path)
+    if not found:
+        raise CheckpointNotFound(f"{path}: neither a checkpoint (no {CONFIG_NAME}) nor a training output_dir "
+                                 "(no epoch_N or step_N checkpoint in it)")
+    return found[-1]
+
+
+def load_for_inference(
+    path: Union[str, Path],
+    dtype: Union[str, torch.dtype] = "bf16",
+    device: Union[str, torch.device] = "cpu",
+    use_kernels: Optional[bool] = None,
+) -> tuple[nn.Module, Tokenizer, Path]:
+    """(model in eval mode, its tokenizer, the checkpoint folder used) for ``path``.
+    A quantized checkpoint keeps the dtype it was quantized with."""
+    import fastune
+    from fastune.quantize import is_quantized, load_quantized
+    from fastune.training.recipe import ADAPTER_DIR
+
+    ckpt = resolve_checkpoint(path)
+    if is_quantized(ckpt):
+        model = load_quantized(ckpt, device=device, use_kernels=use_kernels)
+    elif _has_weights(ckpt) or not (ckpt / ADAPTER_DIR).is_dir():
+        model = fastune.from_pretrained(ckpt, dtype=dtype, device=device, use_kernels=use_kernels)
+    else:
+        model = _merged_adapter_model(ckpt, dtype, device, use_kernels)
+    model.requires_grad_(False)
+    return model.eval(), load_tokenizer(ckpt), ckpt
+
+
+def _has_weights(ckpt: Path) -> bool:
+    return (ckpt / WEIGHTS_NAME).is_file() or (ckpt / INDEX_NAME).is_file()
+
+
+def _merged_adapter_model(ckpt: Path, dtype, device, use_kernels) -> nn.Module:
+    """Base model + the checkpoint's adapter, merged into plain weights."""
+    import fastune
+    from fastune.checkpoint.peft import load_peft_adapter
+    from fastune.models.transformer import Transformer
+    from fastune.modules.peft import merge_lora
+    from fastune.training.recipe import ADAPTER_DIR
+
+    adapter = ckpt / ADAPTER_DIR
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise CheckpointNotFound(
+            f"{adapter / 'adapter_config.json'}: {ckpt} holds only an adapter, and its base model "
+            f"{base!r} is not a local folder; download it (`fastune download`) and set base_model_name_or_path"
+        )
+    model = fastune.from_pretrained(base, dtype=dtype, device=device, use_kernels=use_kernels)
+    load_peft_adapter(model, adapter)
+    merged = merge_lora(model)
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    plain.load_state_dict(merged, assign=True)
+    plain.reset_buffers(torch.device(device))
+    plain.tie_weights()
+    return plain

@@ -1,0 +1,127 @@
+"""Hugging Face Hub: download a model to fine-tune, upload a result.
+
+Both go through ``huggingface_hub`` (``snapshot_download``, ``upload_folder``).
+The token comes from ``--hf-token``, else ``HF_TOKEN`` or the login that
+``huggingface_hub`` finds itself; it is never printed or written anywhere. Every
+failure the user can fix (gated or missing repo, bad token, no network) becomes
+one ``HubError`` line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from fastune.errors import FastuneError
+
+REPO_ID_FILE = "original_repo_id.json"
+# fastune reads safetensors only: skip Meta's consolidated .pth and PyTorch .bin copies.
+DEFAULT_DOWNLOAD_IGNORE = ("*.pth", "*.pt", "*.bin")
+# A training checkpoint's optimizer state is only for resuming, and twice the model's size.
+DEFAULT_UPLOAD_IGNORE = ("training_state.pt",)
+
+
+class HubError(FastuneError):
+    """A Hub operation that failed for a reason the user can fix; one line, no token in it."""
+
+
+def default_download_dir(repo_id: str) -> Path:
+    """``/tmp/<model name>``, where the shipped configs look (as torchtune's download did)."""
+    return Path("/tmp") / repo_id.rsplit("/", 1)[-1]
+
+
+def download(
+    repo_id: str,
+    output_dir: Optional[Path] = None,
+    ignore_patterns: Sequence[str] = DEFAULT_DOWNLOAD_IGNORE,
+    token: Optional[str] = None,
+) -> Path:
+    """Download the files of model repo ``repo_id`` into ``output_dir`` and write
+    ``original_repo_id.json`` there, so that adapters trained on it name their base model."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    output_dir = Path(output_dir) if output_dir is not None else default_download_dir(repo_id)
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo_id, local_dir=output_dir, ignore_patterns=list(ignore_patterns) or None, token=token,
+        )
+    except errors.GatedRepoError:  # before RepositoryNotFoundError, its base class
+        raise HubError(f"{repo_id} is gated: accept its license on https://huggingface.co/{repo_id}, "
+                       "then pass --hf-token or set HF_TOKEN") from None
+    except errors.RepositoryNotFoundError:
+        raise HubError(f"{repo_id}: no such model repo on the Hub, or it is private "
+                       "(then pass --hf-token or set HF_TOKEN)") from None
+    except errors.LocalEntryNotFoundError:
+        raise HubError(f"{repo_id}: cannot reach the Hugging Face Hub (no network, or HF_HUB_OFFLINE=1), "
+                       "and the files are not in the local cache") from None
+    except errors.HfHubHTTPError as e:
+        raise HubError(f"{repo_id}: download failed: {_first_line(e)}") from None
+    path = Path(path)
+    (path / REPO_ID_FILE).write_text(json.dumps({"repo_id": repo_id}) + "\n")
+    return path
+
+
+def read_repo_id(checkpoint_dir: Path) -> Optional[str]:
+    """The Hub repo a downloaded checkpoint came from (``original_repo_id.json``), or None."""
+    try:
+        return json.loads((Path(checkpoint_dir) / REPO_ID_FILE).read_text())["repo_id"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def files_to_upload(folder: Path, ignore_patterns: Sequence[str] = DEFAULT_UPLOAD_IGNORE) -> list[str]:
+    """Paths (relative, posix) that ``upload`` sends: every file under ``folder`` except
+    ``ignore_patterns`` and what ``upload_folder`` itself always skips (.git, caches)."""
+    from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HubError(f"{folder}: not a directory")
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
+    return list(filter_repo_objects(files, ignore_patterns=[*ignore_patterns, *DEFAULT_IGNORE_PATTERNS]))
+
+
+def upload(
+    folder: Path,
+    repo_id: str,
+    private: bool = False,
+    token: Optional[str] = None,
+    ignore_patterns: Sequence[str] = DEFAULT_UPLOAD_IGNORE,
+    commit_message: str = "Upload with fastune",
+) -> str:
+    """Create model repo ``repo_id`` if needed and upload ``folder`` to it; return the commit URL."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    if not files_to_upload(folder, ignore_patterns):
+        raise HubError(f"{folder}: nothing to upload")
+    try:
+        huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True, repo_type="model")
+        commit = huggingface_hub.upload_folder(
+            repo_id=repo_id, folder_path=folder, ignore_patterns=list(ignore_patterns),
+            token=token, commit_message=commit_message,
+        )
+    except errors.LocalTokenNotFoundError:
+        raise HubError("no Hugging Face token: pass --hf-token, set HF_TOKEN, or run `hf auth login`") from None
+    except errors.HfHubHTTPError as e:
+        raise HubError(f"{repo_id}: upload failed: {_first_line(e)}") from None
+    except _network_errors() as e:
+        raise HubError(f"{repo_id}: cannot reach the Hugging Face Hub ({_first_line(e)})") from None
+    return commit.commit_url
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures: OSError covers requests' (huggingface_hub < 1); newer
+    versions use an httpx client, exposed as ``huggingface_hub.utils.httpx``."""
+    from huggingface_hub import utils
+
+    client = getattr(utils, "httpx", None)
+    return (OSError, client.TransportError) if client is not None else (OSError,)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,253 @@
+"""FSDP2 on 2 CPU ranks (gloo) under torchrun, against the single-process recipe.
+
+One torchrun job (tests/distributed_worker.py) trains full, LoRA, DoRA and QLoRA with
+batch_size 2 per rank, then resumes the LoRA and full runs from their step_2 DCP
+checkpoints. The single-process references train the same configs with batch_size 4
+in this process: the same global batch every step, since the loader deals samples to
+the ranks round-robin. All runs are fp32, so the curves may differ only by summation
+order (batches padded to other lengths, gradients summed across ranks): per step,
+|loss difference| and |grad-norm difference| at most TOL = 2e-5 (seen: under 3e-6).
+QLoRA is held to the same tolerance: each rank quantizes whole weights to NF4 before
+FSDP shards them, so both runs train on the same NF4 values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastune.data import build_dataloader, load_sft_dataset, load_tokenizer
+from fastune.data.errors import DataError
+from fastune.distributed import DistributedError, torchrun_args
+from train_helpers import DEMO_TOKENIZER, hf_llama, make_config, run, save_base, write_rows
+
+TESTS = Path(__file__).parent
+STEPS = 4  # optimizer steps per run; checkpoints at step_2 and epoch_0 (step 4)
+TOL = 2e-5
+METHODS = ("full", "lora", "dora", "qlora")
+# NF4 shards over 2 ranks need every projection to hold a multiple of 2 * 64 * 256 elements.
+NF4_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _env() -> dict[str, str]:
+    """The ranks import tests/distributed_worker.py (the worker and the optimizer of the
+    killed-rank test); one thread per rank on these 2 shared cores."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _values(method: str, out: Path, **values) -> dict:
+    """make_config values of a run: batch 2 per rank, STEPS steps, a checkpoint at step 2."""
+    return {"method": method, "output_dir": str(out), "batch_size": 2, "max_steps_per_epoch": STEPS,
+            "save_every_n_steps": 2, **values}
+
+
+def _logged(output_dir: Path) -> dict:
+    """step -> (loss, grad_norm), and ("val", step) -> val_loss, from rank 0's metrics.jsonl."""
+    found = {}
+    for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            found[record["step"]] = (record["loss"], record["grad_norm"])
+        if "val_loss" in record:
+            found[("val", record["step"])] = record["val_loss"]
+    return found
+
+
+def _recorded(logger) -> dict:
+    """The same, from a RecordingLogger of an in-process run."""
+    found = {}
+    for record in logger.records:
+        if "loss" in record:
+            found[int(record["step"])] = (record["loss"], record["grad_norm"])
+        if "val_loss" in record:
+            found[("val", int(record["step"]))] = record["val_loss"]
+    return found
+
+
+def _assert_same_curve(got: dict, want: dict) -> None:
+    assert sorted(got, key=str) == sorted(want, key=str)
+    for key, value in want.items():
+        assert torch.allclose(torch.tensor(got[key], dtype=torch.float64),
+                              torch.tensor(value, dtype=torch.float64), rtol=0, atol=TOL), (key, got[key], value)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Bases, configs, and the one torchrun job: fresh runs of every method, then the
+    2-rank resumes (the worker loads each config just before training it, so
+    step_2 exists by then)."""
+    root = tmp_path_factory.mktemp("dist")
+    bases = {
+        "dense": save_base(hf_llama(seed=6, tie_word_embeddings=True), root / "base"),
+        "nf4": save_base(hf_llama(seed=6, **NF4_SHAPE), root / "base_nf4"),
+    }
+    write_rows(root / "train.jsonl", 32, seed=0)
+    write_rows(root / "val.jsonl", 6, seed=1)
+    configs = []
+    for method in METHODS:
+        base = bases["nf4" if method == "qlora" else "dense"]
+        make_config(root, base, name=f"{method}.yaml", **_values(method, root / f"{method}_2ranks"))
+        configs.append(str(root / f"{method}.yaml"))
+    # resume_from_checkpoint must exist when a config is loaded, so these are written as
+    # plain YAML: the same runs, resumed from step_2 into another output_dir.
+    for method in ("lora", "full"):
+        text = (root / f"{method}.yaml").read_text()
+        text = text.replace(str(root / f"{method}_2ranks"), str(root / f"{method}_resumed_2ranks"))
+        text += f"resume_from_checkpoint: {root / f'{method}_2ranks' / 'step_2'}\n"
+        (root / f"{method}_resume.yaml").write_text(text)
+        configs.append(str(root / f"{method}_resume.yaml"))
+    started = time.perf_counter()
+    result = _torchrun([str(TESTS / "distributed_worker.py"), *configs])
+    assert result.returncode == 0, result.stderr[-4000:]
+    print(f"torchrun job: {time.perf_counter() - started:.0f} s")
+    return root, bases
+
+
+@pytest.fixture(scope="module")
+def references(job):
+    """method -> (output_dir, curve) of the single-process run with the same global batch."""
+    root, bases = job
+    cache = {}
+
+    def reference(method: str):
+        if method not in cache:
+            base = bases["nf4" if method == "qlora" else "dense"]
+            out = root / f"{method}_1proc"
+            cfg = make_config(root, base, name=f"{method}_1proc.yaml", **_values(method, out, batch_size=4))
+            _, logger = run(cfg)
+            cache[method] = (out, _recorded(logger))
+        return cache[method]
+
+    return reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_train_like_one_process(job, references, method):
+    root, _ = job
+    _, want = references(method)
+    got = _logged(root / f"{method}_2ranks")
+    assert len([k for k in got if isinstance(k, int)]) == STEPS
+    _assert_same_curve(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dcp_checkpoint_of_two_ranks_resumes_on_one_and_on_two(job, method):
+    """step_2 of the 2-rank run, resumed on 2 ranks (in the torchrun job) and in a single
+    process (here, batch 2 with 2 accumulation steps: the same global batch), continues
+    the uninterrupted 2-rank curve: steps 3 and 4 and the final validation loss."""
+    root, bases = job
+    uninterrupted = _logged(root / f"{method}_2ranks")
+    tail = {k: v for k, v in uninterrupted.items() if k in (3, 4, ("val", 4))}
+    ckpt = root / f"{method}_2ranks" / "step_2"
+    assert (ckpt / "distributed_checkpoint" / ".metadata").is_file()
+
+    on_two = _logged(root / f"{method}_resumed_2ranks")
+    assert on_two == tail  # same world size, same order of every sum: exact
+
+    single = root / f"{method}_resumed_1proc"
+    single.mkdir()
+    shutil.copytree(ckpt, single / "step_2")
+    cfg = make_config(root, bases["dense"], name=f"{method}_resume_1proc.yaml",
+                      **_values(method, single, gradient_accumulation_steps=2, resume_from_checkpoint="auto"))
+    state, logger = run(cfg)
+    assert state.global_step == STEPS
+    _assert_same_curve(_recorded(logger), tail)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_export_of_two_ranks_loads_in_transformers_and_peft(job, references, method):
+    """epoch_0 of the 2-rank run (gathered to rank 0) gives the logits of the single-process
+    run's export in transformers; the LoRA adapter loads in PEFT over the base model."""
+    import peft
+    import transformers
+
+    root, bases = job
+    reference_dir, _ = references(method)
+    ckpt, want_dir = root / f"{method}_2ranks" / "epoch_0", reference_dir / "epoch_0"
+    tokens = torch.randint(0, 365, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()(input_ids=tokens).logits
+        want = transformers.AutoModelForCausalLM.from_pretrained(want_dir).eval()(input_ids=tokens).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        if method == "lora":
+            base = transformers.AutoModelForCausalLM.from_pretrained(bases["dense"])
+            adapted = peft.PeftModel.from_pretrained(base, ckpt / "adapter").eval()
+            torch.testing.assert_close(adapted(input_ids=tokens).logits, got, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_with_an_error(tmp_path, job):
+    """Rank 1 dies at its second optimizer step (os._exit, as if OOM-killed) while rank 0
+    waits in a collective: `fastune train --nproc-per-node 2` must exit 1 with a line
+    naming the rank, in bounded time, not hang."""
+    root, bases = job
+    make_config(tmp_path, bases["dense"], name="crash.yaml",
+                **_values("lora", tmp_path / "out", optimizer={
+                    "_component_": "distributed_worker.AdamWThatKillsRank1", "lr": 1e-2}))
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "fastune.cli", "train", str(tmp_path / "crash.yaml"), "--nproc-per-node", "2"],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: rank 1 exited with status 1" in result.stderr
+    assert elapsed < 240
+    assert not (tmp_path / "out" / "epoch_0").exists()
+
+
+# ----------------------------------------------------------------------------- fast checks
+
+
+def test_torchrun_arguments():
+    single = torchrun_args(["train", "c.yaml"], 4)
+    assert single == ["--nproc-per-node=4", "--nnodes=1", "--max-restarts=0", "--standalone",
+                      "--module", "fastune.cli", "train", "c.yaml"]
+    multi = torchrun_args(["train", "c.yaml"], 8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400",
+                          rdzv_id="job")
+    assert "--rdzv-backend=c10d" in multi and "--rdzv-endpoint=node0:29400" in multi
+    assert "--rdzv-id=job" in multi and "--node-rank=1" in multi and "--standalone" not in multi
+    with pytest.raises(DistributedError, match="--rdzv-endpoint: required with --nnodes > 1"):
+        torchrun_args(["train"], 8, nnodes=2)
+    with pytest.raises(DistributedError, match="--nproc-per-node: must be at least 1"):
+        torchrun_args(["train"], 0)
+    with pytest.raises(DistributedError, match=r"--node-rank: must be in \[0, 2\)"):
+        torchrun_args(["train"], 8, nnodes=2, node_rank=2, rdzv_endpoint="h:1")
+
+
+def test_loader_state_resumes_on_another_world_size(tmp_path):
+    """After 3 batches of 2 on each of 2 ranks, samples 0-11 were handed out: one rank goes on
+    at its batch 6; five ranks are refused (12 samples are not whole steps of 5 x 2)."""
+    dataset = load_sft_dataset(str(write_rows(tmp_path / "rows.jsonl", 40)), load_tokenizer(str(DEMO_TOKENIZER)),
+                               format="instruct")
+    two = [build_dataloader(dataset, 2, seed=1, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for loader in two:
+        batches = iter(loader)
+        for _ in range(3):
+            seen.append(next(batches)["tokens"])
+    state = two[0].state_dict()
+    one = build_dataloader(dataset, 2, seed=1)
+    one.load_state_dict(state)
+    reference = build_dataloader(dataset, 2, seed=1)
+    expected = list(iter(reference))[6]["tokens"]
+    assert torch.equal(next(iter(one))["tokens"], expected)
+    with pytest.raises(DataError, match="not a whole number of batches of 2 on each of 5 ranks"):
+        build_dataloader(dataset, 2, seed=1, rank=0, world_size=5).load_state_dict(state)
