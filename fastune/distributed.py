@@ -62,6 +62,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -293,7 +294,17 @@ def load_hf_weights(module: nn.Module, checkpoint_dir: Path, prefix: str = "", w
     state = _dense_base_keys(module, prefix)
     reader = dcp.HuggingFaceStorageReader(str(checkpoint_dir))
     _check_against_checkpoint(state, reader, checkpoint_dir)
-    dcp.load(state, storage_reader=reader, no_dist=whole or not dist.is_initialized())
+    _dcp_load(state, storage_reader=reader, no_dist=whole or not dist.is_initialized())
+
+
+def _dcp_load(state: dict[str, Any], no_dist: bool, **kwargs) -> None:
+    """``dcp.load``; without its warning for a single-process load, which here is meant."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, no_dist=no_dist, **kwargs)
 
 
 def _check_against_checkpoint(state: dict[str, torch.Tensor], reader, checkpoint_dir: Path) -> None:
@@ -414,11 +425,11 @@ def has_resume_state(ckpt_dir: Path) -> bool:
 
 
 def _resume_options():
+    """Trainable parameters only: frozen weights (the base under LoRA, NF4 included) come
+    from the HF checkpoint. ``strict=False`` as the frozen keys are absent; ``dcp.load``
+    still fails on a missing trainable key, since it loads exactly the keys asked for."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # Frozen weights (the base under LoRA, NF4 included) come from the HF checkpoint.
-    # strict=False since the frozen keys are absent; dcp.load still fails on any missing
-    # trainable key, as it loads exactly the keys asked for.
     return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
@@ -432,17 +443,18 @@ def _resume_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
 def load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
     """Load the trainable parameters and the optimizer state from ``ckpt_dir``'s DCP
     checkpoint, resharded for this run's ranks (or unsharded, in a single process)."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from fastune.training.checkpointer import ResumeError
 
     state = _resume_state(model, optimizer)
+    path = Path(ckpt_dir) / DCP_DIR
     try:
-        dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=not dist.is_initialized())
-    except Exception as e:  # DCP wraps reader and planner errors in several types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ResumeError(f"resume_from_checkpoint: {ckpt_dir / DCP_DIR} does not fit this model: {first}") from None
+        _dcp_load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # a BaseException, holding each failed rank's error
+        error = next(iter(e.failures.values()))[0]
+        raise ResumeError(f"resume_from_checkpoint: {path} does not fit this run: {error}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_resume_options())
 
@@ -506,8 +518,8 @@ class CheckpointSaver:
         output_dir = Path(output_dir)
         staging = output_dir / f".{name}.staging-{self._job_token()}"
         if self.world.is_main:
-            write_export(staging)  # the HF writers create the folder (replacing it wholesale)
-            staging.mkdir(parents=True, exist_ok=True)
+            staging.mkdir(parents=True)
+            write_export(staging)  # before the DCP files: the HF writer replaces the folder wholesale
         dist.barrier()
         state = _resume_state(model, optimizer)
         target = str(staging / DCP_DIR)

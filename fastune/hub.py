@@ -71,6 +71,12 @@ def read_repo_id(checkpoint_dir: Path) -> Optional[str]:
         return None
 
 
+def base_model_name(checkpoint_dir: Path) -> str:
+    """How an adapter trained on ``checkpoint_dir`` names its base model (PEFT's
+    ``base_model_name_or_path``): the Hub repo it was downloaded from, else its local path."""
+    return read_repo_id(checkpoint_dir) or str(Path(checkpoint_dir).resolve())
+
+
 def files_to_upload(folder: Path, ignore_patterns: Sequence[str] = DEFAULT_UPLOAD_IGNORE) -> list[str]:
     """Paths (relative, posix) that ``upload`` sends: every file under ``folder`` except
     ``ignore_patterns`` and what ``upload_folder`` itself always skips (.git, caches)."""

@@ -125,7 +125,7 @@ def quantize_model(model: Transformer, recipe: QuantizationRecipe) -> Transforme
                 common = math.gcd(*(m.in_features for _, m in linears))
                 raise QuantizationError(
                     f"group_size: {recipe.group_size} does not divide the {module.in_features} input "
-                    f"features of {name}; use a divisor of {common}, e.g. {common & -common}"
+                    f"features of {name}; use {common & -common} or another divisor of {common}"
                 )
     names = {name for name, _ in _decoder_linears(model)}
     quantize_(model, recipe.torchao_config(), filter_fn=lambda module, fqn: fqn in names)
@@ -143,14 +143,14 @@ def quantize_checkpoint(
     recipe: QuantizationRecipe,
     device: Union[str, torch.device] = "cpu",
 ) -> Path:
-    """Load ``source`` (a checkpoint or a run's output_dir, see ``load_for_inference``),
+    """Load ``source`` (a checkpoint or a run's output_dir, see ``fastune.generation.load``),
     quantize it and write ``out_dir`` (atomically) with its tokenizer files.
     ``fastune generate`` and ``fastune eval`` load the result."""
-    from fastune.generation.load import load_for_inference, resolve_checkpoint
+    from fastune.generation.load import load_model, resolve_checkpoint
 
     if is_quantized(resolve_checkpoint(source)):
         raise QuantizationError(f"{source}: already quantized; quantize the original checkpoint")
-    model, _, ckpt = load_for_inference(source, dtype=recipe.dtype, device=device)
+    model, ckpt = load_model(source, dtype=recipe.dtype, device=device)
     quantize_model(model, recipe)
     tensors = _flat_tensors(model, recipe)
     config = model.config.to_hf_dict()

@@ -22,9 +22,9 @@ their gradient alive together. In bf16 the scaling rounds a second time, unless 
 is 1: call ``backward()`` on the summed loss and divide the gradients by the token count
 afterwards to get exactly one rounding, as eager autograd has.
 
-The loss is formed from the logits shifted by the row max m, log d - (1 - e)(z_iy - m)
-- e (mean_j z_ij - m) + k lse^2 with lse = m + log d, as log_softmax does: lse - z_iy
-would lose the low bits of two large, nearly equal numbers.
+Both paths form the loss from logits shifted by the row max m, as log_softmax does (the
+reference calls it): log d - (1 - e)(z_iy - m) - e (mean_j z_ij - m) + k lse^2 with
+lse = m + log d; lse - z_iy would lose the low bits of two large, nearly equal numbers.
 
 The Triton kernel handles one row per program: pass 1 reads the row once for the
 online logsumexp (and the row sum, for label smoothing), pass 2 reads it again and
@@ -44,6 +44,10 @@ from fastune.kernels.interpreter import cast
 # Widest vocabulary block a program loads at once: 4096 fp32 values over 8 warps are 16
 # registers per thread, so the loop over a 128k vocabulary stays spill-free.
 MAX_BLOCK_V = 4096
+# Logits per block of rows in the eager reference: its two fp32 temporaries stay at 64 MiB
+# each however many rows there are. (Cache-sized blocks mean thousands of small parallel
+# ops per step, whose thread synchronization costs more than it saves on a busy machine.)
+REFERENCE_BLOCK = 1 << 24
 
 
 @triton.jit
@@ -132,35 +136,48 @@ def _(logits, labels, ignore_index, z_loss, label_smoothing, compute_grad):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
-def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                                  z_loss: float, label_smoothing: float,
-                                  compute_grad: bool) -> torch.Tensor:
-    """The kernel's math in plain torch (inductor fuses it into one pass per reduction)."""
+def _cross_entropy_rows_math(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                             z_loss: float, label_smoothing: float,
+                             compute_grad: bool) -> torch.Tensor:
+    """The kernel's math in plain torch, from log-probabilities: log_softmax is one fused
+    row-wise op (in ATen and in inductor) that works on logits shifted by the row max."""
     vocab = logits.shape[-1]
-    # Shifted by the row max, as in the kernel. `m` is fp32, so `shifted`
-    # is the one fp32 [rows, V] buffer (eager also makes one exp temporary).
-    m = logits.amax(dim=-1, keepdim=True).float()
-    shifted = logits - m
-    log_d = shifted.exp().sum(dim=-1, keepdim=True).log()
-    lse = (m + log_d).squeeze(-1)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    # lse = m + log d = max_j z_ij - max_j log p_ij, both maxima exact.
+    lse = logits.amax(dim=-1).float() - log_probs.amax(dim=-1)
     supervised = labels != ignore_index
     in_range = (labels >= 0) & (labels < vocab)
     safe_labels = torch.where(supervised & in_range, labels, 0).unsqueeze(-1)
-    target = shifted.gather(-1, safe_labels)
-    loss = (log_d - (1.0 - label_smoothing) * target).squeeze(-1) + z_loss * lse * lse
+    loss = -(1.0 - label_smoothing) * log_probs.gather(-1, safe_labels).squeeze(-1)
     if label_smoothing:
-        loss = loss - label_smoothing * shifted.mean(dim=-1)
+        loss = loss - label_smoothing * log_probs.mean(dim=-1)
+    loss = loss + z_loss * lse * lse
     loss = torch.where(in_range, loss, float("nan"))
     loss = torch.where(supervised, loss, 0.0)
     if compute_grad:
-        # In place on `shifted` (no longer needed): eager holds one [rows, V] fp32 buffer
-        # here, not four.
         p_scale = torch.where(supervised, 1.0 + 2.0 * z_loss * lse, 0.0).unsqueeze(-1)
         uniform = torch.where(supervised, label_smoothing / vocab, 0.0).unsqueeze(-1)
         target_coef = torch.where(supervised, label_smoothing - 1.0, 0.0).unsqueeze(-1)
-        grad = shifted.sub_(log_d).exp_().mul_(p_scale).sub_(uniform)
+        grad = log_probs.exp_().mul_(p_scale).sub_(uniform)  # in place: no new buffer
         logits.copy_(grad.scatter_add_(-1, safe_labels, target_coef))
     return loss
+
+
+def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                                  z_loss: float, label_smoothing: float,
+                                  compute_grad: bool) -> torch.Tensor:
+    """``_cross_entropy_rows_math`` over the whole buffer when torch.compile traces it
+    (inductor fuses it, with no [rows, V] temporaries), and over blocks of rows in eager
+    mode, where ops make temporaries: they then stay at 2 x REFERENCE_BLOCK fp32 elements
+    however many rows there are (the kernel keeps none)."""
+    if torch.compiler.is_compiling():
+        return _cross_entropy_rows_math(logits, labels, ignore_index, z_loss, label_smoothing,
+                                        compute_grad)
+    block_rows = max(1, REFERENCE_BLOCK // logits.shape[-1])
+    return torch.cat([
+        _cross_entropy_rows_math(x, y, ignore_index, z_loss, label_smoothing, compute_grad)
+        for x, y in zip(logits.split(block_rows), labels.split(block_rows))
+    ])
 
 
 def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,

@@ -16,11 +16,14 @@ accumulated over several chunks, so the sum over chunks does not round at every 
 backward only multiplies them by the incoming scalar gradient of ``loss_sum``. dW is
 neither formed nor saved when the weight needs no gradient (LoRA: lm_head frozen).
 
-Memory: the largest temporaries are the chunk's logits, a few [C, V] buffers, and, when
-W is trained, the [V, H] fp32 accumulator. The default C keeps C * V at most
-``LOGITS_BUDGET`` elements (64 Mi: 128 MiB of bf16 logits); for 4096 tokens and a
-128256 vocabulary that is 8 chunks of 512 tokens, against 1 GiB for the full bf16
-logits (and about 6x that for eager F.linear + F.cross_entropy in training).
+Memory: the chunk's logits [C, V] (the Triton kernel needs nothing more; the eager
+reference adds two fp32 blocks of ``cross_entropy.REFERENCE_BLOCK`` elements), and, when
+W is trained, the [V, H] fp32 accumulator plus a slice's GEMM result ([GRAD_WEIGHT_SLICE,
+H], in the input dtype and in fp32).
+The default C keeps C * V at most ``LOGITS_BUDGET`` elements (64 Mi: 128 MiB of bf16
+logits); for 4096 tokens and a 128256 vocabulary that is 8 chunks of 512 tokens, against
+1 GiB for the full bf16 logits (and about 6x that for eager F.linear + F.cross_entropy
+in training).
 
 The whole chunk loop is ONE opaque custom op. Traced as plain Python, the loop would be
 unrolled into one graph, and inductor, free to reorder and fuse it, computes every
@@ -52,14 +55,18 @@ def default_chunk_size(n_tokens: int, vocab: int, budget: int = LOGITS_BUDGET) -
     return max(1, math.ceil(n_tokens / n_chunks))
 
 
-def _add_grad_weight_(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
-                      h: torch.Tensor) -> None:
-    """grad_weight += grad_logits^T h, one slice of vocabulary rows at a time: each slice's
-    GEMM result (input dtype) is added into the fp32 accumulator at once, so no second
-    [V, H] buffer ever exists beside it."""
-    for start in range(0, grad_logits.shape[1], GRAD_WEIGHT_SLICE):
+def _add_grad_weight_(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor,
+                      part: torch.Tensor, part_fp32: torch.Tensor) -> None:
+    """grad_weight += grad_logits^T h, one slice of vocabulary rows at a time, through the
+    [GRAD_WEIGHT_SLICE, H] buffers ``part`` (GEMM result, input dtype) and ``part_fp32``:
+    no second [V, H] buffer ever exists beside the fp32 accumulator."""
+    vocab = grad_logits.shape[1]
+    for start in range(0, vocab, GRAD_WEIGHT_SLICE):
         rows = slice(start, start + GRAD_WEIGHT_SLICE)
-        grad_weight[rows].add_(grad_logits[:, rows].t() @ h)
+        n = min(GRAD_WEIGHT_SLICE, vocab - start)
+        torch.mm(grad_logits[:, rows].t(), h, out=part[:n])
+        # Upcast first: an fp32 += bf16 add_ converts through a fresh temporary, slowly.
+        grad_weight[rows].add_(part_fp32[:n].copy_(part[:n]))
 
 
 def _single_chunk(n_tokens: int, chunk_size: int) -> bool:
@@ -72,24 +79,33 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                      ignore_index: int, z_loss: float, label_smoothing: float, chunk_size: int,
                      need_grad_hidden: bool, need_grad_weight: bool):
     """(loss_sum, dloss/dhidden, dloss/dweight), chunk by chunk; a gradient that is not
-    needed comes back as an empty placeholder (custom ops return tensors only)."""
-    n_tokens = hidden.shape[0]
+    needed comes back as an empty placeholder (custom ops return tensors only).
+
+    Every chunk reuses the same buffers, allocated once here: on CPU a fresh large
+    allocation page-faults in anew each time, which costs as much as the arithmetic."""
+    n_tokens, hidden_size = hidden.shape
+    vocab = weight.shape[0]
     accumulate = need_grad_weight and not _single_chunk(n_tokens, chunk_size)
     loss = hidden.new_zeros((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
-    grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                   if accumulate else weight.new_empty(0))
+    grad_weight = weight.new_empty(0)
+    if accumulate:
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        part = weight.new_empty(min(GRAD_WEIGHT_SLICE, vocab), hidden_size)
+        part_fp32 = (part if part.dtype == torch.float32
+                     else torch.empty_like(part, dtype=torch.float32))
+    logits_buffer = hidden.new_empty(min(chunk_size, n_tokens), vocab)
     for start in range(0, n_tokens, chunk_size):
         rows = slice(start, start + chunk_size)
         h = hidden[rows]
-        logits = h @ weight.t()
+        logits = torch.mm(h, weight.t(), out=logits_buffer[: h.shape[0]])
         loss += cross_entropy_rows_(logits, labels[rows], ignore_index, z_loss,
                                     label_smoothing, need_grad_hidden or need_grad_weight).sum()
         # `logits` now holds dloss/dlogits for this chunk.
         if need_grad_hidden:
             torch.mm(logits, weight, out=grad_hidden[rows])
         if accumulate:
-            _add_grad_weight_(grad_weight, logits, h)
+            _add_grad_weight_(grad_weight, logits, h, part, part_fp32)
         elif need_grad_weight:
             grad_weight = logits.t() @ h
     return loss, grad_hidden, grad_weight

@@ -1,14 +1,15 @@
 """FSDP2 on 2 CPU ranks (gloo) under torchrun, against the single-process recipe.
 
 One torchrun job (tests/distributed_worker.py) trains full, LoRA, DoRA and QLoRA with
-batch_size 2 per rank, then resumes the LoRA and full runs from their step_2 DCP
-checkpoints. The single-process references train the same configs with batch_size 4
-in this process: the same global batch every step, since the loader deals samples to
-the ranks round-robin. All runs are fp32, so the curves may differ only by summation
-order (batches padded to other lengths, gradients summed across ranks): per step,
-|loss difference| and |grad-norm difference| at most TOL = 2e-5 (seen: under 3e-6).
-QLoRA is held to the same tolerance: each rank quantizes whole weights to NF4 before
-FSDP shards them, so both runs train on the same NF4 values.
+batch_size 2 per rank (each with an FSDP or memory option on, see OPTIONS), then
+resumes the LoRA and full runs from their step_2 DCP checkpoints. The single-process
+references train the same configs with batch_size 4 in this process: the same global
+batch every step, since the loader deals samples to the ranks round-robin. All runs
+are fp32, so the curves may differ only by summation order (batches padded to other
+lengths, gradients summed across ranks): per step, |loss difference| and |grad-norm
+difference| at most TOL = 2e-5 (seen: under 5e-6). QLoRA is held to the same
+tolerance: each rank quantizes whole weights to NF4 before FSDP shards them, so both
+runs train on the same NF4 values.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ TESTS = Path(__file__).parent
 STEPS = 4  # optimizer steps per run; checkpoints at step_2 and epoch_0 (step 4)
 TOL = 2e-5
 METHODS = ("full", "lora", "dora", "qlora")
+# Each 2-rank run also turns on options that must not change the curve: async DCP saves
+# (the full run's step_2 is then resumed from), activation checkpointing, no resharding
+# after forward (and an adapter-only export), CPU offload of the shards.
+OPTIONS = {
+    "full": {"distributed": {"async_save": True}},
+    "lora": {"activation_checkpointing": True},
+    "dora": {"distributed": {"fsdp_reshard_after_forward": False}, "save_adapter_weights_only": True},
+    "qlora": {"distributed": {"fsdp_cpu_offload": True}},
+}
 # NF4 shards over 2 ranks need every projection to hold a multiple of 2 * 64 * 256 elements.
 NF4_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 
@@ -100,7 +110,7 @@ def job(tmp_path_factory):
     configs = []
     for method in METHODS:
         base = bases["nf4" if method == "qlora" else "dense"]
-        make_config(root, base, name=f"{method}.yaml", **_values(method, root / f"{method}_2ranks"))
+        make_config(root, base, name=f"{method}.yaml", **_values(method, root / f"{method}_2ranks", **OPTIONS[method]))
         configs.append(str(root / f"{method}.yaml"))
     # resume_from_checkpoint must exist when a config is loaded, so these are written as
     # plain YAML: the same runs, resumed from step_2 into another output_dir.
@@ -168,6 +178,34 @@ def test_dcp_checkpoint_of_two_ranks_resumes_on_one_and_on_two(job, method):
     state, logger = run(cfg)
     assert state.global_step == STEPS
     _assert_same_curve(_recorded(logger), tail)
+
+
+@pytest.mark.slow
+def test_resume_state_that_does_not_fit_is_one_line(job):
+    """A DCP checkpoint of rank-4 adapters, loaded into a run with rank-8 adapters."""
+    import fastune
+    from fastune.distributed import load_resume_state
+    from fastune.modules.peft import apply_lora
+    from fastune.training.checkpointer import ResumeError
+
+    root, bases = job
+    model = fastune.from_pretrained(bases["dense"])
+    apply_lora(model, ["q_proj", "v_proj", "down_proj"], rank=8, alpha=16.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ResumeError, match=r"distributed_checkpoint does not fit this run: Size mismatch .*"
+                                          r"for model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight"):
+        load_resume_state(model, optimizer, root / "lora_2ranks" / "step_2")
+
+
+@pytest.mark.slow
+def test_adapter_only_export_of_two_ranks(job):
+    """DoRA with save_adapter_weights_only: the tokenizer and the PEFT adapter, no merged weights."""
+    root, _ = job
+    names = {p.name for p in (root / "dora_2ranks" / "epoch_0").iterdir()}
+    assert {"tokenizer.json", "adapter", "distributed_checkpoint"} <= names
+    assert not any(name.endswith(".safetensors") for name in names)
+    adapter = json.loads((root / "dora_2ranks" / "epoch_0" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastune.training.recipe import build_data, fit, setup
 from train_helpers import single_thread  # noqa: F401 (autouse fixture)
-from train_helpers import hf_llama, make_config, run, save_base
+from train_helpers import RecordingLogger, hf_llama, make_config, save_base
 
 IGNORE = -100
 STEPS = 4
@@ -55,8 +56,6 @@ def reference_losses(model, batches, accumulation, lr, weight_decay, total_steps
 def fastune_run_and_batches(tmp_path, base, **values):
     """Set up fastune's run, record its batches (the loader is deterministic: a second
     loader built the same way yields the same epoch), then train."""
-    from fastune.training.recipe import build_data, setup
-
     cfg = make_config(tmp_path, base, max_steps_per_epoch=STEPS, **values)
     state = setup(cfg)
     loader, _ = build_data(cfg, state.tokenizer, torch.device("cpu"))
@@ -72,28 +71,30 @@ def assert_same_curve(ours, theirs):
                                torch.tensor(theirs, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_lora_loss_curve_matches_hf_peft(tmp_path, tied):
+@pytest.mark.parametrize("method, tied", [("lora", False), ("lora", True), ("dora", False)])
+def test_lora_loss_curve_matches_hf_peft(tmp_path, method, tied):
     import peft
-
-    from fastune.training.recipe import fit
-    from train_helpers import RecordingLogger
 
     hf = hf_llama(tie_word_embeddings=tied)
     base = save_base(hf, tmp_path / "base")
-    cfg, state, batches = fastune_run_and_batches(tmp_path, base, gradient_accumulation_steps=2)
+    cfg, state, batches = fastune_run_and_batches(tmp_path, base, method=method, gradient_accumulation_steps=2)
 
     lora = cfg.lora
     reference = peft.get_peft_model(hf, peft.LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.targets)))
-    # Same adapter init: fastune drew A at random (B is zero); copy it over.
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.targets),
+        use_dora=method == "dora"))
+    # Same adapter init: fastune drew A at random (B is zero); copy it over. DoRA
+    # magnitudes are the base weights' row norms on both sides: compared, not copied.
     ours = dict(state.model.named_parameters())
     copied = 0
     for name, p in reference.named_parameters():
         if "lora_" in name:
             key = name.removeprefix("base_model.model.model.").replace(".default", "")
-            p.data.copy_(ours[key])
-            copied += 1
+            if "magnitude" in key:
+                torch.testing.assert_close(p, ours[key.removesuffix(".weight")].view_as(p))
+            else:
+                p.data.copy_(ours[key])
+                copied += 1
     assert copied == 2 * len(lora.targets) * hf.config.num_hidden_layers
 
     logger = RecordingLogger()
@@ -108,9 +109,6 @@ def test_full_finetune_loss_curve_matches_hf(tmp_path):
     base = save_base(hf, tmp_path / "base")
     cfg, state, batches = fastune_run_and_batches(tmp_path, base, method="full",
                                                   optimizer={"lr": 1e-3, "weight_decay": 0.1})
-    from fastune.training.recipe import fit
-    from train_helpers import RecordingLogger
-
     logger = RecordingLogger()
     fit(state, logger)
     hf.train()
@@ -125,9 +123,6 @@ def test_logged_step_loss_is_token_weighted_not_a_mean_of_means(tmp_path):
     base = save_base(hf, tmp_path / "base")
     cfg, state, batches = fastune_run_and_batches(tmp_path, base, method="full", gradient_accumulation_steps=2,
                                                   batch_size=1, optimizer={"lr": 1e-12, "weight_decay": 0.0})
-    from fastune.training.recipe import fit
-    from train_helpers import RecordingLogger
-
     logger = RecordingLogger()
     fit(state, logger)
     first = batches[:2]

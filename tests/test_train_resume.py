@@ -113,8 +113,10 @@ def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, base, monkeypat
 
     monkeypatch.setattr(recipe, "save_peft_adapter", interrupted)
     logger = RecordingLogger()
+    monkeypatch.setattr(recipe, "build_metric_logger", lambda cfg: logger)
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, logger)
+        recipe.train(cfg)
+    assert logger.closed  # wandb.finish would have run
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["step_1"]  # no hidden temp folder either
     monkeypatch.undo()

@@ -32,11 +32,12 @@ NF4_FRIENDLY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                     num_key_value_heads=4)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    """One intra-op thread while a test runs: these models are so small that a second
-    thread buys nothing, and on a machine shared with other processes OpenMP's waiting
-    made each step about 8x slower. Import this fixture into a test module to use it."""
+    """One intra-op thread while a test module runs (its module-scoped fixtures too):
+    these models are so small that a second thread buys nothing, and on a machine
+    shared with other processes OpenMP's waiting made each step about 8x slower.
+    Import this fixture into a test module to use it."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

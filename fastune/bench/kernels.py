@@ -255,7 +255,14 @@ def _on(device: torch.device, values: Optional[list]) -> Optional[list]:
     return None if values is None else [v.to(device) if torch.is_tensor(v) else v for v in values]
 
 
-class _Step:
+def build_case(op: str, dtype: torch.dtype, device: str) -> Case:
+    """The op's case with its inputs on ``device``."""
+    case = CASES[op](dtype)
+    dev = torch.device(device)
+    return dataclasses.replace(case, inputs=_on(dev, case.inputs), error_inputs=_on(dev, case.error_inputs))
+
+
+class Step:
     """One forward + backward of ``fn`` on leaf inputs with fixed upstream gradients."""
 
     def __init__(self, case: Case, fn: Callable):
@@ -283,10 +290,10 @@ class _Step:
         return outs
 
 
-def _errors(case: Case, step: _Step) -> dict[str, float]:
+def _errors(case: Case, step: Step) -> dict[str, float]:
     """max |value - truth| / max |truth| for each output and each input gradient."""
     if case.error_inputs is not None:
-        step = _Step(dataclasses.replace(case, inputs=case.error_inputs), step.fn)
+        step = Step(dataclasses.replace(case, inputs=case.error_inputs), step.fn)
     outs = step()
     got = list(outs) + [t.grad for t in step.leaves]
     names = [f"out{i}" for i in range(len(outs))]
@@ -310,7 +317,8 @@ def _retain_freed_memory() -> None:
     libc.mallopt(-1, 1 << 62)  # M_TRIM_THRESHOLD
 
 
-def _function(case: Case, mode: str, device: str) -> Callable:
+def implementation(case: Case, mode: str, device: str) -> Callable:
+    """The function a mode times: the reference, the public op, or a compiled one."""
     if mode == "eager":
         return case.reference
     if mode == "triton":
@@ -328,9 +336,8 @@ def run_worker(op: str, mode: str, device: str, dtype: torch.dtype, warmup: int,
     if malloc == "retain":
         _retain_freed_memory()
     dev = torch.device(device)
-    case = CASES[op](dtype)
-    case = dataclasses.replace(case, inputs=_on(dev, case.inputs), error_inputs=_on(dev, case.error_inputs))
-    step = _Step(case, _function(case, mode, device))
+    case = build_case(op, dtype, device)
+    step = Step(case, implementation(case, mode, device))
     t0 = time.perf_counter()
     step()
     synchronize(dev)
@@ -403,6 +410,11 @@ def _speedups(device: str) -> list[tuple[str, str]]:
     return [("triton", "eager"), ("triton", "compiled")] if device == "cuda" else [("compiled", "eager")]
 
 
+def _range(values) -> str:
+    values = sorted(set(values))
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]} to {values[-1]}"
+
+
 def render(report: dict) -> str:
     from fastune.bench.report import table
 
@@ -415,7 +427,9 @@ def render(report: dict) -> str:
     lines = [
         f"# Kernel benchmark ({device.upper()})",
         "",
-        f"{meta['dtype']}; medians of {meta['steps']} steps after {meta['warmup']} warm-up steps; each "
+        f"{meta['dtype']}; medians of {_range(r['steps'] for m in report['results'].values() for r in m.values())} "
+        f"steps after {_range(r['warmup'] for m in report['results'].values() for r in m.values())} warm-up "
+        "steps (per row in the JSON); each "
         f"(op, mode) in its own process. {what}. fwd / bwd / full = forward, backward (with fixed "
         "upstream gradients), and both, in ms. Peak = "
         + ("CUDA max allocated" if device == "cuda" else "peak RSS") +

@@ -110,7 +110,7 @@ class PeakMemory:
 # ----------------------------------------------------------------------------- CPU peak
 
 
-def matmul_flops(dtype: str = "bf16", n: int = 2048, warmup: int = 3, steps: int = 10) -> float:
+def matmul_flops(dtype: str = "bf16", n: int = 2048, warmup: int = 2, steps: int = 7) -> float:
     """FLOP/s of an n x n @ n x n matmul on this CPU (all threads): 2 n^3 / median time."""
     torch_dtype = torch.bfloat16 if dtype in ("bf16", "bfloat16") else torch.float32
     a = torch.randn(n, n).to(torch_dtype)
@@ -118,7 +118,7 @@ def matmul_flops(dtype: str = "bf16", n: int = 2048, warmup: int = 3, steps: int
     return 2 * n**3 / (median_ms(lambda: a @ b, warmup, steps) / 1e3)
 
 
-def copy_bandwidth(mib: int = 256, warmup: int = 2, steps: int = 7) -> float:
+def copy_bandwidth(mib: int = 64, warmup: int = 2, steps: int = 7) -> float:
     """Bytes/s of copying a ``mib`` MiB tensor into another (each byte read and written)."""
     src = torch.ones(mib * MIB, dtype=torch.uint8)
     dst = torch.empty_like(src)

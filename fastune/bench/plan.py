@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -390,7 +391,12 @@ def run_plan(config: str, overrides: tuple[str, ...], profile_key: Optional[str]
     from fastune.config import load_config
 
     cfg = load_config(config, overrides, check_paths=False)
-    model_config = ModelConfig.from_json(cfg.model.checkpoint_dir)
+    checkpoint = Path(cfg.model.checkpoint_dir)
+    if not (checkpoint / "config.json").is_file() and not checkpoint.is_file():
+        raise PlanError(f"model.checkpoint_dir: no config.json in {checkpoint}; the planner needs only that file "
+                        "(override model.checkpoint_dir with a folder that holds it, e.g. "
+                        "'${asset:model_configs/llama3_1_8b}')")
+    model_config = ModelConfig.from_json(checkpoint)
     if profile_key is None:
         if cfg.device != "cpu":
             raise PlanError(f"{config}: device is {cfg.device!r}: name the GPU to plan for with --profile "
@@ -452,9 +458,10 @@ def render_plan(report: dict) -> str:
     lines += ["Assumptions:", ""] + [f"- {a}" for a in report["assumptions"]]
     if "verification" in report:
         v = report["verification"]
-        lines += ["", "## Check on this CPU", "",
-                  table(["", "peak GiB"] + [k.replace("_", " ") for k in v["estimate"]["by_category"]],
-                        [[name, gib(v[name]["peak_bytes"])] + [gib(b) for b in v[name]["by_category"].values()]
+        mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+        lines += ["", "## Check on this CPU (MiB)", "",
+                  table(["", "peak"] + [k.replace("_", " ") for k in v["estimate"]["by_category"]],
+                        [[name, mib(v[name]["peak_bytes"])] + [mib(b) for b in v[name]["by_category"].values()]
                          for name in ("estimate", "measured")]),
                   "", f"Estimate / measured - 1 = {v['relative_error']:+.2%}. Method: {v['method']}."]
     lines += ["", f"Reproduce: `{report['environment']['command']}`"]

@@ -11,7 +11,8 @@ One YAML per device in ``profiles/`` (installed as ``fastune.profiles``)::
 
 ``cpu.yaml`` holds no figures (``measured: true``): ``load_profile("cpu")`` reads the
 memory size from /proc/meminfo, and ``with_measured_speed`` times matmuls and copies
-(``fastune.bench.measure``) when a command needs FLOP/s.
+(``fastune.bench.measure``) when a command needs FLOP/s. A measured figure is only as
+good as the machine is quiet while it is measured.
 """
 
 from __future__ import annotations
@@ -97,16 +98,17 @@ def _cpu_memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
 
 
-def with_measured_speed(profile: Profile) -> Profile:
-    """A CPU profile with its peak FLOP/s and bandwidth measured now (GPU profiles as they are)."""
+def with_measured_speed(profile: Profile, dtype: str = "bf16") -> Profile:
+    """A CPU profile with its peak FLOP/s in ``dtype`` (bf16 or fp32) and its memory
+    bandwidth measured now; GPU profiles as they are."""
     if profile.kind != "cpu":
         return profile
     from fastune.bench.measure import copy_bandwidth, matmul_flops
 
     measured = dataclasses.replace(profile, sources=dict(profile.sources))
-    for dtype in ("bf16", "fp32"):
-        setattr(measured, f"peak_{dtype}_flops", matmul_flops(dtype))
-        measured.sources[f"peak_{dtype}_flops"] = "measured: median of 2048^3 matmuls"
+    key = "peak_bf16_flops" if dtype in ("bf16", "bfloat16") else "peak_fp32_flops"
+    setattr(measured, key, matmul_flops(dtype))
+    measured.sources[key] = "measured: median of 2048^3 matmuls, all threads"
     measured.memory_bandwidth = copy_bandwidth()
-    measured.sources["memory_bandwidth"] = "measured: median of 256 MiB tensor copies (read + write)"
+    measured.sources["memory_bandwidth"] = "measured: median of 64 MiB tensor copies (read + write)"
     return measured

@@ -29,12 +29,19 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "command": "fastune " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("fastune")
-        else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": _command(),
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def _command() -> str:
+    """How this process was started, as a user would type it."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if program in ("fastune", "cli.py"):  # the entry point, or python -m fastune.cli
+        return shlex.join(["fastune", *sys.argv[1:]])
+    return shlex.join(["python", sys.argv[0], *sys.argv[1:]])
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: Optional[str] = None) -> str:
@@ -60,6 +67,12 @@ def write_report(out_dir: str | os.PathLike, name: str, data: dict, markdown: st
     return [json_path, md_path]
 
 
+def _label(value: Optional[float]) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def bar_chart(path: str | os.PathLike, title: str, groups: Sequence[str],
               panels: dict[str, dict[str, Sequence[Optional[float]]]]) -> Optional[Path]:
     """Grouped bars as a PNG: one panel per entry of ``panels`` (its y label -> series),
@@ -79,7 +92,7 @@ def bar_chart(path: str | os.PathLike, title: str, groups: Sequence[str],
         for i, (label, values) in enumerate(series.items()):
             xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
             bars = ax.bar(xs, [0 if v is None else v for v in values], width, label=label)
-            ax.bar_label(bars, labels=["" if v is None else f"{v:.3g}" for v in values], fontsize=7)
+            ax.bar_label(bars, labels=[_label(v) for v in values], fontsize=7)
         ax.set_xticks(range(len(groups)), groups, rotation=25, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
         if len(series) > 1:

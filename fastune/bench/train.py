@@ -2,7 +2,8 @@
 
 Configurations (``--compare`` adds the baselines):
 
-- ``fastune``: the config as it is (kernels and compile as configured);
+- ``fastune``: the config as it is (kernels and compile as configured), and any
+  ``--variant NAME:KEY=VALUE,...`` (the config with more overrides);
 - ``fastune eager`` (``eager``): the same with ``model.use_kernels=false compile=false``;
 - ``hf+peft eager`` and ``hf+peft compiled`` (``hf``; ``hf-eager``/``hf-compiled`` for
   one of them): transformers' ``AutoModelForCausalLM`` with a PEFT LoRA adapter of the
@@ -12,9 +13,9 @@ Configurations (``--compare`` adds the baselines):
   clipping, and HF's own loss with the same normalization; compiled is
   ``torch.compile`` on the whole model, loss included.
 
-Each configuration runs in its own process, started one after another; each one
-builds its model, compiles and runs its warm-up steps, then waits. The timed steps
-then run interleaved: in every round each process runs ``steps / rounds`` steps in
+Each configuration runs in its own process. The processes start together; each
+builds its model, compiles and runs its warm-up steps, then waits until all are
+ready. The timed steps then run interleaved, one process at a time: in every round each process runs ``steps / rounds`` steps in
 turn (the order rotating between rounds), so that a slow minute of a shared machine
 falls on all of them. Ratios are computed from these numbers, within the one run.
 
@@ -78,13 +79,23 @@ class Spec:
         return json.dumps(dataclasses.asdict(self))
 
 
-def specs(config: str, overrides: list[str], compare: list[str], warmup: int) -> list[Spec]:
-    names = ["fastune"] + [n for c in compare for n in COMPARE[c]]
-    out = []
-    for name in dict.fromkeys(names):  # each once, in order
-        if name == "fastune":
-            out.append(Spec(name, "fastune", config, overrides, warmup))
-        elif name == "fastune eager":
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"NAME:KEY=VALUE,KEY=VALUE"`` -> (NAME, [KEY=VALUE, ...]): fastune with more overrides."""
+    name, _, overrides = text.partition(":")
+    items = [o.strip() for o in overrides.split(",") if o.strip()]
+    if not name.strip() or not items or not all("=" in o or o.startswith("~") for o in items):
+        raise BenchError(f"--variant {text!r}: write NAME:KEY=VALUE[,KEY=VALUE...], "
+                         "e.g. 'no kernels:model.use_kernels=false'")
+    return name.strip(), items
+
+
+def specs(config: str, overrides: list[str], compare: list[str], warmup: int,
+          variants: list[tuple[str, list[str]]] = ()) -> list[Spec]:
+    """fastune as configured, its variants, then the baselines of ``compare``."""
+    out = [Spec("fastune", "fastune", config, overrides, warmup)]
+    out += [Spec(f"fastune, {name}", "fastune", config, overrides + extra, warmup) for name, extra in variants]
+    for name in dict.fromkeys(n for c in compare for n in COMPARE[c]):  # each once, in order
+        if name == "fastune eager":
             out.append(Spec(name, "fastune", config, overrides + ["model.use_kernels=false", "compile=false"], warmup))
         else:
             out.append(Spec(name, "hf", config, overrides, warmup, compile=name.endswith("compiled")))
@@ -229,8 +240,6 @@ class HFRunner:
         from fastune.training.optim import build_lr_scheduler, build_optimizer
         from fastune.training.recipe import build_data, resolve_device, seed_everything
 
-        if cfg.method == "qlora":
-            raise BenchError("--compare hf: QLoRA in HF needs bitsandbytes on CUDA; compare a lora config")
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -292,7 +301,8 @@ def _step_record(clock: PhaseClock, micro_batches, loss: torch.Tensor) -> dict[s
     seconds, phases = clock.take()
     tokens, supervised = _token_counts(micro_batches)
     return {"seconds": seconds, "phases": phases, "tokens": tokens, "supervised": supervised,
-            "shape": list(micro_batches[0]["tokens"].shape), "loss": float(loss), "finished_at": time.time()}
+            "shape": list(micro_batches[0]["tokens"].shape), "loss": float(loss), "finished_at": time.time(),
+            "load_avg": os.getloadavg()[0]}
 
 
 def _memory(device: torch.device) -> dict[str, float]:
@@ -387,16 +397,17 @@ def write_random_checkpoint(cfg, out_dir: Path) -> Path:
     torch.manual_seed(cfg.seed)
     model = Transformer(ModelConfig.from_json(cfg.model.checkpoint_dir))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.fill_(1.0) if p.ndim == 1 else p.normal_(0.0, 0.02)
     fastune.save_pretrained(model, out_dir, source_dir=cfg.model.checkpoint_dir, dtype=parse_dtype(cfg.model.dtype))
     return out_dir
 
 
 def bench_train(config: str, overrides: list[str], compare: list[str], steps: int, warmup: int,
-                rounds: int, random_init: bool, profile_key: Optional[str],
+                rounds: int, random_init: bool, profile_key: Optional[str], variants: list[str] = (),
                 progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Run the configurations (see the module docstring) and return the report as a dict."""
+    """Run the configurations (see the module docstring) and return the report as a dict.
+    ``variants`` ("NAME:KEY=VALUE,...") add fastune configurations with more overrides."""
     from fastune.bench.profiles import load_profile, with_measured_speed
     from fastune.bench.report import environment
     from fastune.config import load_config
@@ -405,14 +416,18 @@ def bench_train(config: str, overrides: list[str], compare: list[str], steps: in
     unknown = [c for c in compare if c not in COMPARE]
     if unknown:
         raise BenchError(f"--compare: unknown baseline {unknown[0]!r}; choose from {', '.join(COMPARE)}")
+    for variant in variants:
+        parse_variant(variant)  # fail before any work
     if steps < 1 or rounds < 1 or warmup < 0:
         raise BenchError("--steps and --rounds must be at least 1, --warmup at least 0")
     cfg = load_config(config, overrides, check_paths=not random_init)
+    if cfg.method == "qlora" and any(c.startswith("hf") for c in compare):
+        raise BenchError("--compare hf: QLoRA in HF needs bitsandbytes on CUDA; compare a lora config")
     model_config = ModelConfig.from_json(cfg.model.checkpoint_dir)
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     profile = load_profile(profile_key or ("cpu" if device == "cpu" else _local_gpu_profile()))
     progress(f"measuring the peak FLOP/s of {profile.name}" if profile.kind == "cpu" else f"profile {profile.name}")
-    profile = with_measured_speed(profile)
+    profile = with_measured_speed(profile, cfg.model.dtype)
     rounds = min(rounds, steps)
     per_round = math.ceil(steps / rounds)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -425,11 +440,12 @@ def bench_train(config: str, overrides: list[str], compare: list[str], steps: in
             path = write_random_checkpoint(cfg, work / "checkpoint")
             checkpoint = [f"model.checkpoint_dir={path}", f"tokenizer={cfg.tokenizer}"]
         results = {}
-        for i, spec in enumerate(specs(config, list(overrides), compare, warmup)):
-            progress(f"setting up {spec.name} (model, compile, {warmup} warm-up steps)")
+        all_specs = specs(config, list(overrides), compare, warmup, [parse_variant(v) for v in variants])
+        progress(f"setting up {', '.join(s.name for s in all_specs)} (model, compile, {warmup} warm-up steps)")
+        for i, spec in enumerate(all_specs):
             own = checkpoint + [f"output_dir={work / f'out{i}'}"]  # where the recipe may write
-            process = _Process(dataclasses.replace(spec, overrides=spec.overrides + own), work)
-            processes.append(process)
+            processes.append(_Process(dataclasses.replace(spec, overrides=spec.overrides + own), work))
+        for spec, process in zip(all_specs, processes):
             ready = process.read()
             warm = ready["warmup"]
             results[spec.name] = {"kind": spec.kind, "overrides": spec.overrides, "setup_s": ready["setup_s"],
@@ -547,10 +563,13 @@ def render(report: dict) -> str:
                      "-" if ratio is None else f"{ratio['tokens_per_s']:.2f}x",
                      "-" if ratio is None else f"{ratio['peak_memory']:.2f}"])
     lines.append(table(header, rows))
+    loads = [s["load_avg"] for r in results.values() for s in r["steps"]]
     env = report["environment"]
     lines += ["", "`fastune speedup` = fastune tok/s / that configuration's tok/s; `fastune memory ratio` = "
               "fastune peak / that configuration's peak (process peak RSS on CPU), both from this run.",
-              "", f"Machine: {env['machine']}, torch {env['torch']}, {env['threads']} threads, {env['date']}. "
+              "", f"Machine: {env['machine']}, torch {env['torch']}, {env['threads']} threads, {env['date']}; "
+              f"1-minute load average during the timed steps {min(loads):.1f} to {max(loads):.1f} "
+              "(above the core count, other processes shared the CPU). "
               f"Reproduce: `{env['command']}`"]
     return "\n".join(lines) + "\n"
 

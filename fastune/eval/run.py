@@ -77,7 +77,7 @@ def _task_manager(task_manager_cls, tasks: Sequence[str], include_paths: list[Pa
     for task in tasks:
         if task not in full.all_tasks:
             raise EvalError(f"--tasks: unknown task {task!r}{did_you_mean(task, full.all_tasks)}; "
-                            "`lm_eval ls tasks` lists lm-eval's tasks")
+                            "`lm-eval ls tasks` lists lm-eval's tasks")
     return full
 
 

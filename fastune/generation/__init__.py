@@ -11,12 +11,12 @@ checkpoint to generate from.
 
 from fastune.generation.generate import GenerationError, GenerationOutput, Generator, generate
 from fastune.generation.kv_cache import KVCache, cache_mask, clear_kv_caches, setup_kv_caches
-from fastune.generation.load import CheckpointNotFound, load_for_inference, resolve_checkpoint
+from fastune.generation.load import CheckpointNotFound, load_for_inference, load_model, resolve_checkpoint
 from fastune.generation.sampling import SamplingError, SamplingParams, sample
 from fastune.generation.text import TextStream, has_chat_format, prompt_ids
 
 __all__ = [
     "CheckpointNotFound", "GenerationError", "GenerationOutput", "Generator", "KVCache", "SamplingError",
     "SamplingParams", "TextStream", "cache_mask", "clear_kv_caches", "generate", "has_chat_format",
-    "load_for_inference", "prompt_ids", "resolve_checkpoint", "sample", "setup_kv_caches",
+    "load_for_inference", "load_model", "prompt_ids", "resolve_checkpoint", "sample", "setup_kv_caches",
 ]

@@ -31,6 +31,11 @@ from fastune.generation.kv_cache import cache_mask, clear_kv_caches, setup_kv_ca
 from fastune.generation.sampling import SamplingParams, sample
 
 
+# Cache lengths are multiples of this: attention over a few unused (masked) positions
+# costs less than compiling the decode step again for every prompt length.
+CACHE_BLOCK = 128
+
+
 class GenerationError(FastuneError, ValueError):
     """Generation asked for something impossible (empty prompt, no room in the context)."""
 
@@ -47,14 +52,14 @@ class GenerationOutput:
         return len(self.tokens)
 
     @property
-    def decode_tokens_per_second(self) -> float:
+    def decode_tokens_per_second(self) -> Optional[float]:
         """Tokens produced per second by decode steps (every row counts, stopped or not),
-        leaving out the first step, which pays for compilation and warm-up. Median
-        step time, so one slow step on a shared machine does not move it."""
-        steps = self.step_seconds[1:] or self.step_seconds
-        if not steps:
-            return float("nan")
-        return self.batch_size / statistics.median(steps)
+        leaving out the first step, which pays for compilation and warm-up; None with
+        fewer than two steps. Median step time, so one slow step on a shared machine
+        does not move it."""
+        if len(self.step_seconds) < 2:
+            return None
+        return self.batch_size / statistics.median(self.step_seconds[1:])
 
 
 StopFn = Callable[[int, list[int]], bool]  # (row, ids generated so far) -> stop this row?
@@ -67,16 +72,19 @@ class Generator:
     Keep one ``Generator`` for many calls: with ``compile=True`` the decode step is
     compiled on the first call and reused as long as batch size and cache length
     stay the same (a new shape compiles once more).
+
+    On CPU, a model whose parameters need no gradient (an inference model, as
+    ``load_for_inference`` returns it) is compiled with inductor's *freezing*: the
+    weights become constants of the compiled step, and its linear layers run oneDNN's
+    prepacked matmul, about 15% faster per decode step on the 55M-parameter
+    benchmark model here. The price: a second, packed copy of the linear weights in
+    memory, and a compiled step that keeps the weights it saw (make a new
+    ``Generator`` after changing them).
     """
 
     def __init__(self, model: nn.Module, compile: bool = False):
         self.model = model
-        self._decode = _forward_last
-        if compile:
-            # CUDA graphs remove the per-step launch overhead that dominates decoding
-            # on a GPU; on CPU inductor's generated C++ is the whole win.
-            mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else None
-            self._decode = torch.compile(_forward_last, fullgraph=True, dynamic=False, mode=mode)
+        self._decode = _compile_decode(model) if compile else _forward_last
 
     @torch.no_grad()
     def generate(
@@ -110,6 +118,8 @@ class Generator:
             start = time.perf_counter()
             logits = _forward_last(model, tokens, torch.arange(prompt_len, device=device), offsets, valid)
             next_token = sample(logits, sampling, generator)
+            if next_token.is_cuda:
+                torch.cuda.synchronize(device)
             prefill_seconds = time.perf_counter() - start
             generated = [next_token]
             step_seconds = []
@@ -123,7 +133,9 @@ class Generator:
                 input_pos = torch.tensor([prompt_len + step - 1], device=device)
                 logits = self._decode(model, next_token[:, None], input_pos, offsets, valid)
                 next_token = sample(logits, sampling, generator)
-                step_seconds.append(time.perf_counter() - start)  # .tolist() below syncs on CUDA
+                if next_token.is_cuda:  # time the GPU's work, not only its launch
+                    torch.cuda.synchronize(device)
+                step_seconds.append(time.perf_counter() - start)
                 generated.append(next_token)
                 finished |= self._finished(next_token, stops, generated, stop_fn)
                 if on_token is not None:
@@ -150,6 +162,24 @@ class Generator:
         return done
 
 
+def _compile_decode(model: nn.Module) -> Callable:
+    """``_forward_last`` compiled for ``model``'s device (see ``Generator``)."""
+    if model.embed_tokens.weight.is_cuda:
+        # CUDA graphs remove the per-step launch overhead that dominates decoding on a GPU.
+        return torch.compile(_forward_last, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    if any(p.requires_grad for p in model.parameters()):
+        return torch.compile(_forward_last, fullgraph=True, dynamic=False)
+    frozen = torch.compile(_forward_last, fullgraph=True, dynamic=False, options={"freezing": True})
+
+    def decode(*args):
+        # Without prepare_freezing, dynamo hands the parameters to inductor as plain graph
+        # inputs, and freezing folds nothing (checked with torch 2.13).
+        with torch._dynamo.config.patch(prepare_freezing=True):
+            return frozen(*args)
+
+    return decode
+
+
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              **kwargs) -> GenerationOutput:
     """One-off ``Generator(model).generate(...)`` (eager decode)."""
@@ -157,14 +187,16 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], max_new_tokens: int, device: torch.device):
-    """(tokens [B, P] left-padded with 0, valid [B, P + max_new_tokens] False on padding,
-    offsets [B] = padding length of each row)."""
+    """(tokens [B, P] left-padded with 0, valid [B, L] False on padding, offsets [B] =
+    padding length of each row). The cache length L is P + max_new_tokens rounded up to
+    a multiple of CACHE_BLOCK, so that calls with similar lengths share one compiled step."""
     width = max(len(p) for p in prompts)
     tokens = torch.zeros((len(prompts), width), dtype=torch.long)
     offsets = torch.tensor([width - len(p) for p in prompts])
     for row, prompt in enumerate(prompts):
         tokens[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-    valid = torch.arange(width + max_new_tokens)[None, :] >= offsets[:, None]
+    length = -(-(width + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+    valid = torch.arange(length)[None, :] >= offsets[:, None]
     return tokens.to(device), valid.to(device), offsets.to(device)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import yaml
 from torch import nn
 
 from fastune.checkpoint.hf import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
@@ -50,7 +51,18 @@ def load_for_inference(
     device: Union[str, torch.device] = "cpu",
     use_kernels: Optional[bool] = None,
 ) -> tuple[nn.Module, Tokenizer, Path]:
-    """(model in eval mode, its tokenizer, the checkpoint folder used) for ``path``.
+    """(model in eval mode, its tokenizer, the checkpoint folder used) for ``path``."""
+    model, ckpt = load_model(path, dtype, device, use_kernels)
+    return model, load_tokenizer(ckpt), ckpt
+
+
+def load_model(
+    path: Union[str, Path],
+    dtype: Union[str, torch.dtype] = "bf16",
+    device: Union[str, torch.device] = "cpu",
+    use_kernels: Optional[bool] = None,
+) -> tuple[nn.Module, Path]:
+    """(model in eval mode, without gradients; the checkpoint folder used) for ``path``.
     A quantized checkpoint keeps the dtype it was quantized with."""
     import fastune
     from fastune.quantize import is_quantized, load_quantized
@@ -64,7 +76,7 @@ def load_for_inference(
     else:
         model = _merged_adapter_model(ckpt, dtype, device, use_kernels)
     model.requires_grad_(False)
-    return model.eval(), load_tokenizer(ckpt), ckpt
+    return model.eval(), ckpt
 
 
 def _has_weights(ckpt: Path) -> bool:
@@ -80,13 +92,8 @@ def _merged_adapter_model(ckpt: Path, dtype, device, use_kernels) -> nn.Module:
     from fastune.training.recipe import ADAPTER_DIR
 
     adapter = ckpt / ADAPTER_DIR
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise CheckpointNotFound(
-            f"{adapter / 'adapter_config.json'}: {ckpt} holds only an adapter, and its base model "
-            f"{base!r} is not a local folder; download it (`fastune download`) and set base_model_name_or_path"
-        )
-    model = fastune.from_pretrained(base, dtype=dtype, device=device, use_kernels=use_kernels)
+    model = fastune.from_pretrained(_local_base_model(ckpt, adapter), dtype=dtype, device=device,
+                                    use_kernels=use_kernels)
     load_peft_adapter(model, adapter)
     merged = merge_lora(model)
     with torch.device("meta"):
@@ -95,3 +102,23 @@ def _merged_adapter_model(ckpt: Path, dtype, device, use_kernels) -> nn.Module:
     plain.reset_buffers(torch.device(device))
     plain.tie_weights()
     return plain
+
+
+def _local_base_model(ckpt: Path, adapter: Path) -> Path:
+    """The base model folder of an adapter-only checkpoint: the adapter's
+    ``base_model_name_or_path`` when that is a folder here, else the
+    ``model.checkpoint_dir`` of the run's config.yaml (an adapter trained on a
+    downloaded model names its Hub repo instead)."""
+    config_file = adapter / "adapter_config.json"
+    named = json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
+    candidates = [Path(named)] if named else []
+    run_config = ckpt.parent / "config.yaml"
+    if run_config.is_file():
+        candidates.append(Path(yaml.safe_load(run_config.read_text())["model"]["checkpoint_dir"]))
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise CheckpointNotFound(
+        f"{config_file}: {ckpt} holds only an adapter, and its base model {named!r} is not a folder here; "
+        "download it (`fastune download`) and put its path in base_model_name_or_path"
+    )

@@ -34,8 +34,8 @@ class TextStream:
 
     Each step decodes everything so far and emits what was not emitted yet, so a
     character spread over several byte tokens comes out whole: text that ends in
-    an incomplete character (U+FFFD) is held back until the next token. Stop
-    tokens are never shown.
+    an incomplete character (U+FFFD) is held back until the next token, or until
+    ``flush`` at the end. Stop tokens are never shown.
     """
 
     def __init__(self, tokenizer: Tokenizer, write: Callable[[str], None], stop_ids=()):
@@ -58,3 +58,10 @@ class TextStream:
             return
         self.write(text[self.shown:])
         self.shown = len(text)
+
+    def flush(self) -> None:
+        """Pass on what was held back (generation ended inside a character)."""
+        text = self.tokenizer.decode(self.ids)
+        if len(text) > self.shown:
+            self.write(text[self.shown:])
+            self.shown = len(text)

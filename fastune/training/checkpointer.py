@@ -5,17 +5,22 @@ torchtune) or ``output_dir/step_N`` (after optimizer step N), written to a hidde
 temporary folder and renamed into place, so resume never finds half of one:
 
 - ``config.json`` and ``model*.safetensors`` (+ index): the model in HF format,
-  loadable by ``transformers``. For LoRA these are the merged weights, skipped
-  with ``save_adapter_weights_only`` (then only config.json is written).
+  loadable by ``transformers``. For LoRA these are the merged weights, left out
+  with ``save_adapter_weights_only``;
 - the tokenizer files of the source checkpoint;
-- for LoRA/DoRA/QLoRA, ``adapter_model.safetensors`` + ``adapter_config.json``
-  that ``peft.PeftModel.from_pretrained`` loads;
+- for LoRA/DoRA/QLoRA, ``adapter/adapter_model.safetensors`` +
+  ``adapter/adapter_config.json``, which ``peft.PeftModel.from_pretrained`` loads.
+  In a folder of their own: transformers' ``from_pretrained`` would otherwise see
+  the adapter next to the merged weights and apply it a second time;
 - ``training_state.pt``: optimizer, lr scheduler, RNG states, data loader
   position. Plain tensors and containers only, read with ``weights_only=True``.
   Full fine-tuning resumes its weights from the HF safetensors above, LoRA from
   the adapter;
-- ``trainer_state.json``: epoch and global step in readable form (used to find
-  the latest checkpoint without unpickling anything).
+- ``trainer_state.json``: epochs run and global step in readable form (used to
+  find the latest checkpoint without unpickling anything).
+
+The recipe (``fastune.training.recipe.save_checkpoint``) decides what goes in;
+this module writes, finds and reads the folders.
 """
 
 from __future__ import annotations

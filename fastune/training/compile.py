@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from torch import nn
 import torch
+from torch import nn
 
 
 def apply_compile(model: nn.Module, loss_fn: Callable) -> Callable:

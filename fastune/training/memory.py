@@ -95,7 +95,8 @@ class _OffloadHooks:
         compute = torch.cuda.current_stream()
         self.stream.wait_stream(compute)  # t is produced on the compute stream
         with torch.cuda.stream(self.stream):
-            host = torch.empty(t.size(), dtype=t.dtype, device="cpu", pin_memory=True)
+            # empty_like keeps t's strides: some backward formulas rely on them.
+            host = torch.empty_like(t, device="cpu", pin_memory=True)
             host.copy_(t, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)

@@ -66,6 +66,7 @@ from fastune.data import (
     prompt_answer_pairs,
 )
 from fastune.errors import FastuneError
+from fastune.hub import base_model_name
 from fastune.modules.peft import apply_lora, count_parameters, merge_lora
 from fastune.training import checkpointer
 from fastune.training.compile import apply_compile
@@ -402,7 +403,10 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
     cfg = run.cfg
     results: dict[str, float] = {}
     if run.resumed_from is None:
-        results.update({f"{k}_before": v for k, v in evaluate(run, logger).items()})
+        before = evaluate(run, logger)
+        if before:
+            log.info("before training: %s", ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+        results.update({f"{k}_before": v for k, v in before.items()})
     accumulation = cfg.gradient_accumulation_steps
     meter = ThroughputMeter(run.tokenizer.pad_id)
     bar = tqdm(total=run.total_steps, initial=run.global_step, unit="step", dynamic_ncols=True,
@@ -632,7 +636,7 @@ def write_model_files(run: TrainingRun, folder: Path, state_dict: Optional[dict[
         _copy_tokenizer_files(Path(source), folder)
     else:
         save_hf_checkpoint(merge_lora(model, state_dict), model.config, folder, source_dir=source)
-    save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=str(Path(source).resolve()),
+    save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=base_model_name(Path(source)),
                       state_dict=state_dict)
 
 

@@ -3,14 +3,19 @@ ignored and out-of-range targets, compile, bad input.
 
 The kernel has no tl.dot, so bf16 runs under the interpreter as it is."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.distributed._tools.mem_tracker import MemTracker
 
 from fastune.kernels.cross_entropy import cross_entropy
 from fastune.kernels.dispatch import force_triton
 from tests.kernels.numerics import assert_bf16_close, assert_close_to_truth, fwd_bwd, to_float64
 
+# The module, not the function of the same name that fastune.kernels exports.
+ce_module = importlib.import_module("fastune.kernels.cross_entropy")
 IGNORE = -100
 # (label_smoothing, z_loss): plain, each option alone, both.
 OPTIONS = [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-3), (0.2, 1e-2)]
@@ -163,3 +168,22 @@ def test_bad_labels_get_one_line_errors():
         cross_entropy(logits, torch.zeros(4, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="integer tensor"):
         cross_entropy(logits, torch.zeros(4, 5))
+
+
+def test_eager_reference_works_in_row_blocks(monkeypatch):
+    """Eager, the reference runs on blocks of rows so that its fp32 temporaries stay small;
+    the result is the same as in one block."""
+    logits, labels = make_case((256,), 1024, torch.bfloat16)
+    whole = fwd_bwd(ours(labels, 0.1, 1e-3), [logits])
+    monkeypatch.setattr(ce_module, "REFERENCE_BLOCK", 16 * 1024)  # 16 rows per block
+    blocked = fwd_bwd(ours(labels, 0.1, 1e-3), [logits])
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
+
+    trained = logits.clone().requires_grad_(True)
+    tracker = MemTracker()
+    with tracker:
+        cross_entropy(trained * 1, labels)
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    logits_bytes = logits.numel() * logits.element_size()
+    # The bf16 logits (made by `* 1`, then overwritten with the gradient) plus small blocks.
+    assert peak < 1.5 * logits_bytes, f"peak {peak} B vs bf16 logits {logits_bytes} B"

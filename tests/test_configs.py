@@ -1,0 +1,121 @@
+"""Every shipped model config validates as `fastune validate` would, against the
+config.json of the model it names (no weights), and says how to get that model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from fastune.cli import main
+from fastune.config import load_config, shipped_config, shipped_config_names
+from fastune.models.config import ModelConfig
+from fastune.models.transformer import Transformer
+from fastune.modules.lora import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, rms_norm_eps=1e-5,
+              rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, max_position_embeddings=131072)
+# The shape keys of each model's config.json on the Hub, and its parameter count as published
+# (tied embeddings counted once).
+MODELS = {
+    "meta-llama/Llama-3.2-1B-Instruct": (dict(
+        LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, tie_word_embeddings=True), 1_235_814_400),
+    "meta-llama/Llama-3.2-3B-Instruct": (dict(
+        LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True), 3_212_749_824),
+    "meta-llama/Llama-3.1-8B-Instruct": (dict(
+        LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, tie_word_embeddings=False), 8_030_261_248),
+    "meta-llama/Llama-2-7b-hf": (dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096,
+        intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False), 6_738_415_616),
+    "mistralai/Mistral-7B-Instruct-v0.3": (dict(
+        model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32768, hidden_size=4096,
+        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768,
+        sliding_window=None, tie_word_embeddings=False), 7_248_023_552),
+    "Qwen/Qwen2.5-7B-Instruct": (dict(
+        model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=152064, hidden_size=3584,
+        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+        tie_word_embeddings=False), 7_615_616_512),
+}
+MODEL_CONFIGS = [n for n in shipped_config_names() if n != "demo"]
+DOWNLOAD = re.compile(r"^#\s+fastune download (\S+) --output-dir (\S+)", re.MULTILINE)
+
+
+def header(name: str) -> str:
+    return shipped_config(name).read_text(encoding="utf-8")
+
+
+def download_line(name: str) -> tuple[str, str]:
+    match = DOWNLOAD.search(header(name))
+    assert match, f"{name}: no `fastune download REPO --output-dir DIR` line in the header"
+    return match.group(1), match.group(2)
+
+
+def fake_checkpoint(name: str, folder) -> ModelConfig:
+    """A folder with the named model's config.json (and an empty tokenizer file where the
+    config points at one), as `fastune download` would leave it minus the weights."""
+    repo, _ = download_line(name)
+    config, _ = MODELS[repo]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer = load_config(name, [f"model.checkpoint_dir={folder}"], check_paths=False).tokenizer
+    if tokenizer != str(folder):
+        (folder / tokenizer.rsplit("/", 1)[-1]).write_bytes(b"")
+    return ModelConfig.from_json(folder)
+
+
+def test_the_issue_s_model_configs_ship():
+    assert set(MODEL_CONFIGS) >= {
+        "llama3_2/1B_full", "llama3_2/1B_lora", "llama3_2/1B_qlora",
+        "llama3_2/3B_full", "llama3_2/3B_lora", "llama3_2/3B_qlora",
+        "llama3_1/8B_lora", "llama3_1/8B_qlora", "llama3_1/8B_full",
+        "llama2/7B_lora", "llama2/7B_qlora", "mistral/7B_lora", "qwen2_5/7B_lora",
+    }
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_shipped_config_validates_against_its_model(name, tmp_path):
+    repo, output_dir = download_line(name)
+    assert repo in MODELS, f"{name}: add {repo}'s config.json to this test"
+    cfg = load_config(name, check_paths=False)
+    assert cfg.model.checkpoint_dir == output_dir  # the download lands where the config looks
+    assert f"fastune train {name}" in header(name)
+    assert cfg.method == name.rsplit("_", 1)[-1]  # 8B_qlora is qlora, 1B_full is full
+    # As `fastune validate NAME model.checkpoint_dir=...` checks it (paths included).
+    model_config = fake_checkpoint(name, tmp_path / "model")
+    cfg = load_config(name, [f"model.checkpoint_dir={tmp_path / 'model'}"])
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    assert sum(p.numel() for p in model.parameters()) == MODELS[repo][1]
+    if cfg.method == "qlora":  # NF4 stores every decoder projection in blocks
+        for module_name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module_name != "lm_head":
+                assert module.weight.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE) == 0, module_name
+
+
+def test_fastune_validate_accepts_a_shipped_config(tmp_path):
+    fake_checkpoint("llama3_1/8B_full", tmp_path / "model")
+    result = CliRunner().invoke(main, ["validate", "llama3_1/8B_full", f"model.checkpoint_dir={tmp_path / 'model'}"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("config OK: llama3_1/8B_full")
+    assert "32 layers" in result.stdout and "full" in result.stdout
+
+
+def test_ls_lists_every_model_config_with_its_method():
+    result = CliRunner().invoke(main, ["ls"])
+    assert result.exit_code == 0
+    rows = {line.split()[2]: line.split()[:2] for line in result.stdout.splitlines()[1:]}
+    for name in MODEL_CONFIGS:
+        model, method = name.split("/")[0], load_config(name, check_paths=False).method
+        assert rows[name] == [model, method]

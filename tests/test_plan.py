@@ -1,0 +1,228 @@
+"""``fastune plan``: the memory tracker, the fake-tensor estimate against a real step,
+the recommendations, the hardware profiles, and the command's reports."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastune.bench.memory import MemoryTracker
+from fastune.bench.plan import Target, build_model, plan, trace_step, verify, worst_case_batch
+from fastune.bench.profiles import FIGURES, Profile, ProfileError, load_profile, profile_names
+from fastune.cli import main
+from fastune.config import load_config
+from fastune.models.config import ModelConfig
+
+# Every projection a multiple of 64 * 256 elements, so that QLoRA can quantize it.
+TINY_MODEL = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-5}
+CONFIG = """\
+output_dir: {tmp}/out
+method: lora
+model:
+  checkpoint_dir: {tmp}/model
+  dtype: fp32
+lora:
+  rank: 4
+  targets: [q_proj, v_proj]
+dataset:
+  source: json
+  data_files: {tmp}/unused.jsonl
+  packed: true
+  max_seq_len: 64
+batch_size: 2
+device: cpu
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(TINY_MODEL))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(CONFIG.format(tmp=tmp_path))
+    return path
+
+
+def config(path, *overrides):
+    cfg = load_config(path, overrides, check_paths=False)
+    return cfg, ModelConfig.from_json(cfg.model.checkpoint_dir)
+
+
+# ----------------------------------------------------------------------------- the tracker
+
+
+def test_tracker_counts_live_bytes_and_their_peak():
+    tracker = MemoryTracker()
+    a = torch.ones(1000)  # 4000 bytes, before tracking
+    tracker.track_existing([a], "parameters")
+    with tracker:
+        with tracker.phase("forward"):
+            b = a * 2  # 4000: kept (an activation)
+            c = b + 1  # 4000: freed before the forward ends (a temporary)
+            del c
+        with tracker.phase("backward"):
+            d = torch.zeros(3000)  # 12000: peak 4000 + 4000 + 12000
+            del d
+    report = tracker.finish()
+    assert report.peak_bytes == 20000
+    assert report.phase_at_peak == "backward"
+    assert report.by_category == {"parameters": 4000, "gradients": 0, "optimizer_state": 0,
+                                  "activations": 4000, "temporary": 12000}
+    assert b.sum() == 2000  # b stayed alive through the peak
+
+
+def test_tracker_agrees_with_torch_memtracker(tiny):
+    """An independent dispatch-level tracker, torch's MemTracker, finds the same peak for
+    full fine-tuning (MemTracker cannot track frozen parameters, so not for LoRA)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from fastune.training.optim import build_optimizer
+    from fastune.training.recipe import build_loss
+
+    cfg, model_config = config(tiny, "method=full", "model.use_kernels=false")
+    ours = trace_step(cfg, model_config, Target("cpu"))
+    with FakeTensorMode():
+        model = build_model(cfg, model_config)
+        loss_fn = build_loss(model, cfg.loss, False)
+        optimizer = build_optimizer({"_component_": "torch.optim.AdamW", "lr": 1e-3}, model, torch.device("cpu"))
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        batch = worst_case_batch(cfg, model_config.vocab_size)
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer, *batch.values())
+        with tracker:
+            hidden = model(batch["tokens"], position_ids=batch["position_ids"],
+                           document_ids=batch["document_ids"], return_hidden=True)
+            loss, _ = loss_fn(hidden, batch["labels"])
+            (loss / batch["labels"].numel()).backward()
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        theirs = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
+    assert ours.peak_bytes == pytest.approx(theirs, rel=0.01)
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+@pytest.mark.parametrize("overrides", [
+    (),
+    ("method=qlora",),
+    ("method=full", "activation_checkpointing=true"),
+    ("model.use_kernels=false", "model.dtype=bf16"),
+])
+def test_cpu_estimate_is_within_10_percent_of_a_real_step(tiny, overrides):
+    cfg, model_config = config(tiny, *overrides)
+    check = verify(cfg, model_config)
+    assert abs(check["relative_error"]) < 0.10, check
+    assert check["measured"]["peak_bytes"] > 0
+
+
+def test_categories_of_full_fine_tuning(tiny):
+    cfg, model_config = config(tiny, "method=full", "model.use_kernels=false")
+    memory = trace_step(cfg, model_config, Target("cpu"))
+    with torch.device("meta"):
+        model = build_model(cfg, model_config)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_buffers = sum(b.numel() for b in model.buffers())  # the RoPE frequencies
+    assert memory.by_category["parameters"] == 4 * (n_params + n_buffers)  # fp32, no rounding on CPU
+    # AdamW: exp_avg and exp_avg_sq per parameter, plus a step counter per tensor.
+    assert 2 * 4 * n_params <= memory.by_category["optimizer_state"] <= 2 * 4 * n_params + 4096
+
+
+def test_cuda_paths_and_features_change_the_estimate(tiny):
+    """QLoRA shrinks the parameters, checkpointing the activations; CUDA rounds to 512 bytes."""
+    base = trace_step(*config(tiny), Target("cuda"))
+    qlora = trace_step(*config(tiny, "method=qlora"), Target("cuda"))
+    checkpointed = trace_step(*config(tiny, "activation_checkpointing=true"), Target("cuda"))
+    assert qlora.by_category["parameters"] < 0.7 * base.by_category["parameters"]
+    assert checkpointed.by_category["activations"] < 0.5 * base.by_category["activations"]
+    assert base.peak_bytes % 512 == 0
+
+
+def test_recommends_the_first_variant_that_fits(tiny):
+    cfg, model_config = config(tiny, "batch_size=4")
+    roomy = Profile(key="roomy", name="roomy", kind="cuda", memory_gib=1000.0)
+    as_configured = plan(cfg, model_config, roomy)
+    assert as_configured["recommended"] == "(as configured)"
+    assert len(as_configured["candidates"]) == 1
+
+    need = as_configured["candidates"][0]["device_total_gib"]
+    tight = dataclasses.replace(roomy, key="tight", memory_gib=need - 1e-6)
+    report = plan(cfg, model_config, tight)
+    first, chosen = report["candidates"][0], report["candidates"][-1]
+    assert not first["fits"] and chosen["fits"]
+    assert report["recommended"] == chosen["label"] == "activation_checkpointing=True"
+    assert chosen["device_total_gib"] <= tight.memory_gib
+    assert "activation_checkpointing" in report["features"]
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+def test_every_shipped_profile_loads_with_sources():
+    names = profile_names()
+    for key in ("rtx3090", "rtx4090", "rtx5090", "t4", "l4", "a10g", "a100_40gb", "a100_80gb",
+                "h100_sxm", "h200", "cpu"):
+        assert key in names
+    for key in names:
+        profile = load_profile(key)
+        assert profile.memory_gib and profile.memory_gib > 0
+        if profile.kind == "cuda":
+            assert set(profile.sources) == set(FIGURES), key
+            assert profile.peak_fp32_flops > 1e12 and profile.memory_bandwidth > 1e11
+    assert load_profile("rtx4090").peak_bf16_flops == pytest.approx(165.2e12)
+
+
+def test_unknown_profile_is_one_line_with_a_suggestion():
+    with pytest.raises(ProfileError, match="rtx4090"):
+        load_profile("rtx490")
+
+
+@pytest.mark.parametrize("name, parameters", [("llama3_2_1b", 1_235_814_400), ("llama3_2_3b", 3_212_749_824),
+                                              ("llama3_1_8b", 8_030_261_248)])
+def test_shipped_model_configs_have_the_published_sizes(name, parameters):
+    import importlib.resources
+
+    from fastune.models.transformer import Transformer
+
+    path = importlib.resources.files("fastune") / "assets" / "model_configs" / name
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_json(str(path)))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_plan_command_writes_json_and_markdown(tiny, tmp_path):
+    out = tmp_path / "reports"
+    result = CliRunner().invoke(main, ["plan", str(tiny), "--verify", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "plan_tiny_cpu.json").read_text())
+    assert data["profile"]["key"] == "cpu" and data["recommended"] == "(as configured)"
+    assert set(data["candidates"][0]["by_category"]) == {"parameters", "gradients", "optimizer_state",
+                                                        "activations", "temporary"}
+    assert abs(data["verification"]["relative_error"]) < 0.10
+    markdown = (out / "plan_tiny_cpu.md").read_text()
+    assert "| settings | parameters | gradients | optimizer state | activations | temporary |" in markdown
+    assert "## Check on this CPU (MiB)" in markdown
+
+
+def test_plan_command_bad_profile_is_one_line(tiny, tmp_path):
+    result = CliRunner().invoke(main, ["plan", str(tiny), "--profile", "rtx409", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --profile: no profile named 'rtx409' (did you mean 'rtx4090'?); known: "
+        + ", ".join(profile_names())]
+
+
+def test_plan_command_needs_a_profile_for_a_gpu_config(tiny, tmp_path):
+    result = CliRunner().invoke(main, ["plan", str(tiny), "device=cuda", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--profile" in result.output

@@ -1,0 +1,143 @@
+"""`fastune quantize`: torchao int8/int4 weight-only and int8 dynamic quantization of the
+demo model, saved in safetensors and loaded back for generation."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from train_helpers import single_thread  # noqa: F401 (autouse fixture)
+
+import fastune
+from fastune.checkpoint import CheckpointError
+from fastune.cli import main
+from fastune.data import load_tokenizer
+from fastune.generation import generate, load_for_inference
+from fastune.quantize import (
+    WEIGHTS_NAME, QuantizationError, QuantizationRecipe, disk_size, load_quantized, pack_int4,
+    quantize_checkpoint, quantize_model, unpack_int4,
+)
+
+DEMO = Path(fastune.__file__).parent / "assets" / "demo" / "base_model"
+EVAL = Path(fastune.__file__).parent / "assets" / "demo" / "data" / "eval.jsonl"
+
+
+@pytest.fixture(scope="module")
+def demo_batches():
+    """Held-out demo conversations as the model saw them in training, one per row."""
+    tok = load_tokenizer(DEMO)
+    rows = [json.loads(line) for line in EVAL.read_text().splitlines()[:12]]
+    return [torch.tensor([tok.tokenize_messages([
+        {"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"},
+        {"role": "assistant", "content": r["output"]},
+    ])[0]]) for r in rows]
+
+
+def _logits(model, batches):
+    with torch.no_grad():
+        return [model(tokens).float().flatten() for tokens in batches]
+
+
+@pytest.fixture(scope="module")
+def bf16_logits(demo_batches):
+    return _logits(fastune.from_pretrained(DEMO, dtype="bf16").eval(), demo_batches)
+
+
+@pytest.mark.parametrize("scheme, group_size, min_cosine", [
+    ("int8wo", None, 0.99),  # the issue's bar
+    ("int8dq", None, 0.99),
+    ("int4wo", 64, 0.98),  # measured 0.994 at worst over these prompts
+])
+def test_quantized_logits_stay_close_to_bf16(tmp_path, demo_batches, bf16_logits, scheme, group_size, min_cosine):
+    out = quantize_checkpoint(DEMO, tmp_path / "q", QuantizationRecipe(scheme, group_size=group_size))
+    model, _, _ = load_for_inference(out)  # the loader `fastune generate` uses
+    cosines = [F.cosine_similarity(a, b, dim=0).item() for a, b in zip(_logits(model, demo_batches), bf16_logits)]
+    assert min(cosines) >= min_cosine
+    # On disk: the decoder's linear weights shrink to 1 byte (int8) or half a byte (int4)
+    # per parameter plus scales; the tied embedding stays bf16.
+    ratio = disk_size(out) / disk_size(DEMO)
+    assert ratio < {"int8wo": 0.56, "int8dq": 0.56, "int4wo": 0.33}[scheme]
+
+
+@pytest.mark.parametrize("scheme, group_size", [("int8wo", None), ("int4wo", 32), ("int8dq", None)])
+def test_saved_checkpoint_reloads_exactly(tmp_path, demo_batches, scheme, group_size):
+    recipe = QuantizationRecipe(scheme, group_size=group_size)
+    in_memory = quantize_model(fastune.from_pretrained(DEMO, dtype="bf16").eval(), recipe)
+    reloaded = load_quantized(quantize_checkpoint(DEMO, tmp_path / "q", recipe))
+    for a, b in zip(_logits(in_memory, demo_batches[:3]), _logits(reloaded, demo_batches[:3])):
+        assert torch.equal(a, b)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fastune-torchao"
+    assert config["quantization_config"]["scheme"] == scheme
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+
+
+def test_int4_packing_round_trips_every_value():
+    values = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)  # [3, 32]
+    packed = pack_int4(values)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 16)
+    assert torch.equal(unpack_int4(packed), values)
+
+
+def test_generate_from_a_quantized_checkpoint(tmp_path):
+    out = quantize_checkpoint(DEMO, tmp_path / "q", QuantizationRecipe("int8wo"))
+    model, tok, _ = load_for_inference(out)
+    expected = tok.decode(generate(model, [tok.encode("Write the word backwards.")], 6).tokens[0])
+    result = CliRunner().invoke(main, ["generate", str(out), "Write the word backwards.", "--no-chat",
+                                       "--max-new-tokens", "6", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"
+
+
+def test_transformers_refuses_the_quantized_folder_rather_than_random_weights(tmp_path):
+    import transformers
+
+    out = quantize_checkpoint(DEMO, tmp_path / "q", QuantizationRecipe("int8wo"))
+    with pytest.raises(OSError, match="model.safetensors"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_cli_quantize_reports_the_size_and_keeps_existing_output(tmp_path):
+    out = tmp_path / "q"
+    result = CliRunner().invoke(main, ["quantize", str(DEMO), str(out), "--scheme", "int4wo", "--group-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: int4wo, weights" in result.stdout and "smaller than" in result.stdout
+    again = CliRunner().invoke(main, ["quantize", str(DEMO), str(out)])
+    assert again.exit_code == 2 and again.stderr.strip() == f"error: {out} exists; pass --force to replace it"
+
+
+def test_bad_group_size_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["quantize", str(DEMO), str(tmp_path / "q"), "--scheme", "int4wo",
+                                       "--group-size", "48"])
+    assert result.exit_code == 2
+    config = fastune.ModelConfig.from_json(DEMO)
+    common = math.gcd(config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim)
+    assert re.fullmatch(rf"error: group_size: 48 does not divide the \d+ input features of layers\.0\.\S+; "
+                        rf"use {common & -common} or another divisor of {common}\n", result.stderr)
+    assert not (tmp_path / "q").exists()
+
+
+def test_requantizing_and_corrupt_files_are_clear_errors(tmp_path):
+    out = quantize_checkpoint(DEMO, tmp_path / "q", QuantizationRecipe("int8wo"))
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_checkpoint(out, tmp_path / "qq", QuantizationRecipe("int8wo"))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out / WEIGHTS_NAME)
+    del tensors["model.layers.1.mlp.up_proj.weight.scale"]
+    save_file(tensors, out / WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match="missing key 'model.layers.1.mlp.up_proj.weight.scale'"):
+        load_quantized(out)
+
+
+def test_recipe_checks_its_settings():
+    with pytest.raises(QuantizationError, match="unknown 'int3wo'"):
+        QuantizationRecipe("int3wo")
+    with pytest.raises(QuantizationError, match="group_size"):
+        QuantizationRecipe("int8wo", group_size=32)

@@ -1,0 +1,91 @@
+"""The recipe's small parts on their own: schedule, weight-decay groups, RNG state
+round trip, checkpoint discovery, peak memory and exact-match decoding."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastune.models import ModelConfig, Transformer
+from fastune.training import checkpointer
+from fastune.training.exact_match import greedy_generate
+from fastune.training.memory import peak_memory_stats
+from fastune.training.optim import build_optimizer, warmup_cosine_lambda
+from train_helpers import single_thread  # noqa: F401 (autouse fixture)
+
+
+def test_warmup_then_cosine():
+    f = warmup_cosine_lambda(warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]  # (s + 1) / (warmup + 1): step 0 learns
+    assert f(4) == 1.0
+    assert math.isclose(f(9), 0.1 + 0.9 * 0.5)  # half way through the decay
+    assert math.isclose(f(14), 0.1) and math.isclose(f(100), 0.1)
+
+
+def test_adamw_groups_decay_matrices_only_and_picks_foreach_on_cpu():
+    model = Transformer(ModelConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+    model.embed_tokens.weight.requires_grad_(False)
+    node = {"_component_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.1, "fused": None}
+    optimizer = build_optimizer(node, model, torch.device("cpu"))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])  # norm weights
+    assert len(decayed["params"]) + len(plain["params"]) == sum(p.requires_grad for p in model.parameters())
+    assert decayed["foreach"] and not decayed["fused"]
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    state = checkpointer.rng_state()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.save(state, tmp_path / "rng.pt")
+    checkpointer.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_latest_checkpoint_is_found_by_global_step(tmp_path):
+    for name, step in [("step_10", 10), ("epoch_0", 12), ("step_2", 2), ("epoch_1", 24)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpointer.TRAINER_STATE).write_text(json.dumps({"global_step": step}))
+    (tmp_path / ".epoch_2.tmp-1-abc").mkdir()  # an interrupted save: hidden, never picked
+    (tmp_path / "step_30").mkdir()  # no trainer_state.json: not a checkpoint
+    assert [p.name for p in checkpointer.checkpoint_dirs(tmp_path)] == ["step_2", "step_10", "epoch_0", "epoch_1"]
+    assert checkpointer.resolve_resume("auto", tmp_path) == tmp_path / "epoch_1"
+    assert checkpointer.resolve_resume("auto", tmp_path / "empty") is None
+
+
+def test_peak_memory_on_cpu_is_the_resident_set():
+    stats = peak_memory_stats(torch.device("cpu"))
+    assert set(stats) == {"peak_rss_gib"} and 0.01 < stats["peak_rss_gib"] < 64
+
+
+def test_greedy_decoding_of_a_padded_batch_equals_one_prompt_at_a_time():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]
+    alone = [greedy_generate(model, [p], 6, stop_ids=[49])[0] for p in prompts]
+    assert greedy_generate(model, prompts, 6, stop_ids=[49]) == alone
+    stop = alone[1][-1]
+    cut = alone[1][:alone[1].index(stop)]
+    assert greedy_generate(model, prompts[1:2], 6, stop_ids=[stop])[0] == cut  # cut before the stop id
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_parameter_names(mode):
+    from fastune.training.memory import apply_activation_checkpointing
+
+    model = Transformer(ModelConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+    names = [n for n, _ in model.named_parameters()]
+    apply_activation_checkpointing(model, mode)
+    assert [n for n, _ in model.named_parameters()] == names
+    with pytest.raises(ValueError, match="activation_checkpointing: expected one of"):
+        apply_activation_checkpointing(model, "some")
