@@ -30,8 +30,11 @@ def test_accumulation_equals_a_bigger_batch(tmp_path, base):
     acc, model_acc = curve(tmp_path, base, "acc", batch_size=1, gradient_accumulation_steps=4,
                            overrides=["dataset.shuffle=false"], **common)
     torch.testing.assert_close(torch.tensor(acc), torch.tensor(big), rtol=1e-5, atol=0)
+    # Adam divides by sqrt(v): where a gradient is near zero, summation-order noise in it
+    # moves the update by a fraction of lr (seen: 3.7e-6 after 3 steps at lr 1e-3), so
+    # the weights are compared to 1% of lr. A per-micro-batch mean moves the losses above.
     for (name, a), b in zip(model_acc.named_parameters(), model_big.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
