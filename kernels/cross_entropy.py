@@ -34,6 +34,8 @@ point, ``cross_entropy_rows_``, on chunks of logits it computes itself.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -139,18 +141,22 @@ def _(logits, labels, ignore_index, z_loss, label_smoothing, compute_grad):
 def _cross_entropy_rows_math(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                              z_loss: float, label_smoothing: float,
                              compute_grad: bool) -> torch.Tensor:
-    """The kernel's math in plain torch, from log-probabilities: log_softmax is one fused
-    row-wise op (in ATen and in inductor) that works on logits shifted by the row max."""
+    """The kernel's math in plain torch, on logits shifted by the row max m. Written as
+    row reductions plus one elementwise pass, so that inductor reads the row a few times
+    and keeps no [rows, V] fp32 temporary (log_softmax would be one); in eager mode the
+    in-place ops keep two."""
     vocab = logits.shape[-1]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    # lse = m + log d = max_j z_ij - max_j log p_ij, both maxima exact.
-    lse = logits.amax(dim=-1).float() - log_probs.amax(dim=-1)
+    z = logits.float()
+    m = z.amax(dim=-1, keepdim=True)
+    log_d = (z - m).exp_().sum(dim=-1, keepdim=True).log()
+    lse = (m + log_d).squeeze(-1)
     supervised = labels != ignore_index
     in_range = (labels >= 0) & (labels < vocab)
     safe_labels = torch.where(supervised & in_range, labels, 0).unsqueeze(-1)
-    loss = -(1.0 - label_smoothing) * log_probs.gather(-1, safe_labels).squeeze(-1)
+    shifted_target = (z.gather(-1, safe_labels) - m).squeeze(-1)
+    loss = log_d.squeeze(-1) - (1.0 - label_smoothing) * shifted_target
     if label_smoothing:
-        loss = loss - label_smoothing * log_probs.mean(dim=-1)
+        loss = loss - label_smoothing * (z.mean(dim=-1) - m.squeeze(-1))
     loss = loss + z_loss * lse * lse
     loss = torch.where(in_range, loss, float("nan"))
     loss = torch.where(supervised, loss, 0.0)
@@ -158,21 +164,37 @@ def _cross_entropy_rows_math(logits: torch.Tensor, labels: torch.Tensor, ignore_
         p_scale = torch.where(supervised, 1.0 + 2.0 * z_loss * lse, 0.0).unsqueeze(-1)
         uniform = torch.where(supervised, label_smoothing / vocab, 0.0).unsqueeze(-1)
         target_coef = torch.where(supervised, label_smoothing - 1.0, 0.0).unsqueeze(-1)
-        grad = log_probs.exp_().mul_(p_scale).sub_(uniform)  # in place: no new buffer
-        logits.copy_(grad.scatter_add_(-1, safe_labels, target_coef))
+        grad = (z - lse.unsqueeze(-1)).exp_().mul_(p_scale).sub_(uniform)
+        if torch.compiler.is_compiling():
+            # Inductor makes one pass of this comparison with an iota; a scatter would
+            # first materialize the [rows, V] fp32 gradient.
+            columns = torch.arange(vocab, device=logits.device)
+            logits.copy_(grad + torch.where(columns == safe_labels, target_coef, 0.0))
+        else:
+            logits.copy_(grad.scatter_add_(-1, safe_labels, target_coef))
     return loss
 
 
+@functools.cache
+def _fused_rows_math():
+    # dynamic: the number of rows changes from batch to batch (supervised rows only).
+    return torch.compile(_cross_entropy_rows_math, dynamic=True)
+
+
 def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                                  z_loss: float, label_smoothing: float,
-                                  compute_grad: bool) -> torch.Tensor:
+                                  z_loss: float, label_smoothing: float, compute_grad: bool,
+                                  fused: bool = False) -> torch.Tensor:
     """``_cross_entropy_rows_math`` over the whole buffer when torch.compile traces it
-    (inductor fuses it, with no [rows, V] temporaries), and over blocks of rows in eager
-    mode, where ops make temporaries: they then stay at 2 x REFERENCE_BLOCK fp32 elements
-    however many rows there are (the kernel keeps none)."""
+    or ``fused`` asks for inductor's version (it fuses the math, with no [rows, V]
+    temporaries), and over blocks of rows in eager mode, where ops make temporaries:
+    they then stay at 2 x REFERENCE_BLOCK fp32 elements however many rows there are (the
+    kernel keeps none)."""
     if torch.compiler.is_compiling():
         return _cross_entropy_rows_math(logits, labels, ignore_index, z_loss, label_smoothing,
                                         compute_grad)
+    if fused:
+        return _fused_rows_math()(logits, labels, ignore_index, z_loss, label_smoothing,
+                                  compute_grad)
     block_rows = max(1, REFERENCE_BLOCK // logits.shape[-1])
     return torch.cat([
         _cross_entropy_rows_math(x, y, ignore_index, z_loss, label_smoothing, compute_grad)
@@ -181,17 +203,19 @@ def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ig
 
 
 def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                        z_loss: float, label_smoothing: float,
-                        compute_grad: bool) -> torch.Tensor:
+                        z_loss: float, label_smoothing: float, compute_grad: bool,
+                        fused_reference: bool = False) -> torch.Tensor:
     """Per-row fp32 loss of a [rows, V] logits buffer (last dim contiguous).
 
     With ``compute_grad`` the buffer is overwritten with dloss_i/dlogits_i (see the module
-    docstring); without it the buffer is left as it is."""
+    docstring); without it the buffer is left as it is. ``fused_reference``: off the
+    Triton path, run the reference compiled by inductor (for callers inside an opaque
+    custom op of a compiled graph, where inductor cannot reach it)."""
     if use_triton(logits):
         return _cross_entropy_rows_op(logits, labels, ignore_index, z_loss, label_smoothing,
                                       compute_grad)
     return _cross_entropy_rows_reference(logits, labels, ignore_index, z_loss, label_smoothing,
-                                         compute_grad)
+                                         compute_grad, fused_reference)
 
 
 def check_labels(labels: torch.Tensor, leading_shape: torch.Size, what: str) -> None:
