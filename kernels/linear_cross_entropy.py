@@ -30,7 +30,11 @@ unrolled into one graph, and inductor, free to reorder and fuse it, computes eve
 chunk's logits before any gradient and sums all chunks' dW in a single fused kernel: all
 chunks alive at once, more memory than no chunking at all. Opaque, the loop runs as
 written; the matmuls are torch's (cuBLAS on CUDA), the per-chunk cross-entropy is the
-Triton kernel on CUDA and the plain-torch reference elsewhere (see cross_entropy.py).
+Triton kernel on CUDA and the plain-torch reference elsewhere (see cross_entropy.py),
+compiled by the op itself when the caller is being compiled.
+
+Only supervised rows are computed: ignored rows (masked prompts, padding) are dropped
+before the first GEMM, and their gradient rows are zero.
 """
 
 from __future__ import annotations
