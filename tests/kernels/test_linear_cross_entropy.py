@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_leaves
 
 from fastune.kernels.dispatch import force_triton
 from fastune.kernels.linear_cross_entropy import (
-    LOGITS_BUDGET, _chunked_forward, default_chunk_size, linear_cross_entropy)
+    LOGITS_BUDGET, _chunked_forward, _supervised_rows_forward, default_chunk_size,
+    linear_cross_entropy)
 from tests.kernels.numerics import assert_close_to_truth, fwd_bwd, to_float64
 from tests.kernels.test_cross_entropy import IGNORE, assert_within_bf16_rule, eager_cross_entropy
 
@@ -79,6 +80,27 @@ def test_kernel_and_reference_within_bf16_rule(dtype, tokens_shape, hidden_size,
         assert [g.dtype for g in out[1]] == [dtype, dtype]
         assert_within_bf16_rule(out[0] + out[1], eager_out[0] + eager_out[1],
                                 truth[0] + truth[1], GRAD_NAMES)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16, 100])
+def test_only_supervised_rows_are_computed(chunk_size):
+    """A mostly masked batch (prompts): the supervised rows, padded up to a bucket of 64
+    rows, are the only ones in the GEMMs; loss and both gradients still equal eager's.
+    chunk_size 100: all 300 rows would take several chunks, the kept ones take one (dW
+    then still comes back in the dtype promised for the whole batch)."""
+    hidden, weight, labels = make_case((300,), 24, 211, torch.float32, seed=3)
+    labels[torch.rand(300, generator=torch.Generator().manual_seed(4)) < 0.85] = IGNORE
+    assert 0 < int((labels != IGNORE).sum()) < 64
+    with _OutputShapes() as ops:
+        _supervised_rows_forward(hidden, weight, labels, IGNORE, 0.0, 0.0,
+                                 chunk_size or default_chunk_size(300, 211), True, True, False)
+    assert (min(64, chunk_size or 64), 211) in ops.shapes  # the chunk's logits
+    assert not any(shape[0] == 300 for shape in ops.shapes if len(shape) == 2 and shape[1] != 24)
+
+    out = fwd_bwd(ours(labels, chunk_size=chunk_size), [hidden, weight])
+    truth = fwd_bwd(eager(labels), to_float64([hidden, weight]), grad_dtype=torch.float32)
+    assert_close_to_truth(out[0] + out[1], truth[0] + truth[1], rtol=1e-5, atol=1e-6,
+                          names=["loss"] + GRAD_NAMES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
