@@ -129,8 +129,8 @@ def _markdown(results: list[dict], meta: dict) -> str:
         "# FSDP2 scaling on CPU (gloo): 1 vs 2 ranks",
         "",
         f"`{meta['command']}` on {meta['machine']}; torch {meta['torch']}; 1-minute load average "
-        f"{meta['load_average_before']:.1f} before, {meta['load_average_after']:.1f} after (other "
-        "processes shared the cores). Demo model (1.6M parameters), "
+        f"{meta['load_average_before']:.1f} before, {meta['load_average_after']:.1f} after (above the "
+        "core count, other processes shared the cores). Demo model (1.6M parameters), "
         "packed rows of 128 tokens, batch 16 per rank, fp32, eager. Median of "
         f"{meta['steps']} steps after {meta['warmup']} warm-up steps; each layout in its own processes. "
         "Tokens/s counts all non-padding tokens of one rank.",
@@ -151,10 +151,11 @@ def _markdown(results: list[dict], meta: dict) -> str:
         "Read the per-rank column as weak-scaling efficiency: a rank of the 2-rank job against one "
         "process with the same batch and one thread. 2 ranks of 1 thread run on the same 2 cores as "
         "1 process of 2 threads, so this measures the cost of sharding (an all-gather before each "
-        "layer, a reduce-scatter after its backward) and of gloo on one host, not a speed-up. With "
-        "the cores shared by other processes, OpenMP's 2 threads wait on each other and the "
-        "2-thread rows are the slowest; they say nothing about an idle machine. On GPUs with "
-        "NCCL the collectives overlap compute, which gloo on CPU barely does.",
+        "layer, a reduce-scatter after its backward) and of gloo on one host, not a speed-up; "
+        "the 1 process x 2 threads row is what the same 2 cores give without sharding. When other "
+        "processes share the cores (see the load average), OpenMP's 2 threads wait on each other "
+        "and that row slows down most. On GPUs with NCCL the collectives overlap compute, which "
+        "gloo on CPU barely does.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -193,7 +193,7 @@ def render(report: dict) -> str:
         f"{s['dtype']}, batch 1, prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens (greedy), "
         f"{s['repeats']} timed generations each after one untimed, interleaved; {s['threads']} torch thread(s) on "
         f"{report['machine']['cpu_count']} cores, load average {report['machine']['load_average']} at the start "
-        "(a machine shared with other jobs). Each configuration in its own process.",
+        "(above the core count, other jobs shared the cores). Each configuration in its own process.",
         "",
         "Decode tokens/s = 1 / median decode step; end-to-end = new tokens / median `generate` time "
         "(prefill included). Ratios against `hf` of the same model, same run.",

@@ -44,7 +44,9 @@ from typing import Optional
 
 import torch
 
-from fastune.kernels.cross_entropy import check_labels, cross_entropy_rows_, supervised_count
+from fastune.kernels.cross_entropy import (REFERENCE_BLOCK, check_labels, cross_entropy_rows_,
+                                           supervised_count)
+from fastune.kernels.dispatch import use_triton
 
 # Largest chunk of logits, in elements, that one forward holds at a time.
 LOGITS_BUDGET = 1 << 26
@@ -150,6 +152,24 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         elif need_grad_weight:
             grad_weight = logits.t() @ h
     return loss, grad_hidden, grad_weight
+
+
+def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    ignore_index: int, z_loss: float, label_smoothing: float, chunk_size: int,
+                    need_grad_hidden: bool, need_grad_weight: bool,
+                    fused_reference: bool) -> int:
+    """Most bytes the op holds inside beyond its inputs and outputs (memory trackers see
+    only those), for every row supervised: the chunk's logits, dW's slice buffers, and
+    the eager reference cross-entropy's two fp32 blocks."""
+    n_tokens, hidden_size = hidden.shape
+    vocab, item = weight.shape[0], hidden.element_size()
+    logits = min(chunk_size, n_tokens) * vocab
+    total = logits * item
+    if need_grad_weight and not _single_chunk(n_tokens, chunk_size):
+        total += min(GRAD_WEIGHT_SLICE, vocab) * hidden_size * (item + 4)
+    if not use_triton(hidden) and not fused_reference:
+        total += 2 * min(REFERENCE_BLOCK, logits) * 4
+    return total
 
 
 # Opaque to torch.compile (see the module docstring for why).

@@ -74,6 +74,24 @@ def test_tracker_counts_live_bytes_and_their_peak():
     assert b.sum() == 2000  # b stayed alive through the peak
 
 
+def test_tracker_counts_the_logits_chunk_inside_the_fused_loss():
+    """The fused loss is one opaque op: its [chunk, vocab] logits exist only inside it,
+    and the tracker counts them as a temporary beside the op's outputs."""
+    from fastune.kernels import linear_cross_entropy
+
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(1000, 8)  # frozen: outputs are the loss and dhidden only
+    labels = torch.randint(0, 1000, (64,))
+    tracker = MemoryTracker()
+    tracker.track_existing([hidden, weight, labels], "parameters")
+    with tracker, tracker.phase("forward"):
+        loss, _ = linear_cross_entropy(hidden, weight, labels, chunk_size=16)
+    report = tracker.finish()
+    logits_chunk = 16 * 1000 * 4
+    assert report.by_category["temporary"] >= logits_chunk
+    assert report.peak_bytes >= sum(t.nbytes for t in (hidden, weight, labels)) + logits_chunk
+
+
 def test_tracker_agrees_with_torch_memtracker(tiny):
     """An independent dispatch-level tracker, torch's MemTracker, finds the same peak for
     full fine-tuning (MemTracker cannot track frozen parameters, so not for LoRA)."""

@@ -24,7 +24,9 @@ fake tensors have storages of the right size that hold no memory, which is how
 
 What it cannot see: memory an op allocates and frees inside its own kernel
 (oneDNN/cuBLAS workspaces, flash-attention scratch), allocator caching and
-fragmentation, and the CUDA context. ``round_to`` rounds every storage up as the
+fragmentation, and the CUDA context. fastune's own opaque ops that hold large
+buffers inside declare them (``_WORKSPACES``): the fused linear cross-entropy's
+chunk of logits is counted as a temporary for the duration of the op. ``round_to`` rounds every storage up as the
 CUDA caching allocator does (512 bytes).
 """
 
@@ -32,12 +34,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import weakref
 from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
+
+def _workspaces() -> dict:
+    """Opaque ops -> a function of their arguments giving the bytes they hold inside."""
+    lce = importlib.import_module("fastune.kernels.linear_cross_entropy")
+    return {torch.ops.fastune.linear_cross_entropy.default: lce.workspace_bytes}
+
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporary")
 _PHASE_CATEGORY = {"forward": "activations", "backward": "temporary", "optimizer": "temporary"}
@@ -99,6 +108,7 @@ class MemoryTracker(TorchDispatchMode):
         self._phase = "forward"
         self._phase_at_peak = "forward"
         self._forward_ends: list[int] = []  # the event counter at the end of each forward phase
+        self._op_workspaces = _workspaces()
 
     # ------------------------------------------------------------------ recording
 
@@ -146,6 +156,15 @@ class MemoryTracker(TorchDispatchMode):
             if name == "forward":
                 self._forward_ends.append(self._events)
 
+    def _transient(self, nbytes: int) -> None:
+        """An allocation that lives only while one op runs."""
+        record = _Record(self._rounded(nbytes), self._events + 1, self._events + 2, "temporary")
+        self._events += 2
+        if self._live + record.nbytes > self._peak:
+            self._peak, self._peak_event = self._live + record.nbytes, record.born
+            self._phase_at_peak = self._phase
+        self._dead.append(record)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         forward = len(self._forward_ends) if self._phase == "forward" else None
@@ -153,6 +172,9 @@ class MemoryTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 for s in storages(t):
                     self._add(s, _PHASE_CATEGORY[self._phase], forward)
+        workspace = self._op_workspaces.get(func)
+        if workspace is not None:  # held inside the op, beside its outputs
+            self._transient(workspace(*args, **(kwargs or {})))
         return out
 
     # ------------------------------------------------------------------ results

@@ -569,7 +569,8 @@ def render(report: dict) -> str:
               "fastune peak / that configuration's peak (process peak RSS on CPU), both from this run.",
               "", f"Machine: {env['machine']}, torch {env['torch']}, {env['threads']} threads, {env['date']}; "
               f"1-minute load average during the timed steps {min(loads):.1f} to {max(loads):.1f} "
-              "(above the core count, other processes shared the CPU). "
+              "(above the core count, other processes shared the CPU; the interleaved "
+              "configurations wait in their own processes). "
               f"Reproduce: `{env['command']}`"]
     return "\n".join(lines) + "\n"
 
