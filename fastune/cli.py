@@ -14,7 +14,7 @@ from typing import Optional
 
 import click
 
-from fastune import __version__
+from fastune import __version__, hub
 from fastune.errors import FastuneError
 
 _DEBUG = "fastune.debug"
@@ -396,7 +396,7 @@ def _patterns(text: str) -> list[str]:
 @click.argument("repo_id")
 @click.option("--output-dir", type=click.Path(), default=None,
               help="Where the files go [default: /tmp/<model name>, where the shipped configs look].")
-@click.option("--ignore-patterns", default="*.pth,*.pt,*.bin", show_default=True,
+@click.option("--ignore-patterns", default=",".join(hub.DEFAULT_DOWNLOAD_IGNORE), show_default=True,
               help="Comma-separated globs of files to skip (fastune reads safetensors only); '' skips nothing.")
 @click.option("--hf-token", default=None, envvar="HF_TOKEN", show_envvar=True, help=_TOKEN_HELP)
 @debug_option
@@ -420,8 +420,8 @@ def download(repo_id: str, output_dir: Optional[str], ignore_patterns: str, hf_t
 @click.argument("repo_id")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded; send nothing.")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo is left as it is).")
-@click.option("--ignore-patterns", default="training_state.pt", show_default=True,
-              help="Comma-separated globs of files to leave out (the optimizer state is for resuming only).")
+@click.option("--ignore-patterns", default=",".join(hub.DEFAULT_UPLOAD_IGNORE), show_default=True,
+              help="Comma-separated globs of files to leave out (the resume state is for resuming only).")
 @click.option("--hf-token", default=None, envvar="HF_TOKEN", show_envvar=True, help=_TOKEN_HELP)
 @debug_option
 def upload(folder: str, repo_id: str, dry_run: bool, private: bool, ignore_patterns: str,

@@ -128,6 +128,15 @@ def test_upload_dry_run_lists_the_export_and_sends_nothing(monkeypatch, demo_run
     assert SECRET not in result.output
 
 
+def test_upload_leaves_out_the_sharded_resume_state(tmp_path):
+    """An FSDP2 checkpoint's DCP resume state stays home; the export goes."""
+    (tmp_path / "distributed_checkpoint").mkdir()
+    (tmp_path / "distributed_checkpoint" / "__0_0.distcp").write_bytes(b"x")
+    (tmp_path / "distributed_checkpoint" / ".metadata").write_bytes(b"x")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert files_to_upload(tmp_path) == ["model.safetensors"]
+
+
 def test_upload_passes_privacy_token_and_ignores(monkeypatch, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     calls = {}
@@ -140,7 +149,8 @@ def test_upload_passes_privacy_token_and_ignores(monkeypatch, tmp_path):
     result = run("upload", str(tmp_path), "me/x", "--private", "--hf-token", SECRET)
     assert result.exit_code == 0, result.output
     assert calls["create"] == ("me/x", {"private": True, "token": SECRET, "exist_ok": True, "repo_type": "model"})
-    assert calls["upload"]["ignore_patterns"] == ["training_state.pt"] and calls["upload"]["token"] == SECRET
+    assert calls["upload"]["ignore_patterns"] == ["training_state.pt", "distributed_checkpoint/*"]
+    assert calls["upload"]["token"] == SECRET
     assert result.stdout.strip() == "uploaded 1 files: https://huggingface.co/me/x/commit/abc"
 
 
