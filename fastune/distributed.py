@@ -459,6 +459,33 @@ def load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_d
                    options=_resume_options())
 
 
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict[str, Any]) -> None:
+    """Shard a single-process run's ``optimizer.state_dict()`` into this run's optimizer.
+
+    That state names parameters by their index in its param groups. This run's
+    optimizer was built by the same ``build_optimizer`` over the same model, so the
+    groups list the same parameters in the same order: the indices map to names, and
+    ``set_optimizer_state_dict`` shards each full tensor as its parameter is sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from fastune.training.checkpointer import ResumeError
+
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    groups = []
+    for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True):
+        if len(saved["params"]) != len(group["params"]):
+            raise ResumeError(f"resume_from_checkpoint: the optimizer state holds {len(saved['params'])} "
+                              f"parameters in a group where this run has {len(group['params'])}")
+        groups.append({**saved, "params": [name_of[id(p)] for p in group["params"]]})
+    index_to_name = {index: name for saved, group in zip(state["param_groups"], groups)
+                     for index, name in zip(saved["params"], group["params"])}
+    full = {"state": {index_to_name[i]: value for i, value in state["state"].items()},
+            "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, full,
+                             options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+
+
 def rng_state_for_rank(training_state: dict[str, Any], world: Optional[World]) -> dict[str, Any]:
     """This rank's RNG state from a checkpoint: its own when the world size is unchanged
     (so dropout continues exactly), rank 0's otherwise."""

@@ -96,7 +96,29 @@ def _assert_same_curve(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
+def one_process_runs(tmp_path_factory):
+    """method -> (folder, curve) of single-process LoRA and full runs (batch 2 x 2
+    accumulation steps) with a checkpoint at step_2, plus a config that resumes it on 2
+    ranks (batch 2 each: the same global batch, and the loader's batch size) for the
+    torchrun job."""
+    root = tmp_path_factory.mktemp("one_process")
+    base = save_base(hf_llama(seed=6, tie_word_embeddings=True), root / "base")
+    write_rows(root / "train.jsonl", 32, seed=0)
+    write_rows(root / "val.jsonl", 6, seed=1)
+    runs = {}
+    for method in ("lora", "full"):
+        cfg = make_config(root, base, name=f"{method}.yaml",
+                          **_values(method, root / method, gradient_accumulation_steps=2))
+        _, logger = run(cfg)
+        make_config(root, base, name=f"{method}_resume_2ranks.yaml",
+                    **_values(method, root / f"{method}_resumed_2ranks",
+                              resume_from_checkpoint=str(root / method / "step_2")))
+        runs[method] = (root, _recorded(logger))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, one_process_runs):
     """Bases, configs, and the one torchrun job: fresh runs of every method, then the
     2-rank resumes (the worker loads each config just before training it, so
     step_2 exists by then)."""
@@ -120,6 +142,7 @@ def job(tmp_path_factory):
         text += f"resume_from_checkpoint: {root / f'{method}_2ranks' / 'step_2'}\n"
         (root / f"{method}_resume.yaml").write_text(text)
         configs.append(str(root / f"{method}_resume.yaml"))
+    configs += [str(folder / f"{method}_resume_2ranks.yaml") for method, (folder, _) in one_process_runs.items()]
     started = time.perf_counter()
     result = _torchrun([str(TESTS / "distributed_worker.py"), *configs])
     assert result.returncode == 0, result.stderr[-4000:]
@@ -178,6 +201,18 @@ def test_dcp_checkpoint_of_two_ranks_resumes_on_one_and_on_two(job, method):
     state, logger = run(cfg)
     assert state.global_step == STEPS
     _assert_same_curve(_recorded(logger), tail)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_one_process_checkpoint_resumes_on_two_ranks(job, one_process_runs, method):
+    """step_2 of a single-process run (its optimizer state unsharded, the weights or the
+    adapter in HF/PEFT files), resumed on 2 ranks in the torchrun job, continues the
+    single-process curve: steps 3 and 4 and the final validation loss."""
+    folder, curve = one_process_runs[method]
+    tail = {k: v for k, v in curve.items() if k in (3, 4, ("val", 4))}
+    assert not (folder / method / "step_2" / "distributed_checkpoint").exists()
+    _assert_same_curve(_logged(folder / f"{method}_resumed_2ranks"), tail)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fastune.checkpoint.hf import from_hf_key, to_hf_key
 from fastune.modules.lora import LoRAError, LoRALinear
@@ -156,7 +157,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
     adapter's settings and ``quantize_base``); a model with LoRA layers must have
     the adapter's settings. Every adapter tensor must be present with the right
     shape; DoRA magnitudes come from the file (do not re-init them afterwards).
-    Load before ``fully_shard``.
+    On a model sharded by FSDP2, each rank takes its shard of every tensor.
     """
     adapter_dir = Path(adapter_dir)
     settings = read_adapter_settings(adapter_dir)
@@ -181,8 +182,16 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
             )
     with torch.no_grad():
         for key, param in params.items():
-            param.copy_(loaded[key])
+            param.copy_(_like(param, loaded[key]))
     return settings
+
+
+def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``param``: this rank's shard when FSDP2 sharded ``param``."""
+    if isinstance(param, DTensor):  # every rank read the same file: each slices its own shard
+        return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+    return full
 
 
 def _read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:

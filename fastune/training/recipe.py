@@ -168,11 +168,6 @@ def setup(cfg: DictConfig) -> TrainingRun:
                 f"resume_from_checkpoint: {resume} was written by a method={progress.get('method')} run, "
                 f"this run has method={cfg.method}"
             )
-        if world is not None and not distributed.has_resume_state(resume):
-            raise checkpointer.ResumeError(
-                f"resume_from_checkpoint: {resume} was written by a single-process run, whose optimizer "
-                "state is not sharded; resume it without torchrun"
-            )
     seed_everything(cfg.seed)
 
     # Data first: a bad dataset fails in seconds, before a model is loaded.
@@ -193,9 +188,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     if cfg.compile:
         loss_fn = apply_compile(model, loss_fn)
     if world is not None:
-        # Full fine-tuning resumed from DCP state reads every weight from it (restore_training_state).
-        weights = None if (resume is not None and cfg.method == "full") else Path(cfg.model.checkpoint_dir)
-        distributed.shard_and_load(model, cfg, world, weights)
+        shard_and_load_resumed(model, cfg, world, resume)
 
     optimizer = build_optimizer(_plain(cfg.optimizer), model, device)
     lr_scheduler = build_lr_scheduler(_plain(cfg.lr_scheduler), optimizer, cfg.epochs * steps_per_epoch)
@@ -376,6 +369,22 @@ def build_exact_match_examples(cfg: DictConfig, tokenizer) -> Optional[list[tupl
 # ----------------------------------------------------------------------------- resume
 
 
+def shard_and_load_resumed(model: nn.Module, cfg: DictConfig, world: distributed.World,
+                           resume: Optional[Path]) -> None:
+    """Shard ``model`` and load its weights: from the base checkpoint, except for full
+    fine-tuning resumed from a checkpoint (its own weights: in its DCP state when a
+    sharded run wrote it, read by ``restore_training_state``; else its HF files). A
+    single-process LoRA checkpoint's adapter goes over the base, shard by shard."""
+    sharded_state = resume is not None and distributed.has_resume_state(resume)
+    if resume is not None and cfg.method == "full":
+        weights = None if sharded_state else resume
+    else:
+        weights = Path(cfg.model.checkpoint_dir)
+    distributed.shard_and_load(model, cfg, world, weights)
+    if resume is not None and cfg.method != "full" and not sharded_state:
+        load_peft_adapter(model, resume / ADAPTER_DIR)
+
+
 def restore_training_state(run: TrainingRun, ckpt_dir: Path, progress: dict[str, Any]) -> None:
     """Put optimizer, schedule, RNGs and data position back where ``ckpt_dir`` left them
     (the weights or adapter were loaded by ``load_model``); ``progress`` is its
@@ -383,6 +392,8 @@ def restore_training_state(run: TrainingRun, ckpt_dir: Path, progress: dict[str,
     state = checkpointer.load_training_state(ckpt_dir)
     if distributed.has_resume_state(ckpt_dir):  # written by a sharded run; resumes at any world size
         distributed.load_resume_state(run.model, run.optimizer, ckpt_dir)
+    elif run.world is not None:  # written by one process, resumed sharded
+        distributed.load_full_optimizer_state(run.model, run.optimizer, state["optimizer"])
     else:
         run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
