@@ -40,10 +40,6 @@ class ModelConfig:
     # Everything else from config.json, written back unchanged on save.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
-    @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         model_type = d.get("model_type", "llama")
