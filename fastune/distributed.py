@@ -135,7 +135,9 @@ def process_group(device: str = "auto", timeout_s: float = 1800) -> Iterator[Opt
     if compute.type == "cuda":
         torch.cuda.set_device(compute)
     dist.init_process_group(
-        backend="nccl" if compute.type == "cuda" else "gloo",
+        # gloo beside NCCL: with fsdp_cpu_offload the shards, gradient norms and export
+        # gathers are CPU tensors, whose collectives NCCL cannot run.
+        backend="cpu:gloo,cuda:nccl" if compute.type == "cuda" else "gloo",
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=compute if compute.type == "cuda" else None,
     )

@@ -100,37 +100,41 @@ def _supervised_rows_forward(hidden: torch.Tensor, weight: torch.Tensor, labels:
     ignored = labels == ignore_index
     bucket = max(64, -(-n_rows // 16))
     n_kept = min(n_rows, -(-int(n_rows - ignored.sum()) // bucket) * bucket)
+    # dW is summed in fp32 (or not) as for the whole batch, as the fake implementation says.
+    accumulate = need_grad_weight and not _single_chunk(n_rows, chunk_size)
     if n_kept == n_rows:
         return _chunked_forward(hidden, weight, labels, ignore_index, z_loss, label_smoothing,
-                                chunk_size, need_grad_hidden, need_grad_weight, fused_reference)
+                                chunk_size, need_grad_hidden, need_grad_weight, accumulate,
+                                fused_reference)
     rows = torch.argsort(ignored.to(torch.uint8), stable=True)[:n_kept]  # supervised first
     loss, grad_rows, grad_weight = _chunked_forward(
         hidden.index_select(0, rows), weight, labels.index_select(0, rows), ignore_index,
-        z_loss, label_smoothing, chunk_size, need_grad_hidden, need_grad_weight,
+        z_loss, label_smoothing, chunk_size, need_grad_hidden, need_grad_weight, accumulate,
         fused_reference)
     grad_hidden = hidden.new_empty(0)
     if need_grad_hidden:
         grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_rows)
-    if need_grad_weight:  # in the dtype the fake implementation promised for all rows
-        grad_weight = grad_weight.to(weight.dtype if _single_chunk(labels.numel(), chunk_size)
-                                     else torch.float32)
     return loss, grad_hidden, grad_weight
 
 
 def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                      ignore_index: int, z_loss: float, label_smoothing: float, chunk_size: int,
-                     need_grad_hidden: bool, need_grad_weight: bool, fused_reference: bool):
+                     need_grad_hidden: bool, need_grad_weight: bool, accumulate: bool,
+                     fused_reference: bool):
     """(loss_sum, dloss/dhidden, dloss/dweight), chunk by chunk; a gradient that is not
-    needed comes back as an empty placeholder (custom ops return tensors only).
+    needed comes back as an empty placeholder (custom ops return tensors only). With
+    ``accumulate``, dW is summed over chunks in fp32; without, the rows make one chunk
+    (or none) and dW is its GEMM, in the weight's dtype.
 
     Every chunk reuses the same buffers, allocated once here: on CPU a fresh large
     allocation page-faults in anew each time, which costs as much as the arithmetic."""
     n_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
-    accumulate = need_grad_weight and not _single_chunk(n_tokens, chunk_size)
     loss = hidden.new_zeros((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
     grad_weight = weight.new_empty(0)
+    if need_grad_weight and not accumulate and n_tokens == 0:
+        grad_weight = torch.zeros_like(weight)
     if accumulate:
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         part = weight.new_empty(min(GRAD_WEIGHT_SLICE, vocab), hidden_size)
@@ -159,12 +163,13 @@ def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     need_grad_hidden: bool, need_grad_weight: bool,
                     fused_reference: bool) -> int:
     """Most bytes the op holds inside beyond its inputs and outputs (memory trackers see
-    only those), for every row supervised: the chunk's logits, dW's slice buffers, and
-    the eager reference cross-entropy's two fp32 blocks."""
+    only those): the chunk's logits, the gathered rows, dW's slice buffers, and the
+    eager reference cross-entropy's two fp32 blocks."""
     n_tokens, hidden_size = hidden.shape
     vocab, item = weight.shape[0], hidden.element_size()
     logits = min(chunk_size, n_tokens) * vocab
-    total = logits * item
+    # + the gathered supervised rows and their gradient, when some rows are dropped
+    total = logits * item + 2 * n_tokens * hidden_size * item
     if need_grad_weight and not _single_chunk(n_tokens, chunk_size):
         total += min(GRAD_WEIGHT_SLICE, vocab) * hidden_size * (item + 4)
     if not use_triton(hidden) and not fused_reference:

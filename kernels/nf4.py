@@ -85,7 +85,8 @@ def _nf4_dequant_kernel(
 
     out_offs = 2 * start + tl.arange(0, 2 * BLOCK_BYTES)
     values = tl.interleave(first, second)
-    tl.store(out_ptr + out_offs, values, mask=out_offs < 2 * n_bytes)
+    # int64: 2 * n_bytes overflows int32 from 2**30 packed bytes (2**31 weights) on.
+    tl.store(out_ptr + out_offs, values, mask=out_offs < 2 * n_bytes.to(tl.int64))
 
 
 def dequantize_parts(parts: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:

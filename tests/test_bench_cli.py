@@ -105,3 +105,18 @@ def test_bench_train_hf_against_qlora_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "error: --compare hf: QLoRA in HF needs bitsandbytes on CUDA; compare a lora config"]
+
+
+@pytest.mark.parametrize("name, profile", [
+    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA L4", "l4"), ("NVIDIA H100 80GB HBM3", "h100_sxm"),
+    ("NVIDIA A100-SXM4-80GB", "a100_80gb"), ("NVIDIA A100-SXM4-40GB", "a100_40gb"), ("Tesla T4", "t4"),
+    ("NVIDIA L40S", None), ("NVIDIA H100 PCIe", None),  # other parts: no silent wrong peak
+])
+def test_gpu_name_picks_its_own_profile(name, profile):
+    from fastune.bench.train import BenchError, gpu_profile_for
+
+    if profile is None:
+        with pytest.raises(BenchError, match="pass --profile"):
+            gpu_profile_for(name)
+    else:
+        assert gpu_profile_for(name) == profile

@@ -89,3 +89,30 @@ def test_activation_checkpointing_keeps_parameter_names(mode):
     assert [n for n, _ in model.named_parameters()] == names
     with pytest.raises(ValueError, match="activation_checkpointing: expected one of"):
         apply_activation_checkpointing(model, "some")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_activation_offloading_keeps_weights_on_the_device(quantized):
+    """What a layer saves for backward, sorted as offloading sorts it: nn.Linear saves a
+    view of its weight (weight.t()), an NF4 base its packed inner tensors; only the
+    input is an activation to offload."""
+    from fastune.modules.lora import LoRALinear
+    from fastune.training.memory import weight_detector
+
+    layer = LoRALinear(torch.nn.Linear(256, 256, bias=False), rank=4, alpha=8.0)
+    if quantized:
+        layer.quantize_base()
+    x = torch.randn(8, 256, requires_grad=True)
+    is_weight = weight_detector(layer)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    activations = sorted(tuple(t.shape) for t in saved if not is_weight(t))
+    assert activations == [(8, 4), (8, 256)]  # x A^T and x; W (or NF4 W), A, B stay
+    assert len(saved) == 5
+    plain = torch.nn.Linear(16, 16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        plain(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    assert any(t._base is plain.weight for t in saved)  # the view the old filter missed
+    assert [weight_detector(plain)(t) for t in saved].count(False) == 1  # only the input

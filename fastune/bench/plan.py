@@ -135,16 +135,17 @@ def worst_case_batch(cfg: DictConfig, vocab_size: int) -> dict[str, torch.Tensor
     return batch
 
 
-def _offloading_hooks():
+def _offloading_hooks(model: nn.Module):
     """On fake tensors, what ``fastune.training.memory.offload_activations`` does to device
-    memory: saved tensors of at least its ``min_bytes`` (parameters excepted) leave the
+    memory: saved tensors of at least its ``min_bytes`` (weights excepted) leave the
     device in forward and come back, as new allocations, in backward."""
-    from fastune.training.memory import offload_activations
+    from fastune.training.memory import offload_activations, weight_detector
 
     min_bytes = inspect.signature(offload_activations).parameters["min_bytes"].default
+    is_weight = weight_detector(model)
 
     def pack(t):
-        if isinstance(t, nn.Parameter) or t.numel() * t.element_size() < min_bytes:
+        if t.numel() * t.element_size() < min_bytes or is_weight(t):
             return t
         return (t.size(), t.stride(), t.dtype)
 
@@ -188,7 +189,7 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
         tracker.track_existing(batch.values(), "activations")
         with tracker:
             grads = _step(model, loss_fn, optimizer, batch, cfg.clip_grad_norm, tracker,
-                          _offloading_hooks() if offload else contextlib.nullcontext())
+                          _offloading_hooks(model) if offload else contextlib.nullcontext())
         return tracker.finish(model, optimizer, grads)
 
 

@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -472,18 +473,23 @@ def bench_train(config: str, overrides: list[str], compare: list[str], steps: in
     }
 
 
-_GPU_PROFILES = (("4090", "rtx4090"), ("3090", "rtx3090"), ("5090", "rtx5090"), ("A10G", "a10g"),
-                 ("L4", "l4"), ("T4", "t4"), ("H200", "h200"), ("H100", "h100_sxm"),
-                 ("A100-SXM4-80GB", "a100_80gb"), ("A100 80GB", "a100_80gb"), ("A100", "a100_40gb"))
+# Whole words of the device name, first match wins: "L4" is not "L40S", and an H100 PCIe
+# or NVL (other clocks and memory) is not the SXM part.
+_GPU_PROFILES = ((r"4090", "rtx4090"), (r"3090", "rtx3090"), (r"5090", "rtx5090"), (r"A10G", "a10g"),
+                 (r"L4", "l4"), (r"T4", "t4"), (r"H200", "h200"), (r"H100(?!.*(PCIe|NVL))", "h100_sxm"),
+                 (r"A100-SXM4-80GB", "a100_80gb"), (r"A100 80GB", "a100_80gb"), (r"A100", "a100_40gb"))
+
+
+def gpu_profile_for(name: str) -> str:
+    """The profile of a GPU, recognized by its device name."""
+    for pattern, key in _GPU_PROFILES:
+        if re.search(rf"\b{pattern}\b", name):
+            return key
+    raise BenchError(f"no profile matches the GPU {name!r}; pass --profile")
 
 
 def _local_gpu_profile() -> str:
-    """The profile of the local GPU, recognized by a part of its name."""
-    name = torch.cuda.get_device_name()
-    for part, key in _GPU_PROFILES:
-        if part in name:
-            return key
-    raise BenchError(f"no profile matches the GPU {name!r}; pass --profile")
+    return gpu_profile_for(torch.cuda.get_device_name())
 
 
 def summarize(results: dict, cfg, model_config, profile) -> None:

@@ -74,23 +74,43 @@ def apply_activation_checkpointing(model: nn.Module, mode: Optional[str | bool])
         layer.forward = _checkpointed(layer.forward, selective=mode == "selective")
 
 
+def weight_detector(model: Optional[nn.Module]) -> Callable[[torch.Tensor], bool]:
+    """A test for tensors saved for backward: does it hold a weight? A parameter, a view
+    of one (``nn.Linear`` saves ``weight.t()``), one of ``model``'s parameter storages
+    (an NF4 weight saves its packed inner tensors), or any tensor subclass."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    from fastune.bench.memory import storages
+
+    weight_storages = {s._cdata for p in (model.parameters() if model is not None else ())
+                       for s in storages(p)}
+
+    def is_weight(t: torch.Tensor) -> bool:
+        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+            return True
+        return is_traceable_wrapper_subclass(t) or t.untyped_storage()._cdata in weight_storages
+
+    return is_weight
+
+
 class _OffloadHooks:
     """pack: copy a saved CUDA activation to pinned host memory on a side stream, so the
     copy overlaps compute and the device copy is freed as soon as autograd drops it.
     unpack: make the compute stream wait for that copy, then copy back (asynchronous for
     the host; the pinned allocator keeps the host buffer alive until the copy is done).
 
-    Parameters and tensors under ``min_bytes`` stay on the device: the weights are resident
-    anyway, and small copies cost more in launch latency than they save.
+    Weights (see ``weight_detector``) and tensors under ``min_bytes`` stay on the device:
+    the weights are resident anyway, and small copies cost more in launch latency than
+    they save.
     """
 
-    def __init__(self, min_bytes: int):
+    def __init__(self, min_bytes: int, is_weight: Callable[[torch.Tensor], bool]):
         self.min_bytes = min_bytes
+        self.is_weight = is_weight
         self.stream = torch.cuda.Stream()
 
     def pack(self, t: torch.Tensor):
-        if (not t.is_cuda or isinstance(t, nn.Parameter)
-                or t.numel() * t.element_size() < self.min_bytes):
+        if not t.is_cuda or t.numel() * t.element_size() < self.min_bytes or self.is_weight(t):
             return t
         compute = torch.cuda.current_stream()
         self.stream.wait_stream(compute)  # t is produced on the compute stream
@@ -112,8 +132,10 @@ class _OffloadHooks:
         return host.to(device, non_blocking=True)
 
 
-def offload_activations(device: torch.device, enabled: bool = True, min_bytes: int = 1 << 20):
-    """Context manager for the forward pass: offload saved activations to the CPU.
+def offload_activations(device: torch.device, enabled: bool = True, min_bytes: int = 1 << 20,
+                        model: Optional[nn.Module] = None):
+    """Context manager for the forward pass: offload saved activations (not ``model``'s
+    weights) to the CPU.
 
     On a non-CUDA device there is nowhere cheaper to put them: warns once and does nothing.
     """
@@ -125,7 +147,7 @@ def offload_activations(device: torch.device, enabled: bool = True, min_bytes: i
             stacklevel=2,
         )
         return contextlib.nullcontext()
-    hooks = _OffloadHooks(min_bytes)
+    hooks = _OffloadHooks(min_bytes, weight_detector(model))
     return torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack)
 
 

@@ -197,7 +197,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
         lr_scheduler=lr_scheduler, tokenizer=tokenizer, train_loader=train_loader,
         val_loader=val_loader, exact_match_examples=exact_match_examples,
         steps_per_epoch=steps_per_epoch,
-        forward_context=offload_activations(device, cfg.activation_offloading),
+        forward_context=offload_activations(device, cfg.activation_offloading, model=model),
         world=world,
         saver=None if world is None else distributed.CheckpointSaver(world, cfg.distributed.async_save),
     )

@@ -143,7 +143,7 @@ def test_frozen_weight_gradient_is_never_formed(triton):
     for need_grad_weight in (True, False):
         with force_triton(triton), _OutputShapes() as ops:
             _chunked_forward(hidden, weight, labels, IGNORE, 0.0, 0.0, 16, True,
-                             need_grad_weight, False)
+                             need_grad_weight, need_grad_weight, False)
         shapes[need_grad_weight] = ops.shapes
     assert tuple(weight.shape) in shapes[True], "the check must see dW when W trains"
     assert tuple(weight.shape) not in shapes[False], "a [V, H] gradient was formed"
@@ -222,7 +222,7 @@ def test_peak_memory_stays_far_below_full_logits(weight_trains):
 
     eager_peak = peak_bytes(eager_step)
     ours_peak = peak_bytes(lambda: _chunked_forward(hidden, weight, labels, IGNORE, 0.0, 0.0,
-                                                    64, True, weight_trains, False))
+                                                    64, True, weight_trains, weight_trains, False))
     assert eager_peak > logits_bytes, "the tracker should see eager's full logits"
     assert ours_peak < logits_bytes / 2, f"peak {ours_peak} B vs full logits {logits_bytes} B"
 
