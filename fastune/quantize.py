@@ -38,11 +38,10 @@ from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from fastune.checkpoint import atomic_directory, to_hf_key
-from fastune.checkpoint.hf import CONFIG_NAME, TOKENIZER_FILES, CheckpointError, parse_dtype
+from fastune.checkpoint.hf import CONFIG_NAME, TOKENIZER_FILES, CheckpointError, parse_dtype, write_safetensors
 from fastune.errors import FastuneError
 from fastune.models.config import ModelConfig
 from fastune.models.transformer import Transformer
@@ -157,7 +156,7 @@ def quantize_checkpoint(
     config["quantization_config"] = recipe.to_json()
     config["torch_dtype"] = config["dtype"] = str(recipe.dtype).removeprefix("torch.")
     with atomic_directory(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS_NAME, tensors)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in TOKENIZER_FILES:
             if (ckpt / name).is_file():

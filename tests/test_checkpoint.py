@@ -313,7 +313,7 @@ def test_failed_save_leaves_destination_intact(source, tmp_path, monkeypatch):
         written.append(file)
         save_file(tensors, str(file), metadata={"format": "pt"})
 
-    monkeypatch.setattr(hf, "_write_shard", flaky_write)
+    monkeypatch.setattr(hf, "write_safetensors", flaky_write)
     with pytest.raises(OSError, match="disk full"):
         fastune.save_pretrained(model, dest, max_shard_size="40KB")
     assert written, "the failure must happen mid-save, after a shard was written"

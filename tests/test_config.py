@@ -311,3 +311,25 @@ def test_save_resolved_config_round_trips_and_never_overwrites(workdir):
     assert sorted(p.name for p in (workdir / "out").iterdir()) == ["config.1.yaml", "config.yaml"]
     assert OmegaConf.load(workdir / "out" / "config.1.yaml").optimizer.lr == 3e-4
     assert OmegaConf.load(workdir / "out" / "config.yaml").optimizer.lr == 1e-4
+
+
+def test_saved_config_leaves_out_credentials_from_the_environment(workdir, monkeypatch):
+    token = "hf_" + "Zy9Xw8Vu7T" * 4
+    monkeypatch.setenv("MY_WANDB_KEY", "secret-value-123")
+    cfg = load(["metric_logger=wandb", "metric_logger.api_key=${oc.env:MY_WANDB_KEY}",
+                f"metric_logger.notes={token}"])
+    text = save_resolved_config(cfg, "out").read_text()
+    assert "secret-value-123" not in text and token not in text and "api_key" not in text
+    assert "metric_logger" in text and "WandBLogger" in text
+
+
+def test_short_name_keeps_the_arguments_the_new_component_takes(workdir, caplog):
+    """optimizer=adam swaps the class, not the learning rate; a key the new component
+    does not take is dropped with a warning, never passed on to fail later."""
+    cfg = load(["optimizer.lr=3e-4", "optimizer.fused=false", "optimizer=sgd"])
+    assert OmegaConf.to_container(cfg.optimizer) == {"_component_": "torch.optim.SGD", "lr": 3e-4,
+                                                     "fused": False}
+    with caplog.at_level("WARNING"):
+        cfg = load(["optimizer.lr=1e-3", "optimizer.amsgrad=true", "optimizer=sgd"])
+    assert "amsgrad" not in cfg.optimizer and cfg.optimizer.lr == 1e-3
+    assert "dropped amsgrad, which torch.optim.SGD does not take" in caplog.text

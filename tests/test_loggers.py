@@ -10,9 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from fastune.config import load_config
+from fastune.config.secrets import redact_secrets
 from fastune.errors import ConfigError, FastuneError
 from fastune.training.loggers import (
-    DiskLogger, MetricLogger, StdoutLogger, TensorBoardLogger, build_metric_logger, redact_secrets,
+    DiskLogger, MetricLogger, StdoutLogger, TensorBoardLogger, build_metric_logger,
 )
 
 HF_TOKEN = "hf_" + "a1B2c3D4e5" * 4
@@ -60,10 +61,10 @@ def test_only_rank_zero_logs(cfg_dir, monkeypatch):
 
 
 def test_redact_secrets():
-    config = {"hf_token": "x", "tokenizer": "/ckpt", "keep_last_n": 2, "wandbApiKey": "k",
+    config = {"hf_token": "x", "tokenizer": "/ckpt", "keep_last_n": 2, "wandbApiKey": "k", "max_new_tokens": 8,
               "nested": {"api-key": "k", "password": "p", "client_secret": "s", "name": "run", "note": HF_TOKEN},
               "tags": ["a", HF_TOKEN]}
-    assert redact_secrets(config) == {"tokenizer": "/ckpt", "keep_last_n": 2, "nested": {"name": "run"},
+    assert redact_secrets(config) == {"tokenizer": "/ckpt", "keep_last_n": 2, "max_new_tokens": 8, "nested": {"name": "run"},
                                       "tags": ["a"]}
 
 

@@ -70,6 +70,10 @@ def test_checkpoint_folder_loads_in_transformers_and_peft(tmp_path, base):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "adapter", TRAINING_STATE, TRAINER_STATE} <= names
     assert {p.name for p in (ckpt / "adapter").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    # Weights get the folder's permissions (safetensors alone writes 0600): a serving job
+    # running as another user can read them.
+    for weights in (ckpt / "model.safetensors", ckpt / "adapter" / "adapter_model.safetensors"):
+        assert weights.stat().st_mode & 0o444 == (ckpt / "adapter").stat().st_mode & 0o444
     training_state = torch.load(ckpt / TRAINING_STATE, weights_only=True)
     assert set(training_state) == {"optimizer", "lr_scheduler", "rng", "dataloader"}
     assert logger.checkpoints == [(ckpt, json.loads((ckpt / TRAINER_STATE).read_text()))]
@@ -154,4 +158,18 @@ def test_resume_with_another_method_is_refused(tmp_path, base):
     run(make_config(tmp_path, base, method="full", max_steps_per_epoch=1))
     cfg = make_config(tmp_path, base, name="lora.yaml", resume_from_checkpoint=str(tmp_path / "out" / "epoch_0"))
     with pytest.raises(ResumeError, match="written by a method=full run, this run has method=lora"):
+        setup(cfg)
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path, base):
+    """Accumulating twice as many batches per step from step_2 would skip a quarter of
+    the epoch's data without a word; it is refused instead."""
+    from fastune.training.checkpointer import ResumeError
+    from fastune.training.recipe import setup
+
+    run(make_config(tmp_path, base, method="full", max_steps_per_epoch=3, save_every_n_steps=2))
+    cfg = make_config(tmp_path, base, name="accumulate.yaml", method="full", max_steps_per_epoch=3,
+                      gradient_accumulation_steps=2, output_dir=str(tmp_path / "resumed"),
+                      resume_from_checkpoint=str(tmp_path / "out" / "step_2"))
+    with pytest.raises(ResumeError, match=r"stopped after 2 steps and 2 batches per rank .* keep the global batch"):
         setup(cfg)

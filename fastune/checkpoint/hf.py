@@ -257,7 +257,7 @@ def save_hf_checkpoint(
     names = _shard_names(len(shards))
     with atomic_directory(out_dir) as tmp:
         for name, keys in zip(names, shards):
-            _write_shard(tmp / name, {k: tensors[k].detach().to("cpu", dtype).contiguous() for k in keys})
+            write_safetensors(tmp / name, {k: tensors[k].detach().to("cpu", dtype).contiguous() for k in keys})
         if len(shards) > 1:
             _write_index(tmp / INDEX_NAME, tensors, shards, names, dtype.itemsize)
         _write_json(tmp / CONFIG_NAME, _config_dict(config, dtype))
@@ -309,8 +309,9 @@ def _shard_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def _write_shard(file: Path, tensors: dict[str, torch.Tensor]) -> None:
-    # transformers refuses shards whose metadata does not say format "pt".
+def write_safetensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file that transformers, PEFT and other users can read."""
+    # transformers refuses files whose metadata does not say format "pt".
     save_file(tensors, str(file), metadata={"format": "pt"})
     # safetensors creates files readable by the owner only (0600); give them the
     # umask's permissions, as the folder has, so another user (a serving job) can read them.

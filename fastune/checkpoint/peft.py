@@ -20,11 +20,11 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from fastune.checkpoint.hf import from_hf_key, to_hf_key
+from fastune.checkpoint.hf import from_hf_key, to_hf_key, write_safetensors
 from fastune.modules.lora import LoRAError, LoRALinear
 from fastune.modules.peft import (
     LORA_PARAM_SUFFIXES,
@@ -106,7 +106,7 @@ def save_peft_adapter(
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    write_safetensors(out_dir / ADAPTER_WEIGHTS, tensors)
     config = adapter_config(settings, base_model_name_or_path)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import importlib.resources
 import inspect
+import logging
 import os
 import re
 from pathlib import Path
@@ -36,10 +37,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fastune.config.components import locate
+from fastune.config.secrets import redact_secrets
 from fastune.config.schema import (
     COMPONENT, SCHEMA, Key, Mismatch, Section, closest, did_you_mean, require_path, show, walk_keys,
 )
 from fastune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # `datasets.load_dataset` builders that read local `data_files`.
 FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
@@ -193,11 +197,31 @@ def _apply_override(cfg: dict, override: str, origin: _Origin) -> None:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"override {override!r}: cannot parse the value: {problem}") from None
     section = SCHEMA.keys.get(key)
+    parent, name = _parent(cfg, key, override, create=True)
     if isinstance(section, Section) and isinstance(value, str):
         value = _expand_short_name(section, key, value, f"override {override!r}")
-    parent, name = _parent(cfg, key, override, create=True)
+        value = {**_arguments_it_takes(parent.get(name), value[COMPONENT], key), **value}
     parent[name] = value
     origin.overrides[key] = override
+
+
+def _arguments_it_takes(previous: Any, component: str, key: str) -> dict:
+    """The keys of the section being replaced that ``component`` takes as named
+    parameters: ``optimizer=adam`` keeps the config's lr and weight_decay. The others
+    are dropped, and said so."""
+    if not isinstance(previous, dict):
+        return {}
+    arguments = {k: v for k, v in previous.items() if k != COMPONENT}
+    try:
+        parameters = inspect.signature(locate(component)).parameters
+    except (ImportError, TypeError, ValueError):
+        return {}  # validation reports a component that cannot be imported
+    named = {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    dropped = sorted(set(arguments) - named)
+    if dropped:
+        log.warning("%s=%s: dropped %s, which %s does not take", key, component, ", ".join(dropped),
+                    component)
+    return {k: v for k, v in arguments.items() if k in named}
 
 
 def _parent(cfg: dict, key: str, override: str, create: bool):
@@ -424,7 +448,8 @@ def save_resolved_config(cfg: DictConfig, output_dir: str | os.PathLike) -> Path
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "config.yaml"
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    # Credentials resolved from the environment (${oc.env:HF_TOKEN}) stay out of the file.
+    text = OmegaConf.to_yaml(OmegaConf.create(redact_secrets(OmegaConf.to_container(cfg, resolve=True))))
     if target.exists():
         if target.read_text(encoding="utf-8") == text:
             return target

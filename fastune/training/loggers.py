@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastune.config import instantiate
 from fastune.config.schema import did_you_mean
+from fastune.config.secrets import redact_secrets
 from fastune.errors import ConfigError, FastuneError
 
 
@@ -63,26 +63,6 @@ class MetricLogger:
 def scalar(value: Any) -> Any:
     """A 0-d tensor or numpy number as a Python number; other values unchanged."""
     return value.item() if hasattr(value, "item") else value
-
-
-_SECRET_KEY = re.compile(r"(^|_)(token|key|secret|password|passwd|api_?key|credentials?)s?($|_)")
-_SECRET_VALUE = re.compile(r"hf_[A-Za-z0-9]{30,}")
-
-
-def _is_secret_key(name: str) -> bool:
-    # `hf_token`, `api-key`, `wandbApiKey`; not `tokenizer` or `keep_last_n`.
-    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).replace("-", "_").replace(".", "_")
-    return bool(_SECRET_KEY.search(words.lower()))
-
-
-def redact_secrets(value: Any) -> Any:
-    """A copy of a nested dict/list without secret-looking keys or token-looking strings."""
-    if isinstance(value, Mapping):
-        return {k: redact_secrets(v) for k, v in value.items()
-                if not _is_secret_key(k) and not (isinstance(v, str) and _SECRET_VALUE.search(v))}
-    if isinstance(value, (list, tuple)):
-        return [redact_secrets(v) for v in value if not (isinstance(v, str) and _SECRET_VALUE.search(v))]
-    return value
 
 
 def _loggable_config(cfg: DictConfig | Mapping) -> dict:
@@ -213,7 +193,7 @@ def build_metric_logger(cfg: DictConfig) -> MetricLogger:
     logger = instantiate(cfg.metric_logger)
     try:
         logger.log_config(cfg)
-    except BaseException:
-        logger.close()
+    except BaseException as e:
+        logger.__exit__(type(e), e, e.__traceback__)  # a W&B run then ends as failed
         raise
     return logger

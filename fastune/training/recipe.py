@@ -402,6 +402,14 @@ def restore_training_state(run: TrainingRun, ckpt_dir: Path, progress: dict[str,
     if run.step_in_epoch:  # a step checkpoint: the loader continues inside the epoch
         run.train_loader.set_epoch(run.epoch)
         run.train_loader.load_state_dict(state["dataloader"])
+        batches = run.train_loader.state_dict()["batches_done"]
+        accumulation = run.cfg.gradient_accumulation_steps
+        if batches != run.step_in_epoch * accumulation:
+            raise checkpointer.ResumeError(
+                f"resume_from_checkpoint: {ckpt_dir} stopped after {run.step_in_epoch} steps and "
+                f"{batches} batches per rank of this run, not {run.step_in_epoch} x "
+                f"gradient_accumulation_steps={accumulation}: keep the global batch (batch_size x "
+                "gradient_accumulation_steps x ranks) of the run that wrote it")
     checkpointer.set_rng_state(distributed.rng_state_for_rank(state, run.world))
     run.resumed_from = ckpt_dir
     log.info("resumed from %s: epoch %d, global step %d", ckpt_dir, run.epoch, run.global_step)
