@@ -503,6 +503,7 @@ class _Pending:
 
     future: Optional[Future]
     finish: Callable[[], None]
+    finished: bool = False
 
 
 class CheckpointSaver:
@@ -584,7 +585,19 @@ class CheckpointSaver:
             # Rank 0's DCP save ends after every rank reported its files written; the
             # barrier also keeps the ranks in step before the next save's collectives.
             dist.barrier(group=self._group)
-        pending.finish()
+        if not pending.finished:
+            pending.finish()
+
+    def finish_if_done(self) -> None:
+        """Rank 0, after each step: put a background save whose files are all written in
+        place now, so that a crash before the next save cannot leave it staged where
+        resume never looks. ``wait()`` still runs the barrier that keeps ranks in step."""
+        pending = self._pending
+        if (self.world.is_main and pending is not None and not pending.finished
+                and pending.future is not None and pending.future.done()
+                and pending.future.exception() is None):
+            pending.finished = True
+            pending.finish()
 
     def _job_token(self) -> str:
         """A name all ranks agree on for this save's staging folder."""

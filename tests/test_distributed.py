@@ -324,3 +324,25 @@ def test_loader_state_resumes_on_another_world_size(tmp_path):
     assert torch.equal(next(iter(one))["tokens"], expected)
     with pytest.raises(DataError, match="not a whole number of batches of 2 on each of 5 ranks"):
         build_dataloader(dataset, 2, seed=1, rank=0, world_size=5).load_state_dict(state)
+
+
+def test_a_finished_background_save_is_put_in_place_before_the_next_save(monkeypatch):
+    """Rank 0 renames a completed async save into place at the next step, not at the next
+    save: a crash in between must not leave it staged where resume never looks. The
+    barrier of the next wait() still runs, once, and the rename does not run twice."""
+    from concurrent.futures import Future
+
+    from fastune import distributed
+
+    barriers, finished = [], []
+    monkeypatch.setattr(distributed.dist, "barrier", lambda group=None: barriers.append(group))
+    saver = distributed.CheckpointSaver(distributed.World(0, 2, 0, torch.device("cpu")), async_save=True)
+    future = Future()
+    saver._pending = distributed._Pending(future, lambda: finished.append("step_2"))
+    saver.finish_if_done()
+    assert finished == []  # DCP still writing
+    future.set_result(None)
+    saver.finish_if_done()
+    assert finished == ["step_2"] and barriers == []
+    saver.wait()
+    assert finished == ["step_2"] and len(barriers) == 1

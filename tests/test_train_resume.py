@@ -173,3 +173,14 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, base):
                       resume_from_checkpoint=str(tmp_path / "out" / "step_2"))
     with pytest.raises(ResumeError, match=r"stopped after 2 steps and 2 batches per rank .* keep the global batch"):
         setup(cfg)
+
+
+def test_resume_from_an_earlier_checkpoint_beside_later_ones_is_refused(tmp_path, base):
+    from fastune.training.checkpointer import ResumeError
+    from fastune.training.recipe import setup
+
+    run(make_config(tmp_path, base, max_steps_per_epoch=4, save_every_n_steps=2))
+    cfg = make_config(tmp_path, base, name="again.yaml", max_steps_per_epoch=4,
+                      resume_from_checkpoint=str(tmp_path / "out" / "step_2"))
+    with pytest.raises(ResumeError, match=r"step_2 is at step 2, but .* holds epoch_0 of a later step"):
+        setup(cfg)

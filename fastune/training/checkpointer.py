@@ -84,6 +84,15 @@ def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Pat
                 f"resume_from_checkpoint: {path} has no {name}; "
                 "it is not a fastune training checkpoint"
             )
+    step = read_trainer_state(path)["global_step"]
+    later = [p for p in checkpoint_dirs(output_dir) if read_trainer_state(p)["global_step"] > step]
+    if later:
+        # Pruning (keep_last_n) would delete the new checkpoints first, and a later
+        # resume_from_checkpoint=auto would pick the abandoned run's.
+        raise ResumeError(
+            f"resume_from_checkpoint: {path} is at step {step}, but {output_dir} holds {later[-1].name} "
+            "of a later step; move the later checkpoints away, or write to another output_dir"
+        )
     return path
 
 

@@ -453,6 +453,8 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
                     evaluate(run, logger)
                 if _every(cfg.save_every_n_steps, run.global_step) and not end_of_epoch:
                     save_checkpoint(run, logger, f"step_{run.global_step}")
+                elif run.saver is not None:
+                    run.saver.finish_if_done()
             run.epoch += 1
             run.step_in_epoch = 0
             if not cfg.eval_every_n_steps and run.epoch < cfg.epochs:
