@@ -53,6 +53,8 @@ def test_latest_checkpoint_is_found_by_global_step(tmp_path):
         (tmp_path / name / checkpointer.TRAINER_STATE).write_text(json.dumps({"global_step": step}))
     (tmp_path / ".epoch_2.tmp-1-abc").mkdir()  # an interrupted save: hidden, never picked
     (tmp_path / "step_30").mkdir()  # no trainer_state.json: not a checkpoint
+    (tmp_path / "step_40").mkdir()
+    (tmp_path / "step_40" / checkpointer.TRAINER_STATE).write_text("{")  # damaged: skipped, with a warning
     assert [p.name for p in checkpointer.checkpoint_dirs(tmp_path)] == ["step_2", "step_10", "epoch_0", "epoch_1"]
     assert checkpointer.resolve_resume("auto", tmp_path) == tmp_path / "epoch_1"
     assert checkpointer.resolve_resume("auto", tmp_path / "empty") is None
@@ -116,3 +118,16 @@ def test_activation_offloading_keeps_weights_on_the_device(quantized):
         plain(torch.randn(2, 16, requires_grad=True)).sum().backward()
     assert any(t._base is plain.weight for t in saved)  # the view the old filter missed
     assert [weight_detector(plain)(t) for t in saved].count(False) == 1  # only the input
+
+
+def test_a_failed_prune_keeps_the_new_checkpoint_and_the_run(tmp_path, monkeypatch, caplog):
+    def busy(path, *args, **kwargs):
+        raise OSError(16, "Device or resource busy")
+
+    write = lambda folder: (folder / "model.safetensors").write_bytes(b"x")  # noqa: E731
+    checkpointer.save_checkpoint(tmp_path, "step_1", write, {}, {"global_step": 1}, keep_last_n=1)
+    monkeypatch.setattr(checkpointer.shutil, "rmtree", busy)
+    with caplog.at_level("WARNING"):
+        path = checkpointer.save_checkpoint(tmp_path, "step_2", write, {}, {"global_step": 2}, keep_last_n=1)
+    assert (path / checkpointer.TRAINER_STATE).is_file()
+    assert "could not delete" in caplog.text and "step_1" in caplog.text

@@ -26,6 +26,7 @@ this module writes, finds and reads the folders.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -37,6 +38,8 @@ import torch
 
 from fastune.checkpoint import atomic_directory
 from fastune.errors import FastuneError
+
+log = logging.getLogger(__name__)
 
 TRAINING_STATE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
@@ -54,7 +57,11 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     found = []
     for path in Path(output_dir).glob("*_*"):
         if path.is_dir() and _CHECKPOINT_NAME.fullmatch(path.name) and (path / TRAINER_STATE).is_file():
-            progress = read_trainer_state(path)
+            try:
+                progress = read_trainer_state(path)
+            except ResumeError as e:  # one damaged folder must not hide the good ones
+                log.warning("%s; skipping it", e)
+                continue
             found.append((progress["global_step"], path.name.startswith("epoch"), path))
     return [path for *_, path in sorted(found)]
 
@@ -117,7 +124,10 @@ def save_checkpoint(
     if keep_last_n:
         for old in checkpoint_dirs(output_dir)[:-keep_last_n]:
             if old != dest:
-                shutil.rmtree(old)
+                try:
+                    shutil.rmtree(old)
+                except OSError as e:  # the new checkpoint is safe: a failed cleanup must not end the run
+                    log.warning("keep_last_n: could not delete %s (%s); delete it by hand", old, e)
     return dest
 
 
