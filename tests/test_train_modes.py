@@ -89,3 +89,22 @@ def test_qlora_trains_and_matches_lora_on_dequantized_weights(tmp_path, nf4_base
     assert type(model.layers[0].self_attn.q_proj.weight).__name__ == "NF4Tensor"
     assert qlora[-1] < qlora[0] - 0.1, qlora
     torch.testing.assert_close(torch.tensor(qlora), torch.tensor(reference), rtol=1e-4, atol=0)
+
+
+def test_each_packed_epoch_runs_all_of_its_own_batches(tmp_path, base):
+    """Reshuffled, the same samples pack into 13 batches of 2 in epoch 0 and 14 in
+    epoch 1: every epoch trains on all of its own packs, none dropped or borrowed."""
+    from fastune.training.recipe import setup, steps_in_epoch
+
+    cfg = make_config(tmp_path, base, batch_size=2, epochs=2,
+                      overrides=["dataset.packed=true", "dataset.max_seq_len=64"])
+    loader = setup(cfg).train_loader
+    per_epoch = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        per_epoch.append(steps_in_epoch(loader, cfg))
+    assert per_epoch == [13, 14]
+    state, logger = run(make_config(tmp_path, base, name="run.yaml", batch_size=2, epochs=2,
+                                    output_dir=str(tmp_path / "run"),
+                                    overrides=["dataset.packed=true", "dataset.max_seq_len=64"]))
+    assert state.global_step == 27 and len(logger.losses()) == 27

@@ -105,7 +105,7 @@ class TrainingRun:
     train_loader: SFTDataLoader
     val_loader: Optional[SFTDataLoader]
     exact_match_examples: Optional[list[tuple[list[int], str]]]
-    steps_per_epoch: int
+    steps_per_epoch: int  # in the current epoch: with packing it varies a little between epochs
     forward_context: AbstractContextManager
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
@@ -174,9 +174,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     tokenizer = load_tokenizer(cfg.tokenizer)
     train_loader, val_loader = build_data(cfg, tokenizer, device, world)
     exact_match_examples = build_exact_match_examples(cfg, tokenizer)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
-    if cfg.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    steps_per_epoch = steps_in_epoch(train_loader, cfg)
 
     # Sharded: built on the meta device; sharded and loaded once AC and compile are in place.
     model = load_model(cfg, device, resume) if world is None else distributed.build_meta_model(cfg)
@@ -385,6 +383,13 @@ def shard_and_load_resumed(model: nn.Module, cfg: DictConfig, world: distributed
         load_peft_adapter(model, resume / ADAPTER_DIR)
 
 
+def steps_in_epoch(loader: SFTDataLoader, cfg: DictConfig) -> int:
+    """Optimizer steps in the loader's current epoch. With packing the number of packs,
+    so of steps, changes a little from one shuffled epoch to the next."""
+    steps = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    return steps if cfg.max_steps_per_epoch is None else min(steps, cfg.max_steps_per_epoch)
+
+
 def restore_training_state(run: TrainingRun, ckpt_dir: Path, progress: dict[str, Any]) -> None:
     """Put optimizer, schedule, RNGs and data position back where ``ckpt_dir`` left them
     (the weights or adapter were loaded by ``load_model``); ``progress`` is its
@@ -434,6 +439,7 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
         while run.epoch < cfg.epochs:
             if run.step_in_epoch == 0:
                 run.train_loader.set_epoch(run.epoch)
+            run.steps_per_epoch = steps_in_epoch(run.train_loader, cfg)
             batches = iter(run.train_loader)
             while run.step_in_epoch < run.steps_per_epoch:
                 started = time.perf_counter()
