@@ -25,7 +25,7 @@ fake tensors have storages of the right size that hold no memory, which is how
 What it cannot see: memory an op allocates and frees inside its own kernel
 (oneDNN/cuBLAS workspaces, flash-attention scratch), allocator caching and
 fragmentation, and the CUDA context. fastune's own opaque ops that hold large
-buffers inside declare them (``_WORKSPACES``): the fused linear cross-entropy's
+buffers inside declare them (``_workspaces``): the fused linear cross-entropy's
 chunk of logits is counted as a temporary for the duration of the op. ``round_to`` rounds every storage up as the
 CUDA caching allocator does (512 bytes).
 """
