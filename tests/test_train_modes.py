@@ -105,6 +105,8 @@ def test_each_packed_epoch_runs_all_of_its_own_batches(tmp_path, base):
         per_epoch.append(steps_in_epoch(loader, cfg))
     assert per_epoch == [13, 14]
     state, logger = run(make_config(tmp_path, base, name="run.yaml", batch_size=2, epochs=2,
-                                    output_dir=str(tmp_path / "run"),
+                                    output_dir=str(tmp_path / "run"), eval_every_n_steps=9,
                                     overrides=["dataset.packed=true", "dataset.max_seq_len=64"]))
     assert state.global_step == 27 and len(logger.losses()) == 27
+    # Validation before training, at steps 9 and 18, and once at the end (step 27 is the last).
+    assert [r["step"] for r in logger.records if "val_loss" in r] == [0, 9, 18, 27]

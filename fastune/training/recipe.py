@@ -105,7 +105,7 @@ class TrainingRun:
     train_loader: SFTDataLoader
     val_loader: Optional[SFTDataLoader]
     exact_match_examples: Optional[list[tuple[list[int], str]]]
-    steps_per_epoch: int  # in the current epoch: with packing it varies a little between epochs
+    steps_per_epoch: int  # as planned from epoch 0 (packed epochs may differ a little)
     forward_context: AbstractContextManager
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
@@ -439,9 +439,9 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
         while run.epoch < cfg.epochs:
             if run.step_in_epoch == 0:
                 run.train_loader.set_epoch(run.epoch)
-            run.steps_per_epoch = steps_in_epoch(run.train_loader, cfg)
+            epoch_steps = steps_in_epoch(run.train_loader, cfg)
             batches = iter(run.train_loader)
-            while run.step_in_epoch < run.steps_per_epoch:
+            while run.step_in_epoch < epoch_steps:
                 started = time.perf_counter()
                 micro_batches = list(itertools.islice(batches, accumulation))
                 if not micro_batches:
@@ -452,10 +452,11 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
                 run.global_step += 1
                 run.step_in_epoch += 1
                 bar.update(1)
-                end_of_epoch = run.step_in_epoch == run.steps_per_epoch
+                end_of_epoch = run.step_in_epoch == epoch_steps
+                last_step = end_of_epoch and run.epoch == cfg.epochs - 1
                 if run.global_step % cfg.log_every_n_steps == 0 or end_of_epoch:
                     log_step(run, logger, bar, loss, lr, grad_norm, meter)
-                if _every(cfg.eval_every_n_steps, run.global_step) and run.global_step < run.total_steps:
+                if _every(cfg.eval_every_n_steps, run.global_step) and not last_step:  # evaluated below
                     evaluate(run, logger)
                 if _every(cfg.save_every_n_steps, run.global_step) and not end_of_epoch:
                     save_checkpoint(run, logger, f"step_{run.global_step}")
