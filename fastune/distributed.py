@@ -474,14 +474,14 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     from fastune.training.checkpointer import ResumeError
 
     name_of = {id(p): name for name, p in model.named_parameters()}
-    groups = []
+    groups, index_to_name = [], {}
     for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True):
         if len(saved["params"]) != len(group["params"]):
             raise ResumeError(f"resume_from_checkpoint: the optimizer state holds {len(saved['params'])} "
                               f"parameters in a group where this run has {len(group['params'])}")
-        groups.append({**saved, "params": [name_of[id(p)] for p in group["params"]]})
-    index_to_name = {index: name for saved, group in zip(state["param_groups"], groups)
-                     for index, name in zip(saved["params"], group["params"])}
+        names = [name_of[id(p)] for p in group["params"]]
+        index_to_name.update(zip(saved["params"], names))
+        groups.append({**saved, "params": names})
     full = {"state": {index_to_name[i]: value for i, value in state["state"].items()},
             "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, full,

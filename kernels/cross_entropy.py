@@ -22,9 +22,9 @@ their gradient alive together. In bf16 the scaling rounds a second time, unless 
 is 1: call ``backward()`` on the summed loss and divide the gradients by the token count
 afterwards to get exactly one rounding, as eager autograd has.
 
-Both paths form the loss from logits shifted by the row max m, as log_softmax does (the
-reference calls it): log d - (1 - e)(z_iy - m) - e (mean_j z_ij - m) + k lse^2 with
-lse = m + log d; lse - z_iy would lose the low bits of two large, nearly equal numbers.
+Both paths form the loss from logits shifted by the row max m, as log_softmax does:
+log d - (1 - e)(z_iy - m) - e (mean_j z_ij - m) + k lse^2 with lse = m + log d;
+lse - z_iy would lose the low bits of two large, nearly equal numbers.
 
 The Triton kernel handles one row per program: pass 1 reads the row once for the
 online logsumexp (and the row sum, for label smoothing), pass 2 reads it again and

@@ -26,8 +26,8 @@ What it cannot see: memory an op allocates and frees inside its own kernel
 (oneDNN/cuBLAS workspaces, flash-attention scratch), allocator caching and
 fragmentation, and the CUDA context. fastune's own opaque ops that hold large
 buffers inside declare them (``_workspaces``): the fused linear cross-entropy's
-chunk of logits is counted as a temporary for the duration of the op. ``round_to`` rounds every storage up as the
-CUDA caching allocator does (512 bytes).
+chunk of logits is counted as a temporary for the duration of the op.
+``round_to`` rounds every storage up as the CUDA caching allocator does (512 bytes).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
+
 
 def _workspaces() -> dict:
     """Opaque ops -> a function of their arguments giving the bytes they hold inside."""

@@ -50,10 +50,10 @@ class ResumeError(FastuneError):
     """A checkpoint that a run cannot resume from; the message names the path."""
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first (by global step, an epoch
-    checkpoint after a step checkpoint of the same step). Temporary folders are hidden
-    (leading dot) and never match."""
+def _checkpoints(output_dir: Path) -> list[tuple[int, bool, Path]]:
+    """(global step, is an epoch checkpoint, folder) of the complete checkpoints in
+    ``output_dir``, oldest first (an epoch checkpoint after a step checkpoint of the same
+    step). Temporary folders are hidden (leading dot) and never match."""
     found = []
     for path in Path(output_dir).glob("*_*"):
         if path.is_dir() and _CHECKPOINT_NAME.fullmatch(path.name) and (path / TRAINER_STATE).is_file():
@@ -63,7 +63,12 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
                 log.warning("%s; skipping it", e)
                 continue
             found.append((progress["global_step"], path.name.startswith("epoch"), path))
-    return [path for *_, path in sorted(found)]
+    return sorted(found)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (see ``_checkpoints``)."""
+    return [path for *_, path in _checkpoints(output_dir)]
 
 
 def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
@@ -92,7 +97,7 @@ def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Pat
                 "it is not a fastune training checkpoint"
             )
     step = read_trainer_state(path)["global_step"]
-    later = [p for p in checkpoint_dirs(output_dir) if read_trainer_state(p)["global_step"] > step]
+    later = [p for later_step, _, p in _checkpoints(output_dir) if later_step > step]
     if later:
         # Pruning (keep_last_n) would delete the new checkpoints first, and a later
         # resume_from_checkpoint=auto would pick the abandoned run's.
