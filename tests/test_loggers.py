@@ -197,6 +197,21 @@ def test_wandb_finishes_as_failed_on_an_exception(cfg_dir, wandb_offline):
     assert records_of(wandb_offline, "artifact") == []
 
 
+def test_wandb_finishes_as_failed_when_the_config_cannot_be_logged(cfg_dir, wandb_offline, monkeypatch):
+    from fastune.training.loggers import WandBLogger
+
+    def broken(self, cfg):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(WandBLogger, "log_config", broken)
+    cfg = load_config("config.yaml", ["metric_logger=wandb"])
+    with pytest.raises(OSError, match="disk full"):
+        build_metric_logger(cfg)
+    wait_for_exit_record(wandb_offline)
+    (exit_record,) = records_of(wandb_offline, "exit")
+    assert exit_record.exit_code == 1
+
+
 def test_wandb_unknown_init_keyword(cfg_dir, wandb_offline):
     cfg = load_config("config.yaml", ["metric_logger=wandb", "metric_logger.projetc=x"])
     with pytest.raises(ConfigError, match=r"metric_logger.projetc: not a parameter of wandb.init "
