@@ -10,7 +10,8 @@ Math, for hidden states h [N, H], the output projection W [V, H] and targets y [
 
 The tokens are processed in chunks of C rows. Per chunk: z_c = h_c W^T into a [C, V]
 buffer, the per-row loss and G_c written over z_c in place (Triton kernel on CUDA, plain
-torch elsewhere), then at once dh_c = G_c W and dW += G_c^T h_c. All of that happens in
+torch elsewhere), then at once dh_c = G_c W and dW += G_c^T h_c (one GEMM into the fp32
+accumulator on CUDA; see _accumulate_grad_weight_). All of that happens in
 the FORWARD. Saved for backward: dh [N, H] (input dtype) and dW [V, H] (fp32 when
 accumulated over several chunks, so the sum over chunks does not round at every step);
 backward only multiplies them by the incoming scalar gradient of ``loss_sum``. dW is
@@ -18,8 +19,8 @@ neither formed nor saved when the weight needs no gradient (LoRA: lm_head frozen
 
 Memory: the chunk's logits [C, V] (the Triton kernel needs nothing more; the eager
 reference adds two fp32 blocks of ``cross_entropy.REFERENCE_BLOCK`` elements), and, when
-W is trained, the [V, H] fp32 accumulator plus a slice's GEMM result ([GRAD_WEIGHT_SLICE,
-H], in the input dtype and in fp32).
+W is trained, the [V, H] fp32 accumulator (on CPU with 16-bit inputs, also a slice's GEMM
+result: [GRAD_WEIGHT_SLICE, H] in the input dtype and in fp32).
 The default C keeps C * V at most ``LOGITS_BUDGET`` elements (64 Mi: 128 MiB of bf16
 logits); for 4096 tokens and a 128256 vocabulary that is 8 chunks of 512 tokens, against
 1 GiB for the full bf16 logits (and about 6x that for eager F.linear + F.cross_entropy
@@ -34,7 +35,8 @@ Triton kernel on CUDA and the plain-torch reference elsewhere (see cross_entropy
 compiled by the op itself when the caller is being compiled.
 
 Only supervised rows are computed: ignored rows (masked prompts, padding) are dropped
-before the first GEMM, and their gradient rows are zero.
+before the first GEMM, and their gradient rows are zero. Counting them costs a host sync
+unless the caller passes the count it knows on the host (``num_supervised``).
 """
 
 from __future__ import annotations
@@ -61,18 +63,39 @@ def default_chunk_size(n_tokens: int, vocab: int, budget: int = LOGITS_BUDGET) -
     return max(1, math.ceil(n_tokens / n_chunks))
 
 
-def _add_grad_weight_(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor,
-                      part: torch.Tensor, part_fp32: torch.Tensor) -> None:
-    """grad_weight += grad_logits^T h, one slice of vocabulary rows at a time, through the
-    [GRAD_WEIGHT_SLICE, H] buffers ``part`` (GEMM result, input dtype) and ``part_fp32``:
-    no second [V, H] buffer ever exists beside the fp32 accumulator."""
+def _accumulate_grad_weight_(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
+                             h: torch.Tensor, first: bool, part: Optional[torch.Tensor],
+                             part_fp32: Optional[torch.Tensor]) -> None:
+    """grad_weight (fp32) = (0 if ``first`` else grad_weight) + grad_logits^T h.
+
+    One GEMM per chunk, straight into the fp32 accumulator: cuBLAS takes bf16/fp16
+    operands with an fp32 output (``addmm`` with ``out_dtype``), so dW moves 8 bytes per
+    element per chunk (the accumulator read and written once) and rounds once, at the end.
+    The first chunk has beta=0: the buffer is never zero-filled.
+
+    The CPU has no such GEMM for 16-bit operands; there the product goes one slice of
+    vocabulary rows at a time through the [GRAD_WEIGHT_SLICE, H] buffers ``part`` (GEMM
+    result, input dtype) and ``part_fp32``, so no second [V, H] buffer exists."""
+    if part is None:
+        extra = {} if grad_logits.dtype == torch.float32 else {"out_dtype": torch.float32}
+        torch.addmm(grad_weight, grad_logits.t(), h, beta=0 if first else 1, out=grad_weight,
+                    **extra)
+        return
     vocab = grad_logits.shape[1]
     for start in range(0, vocab, GRAD_WEIGHT_SLICE):
         rows = slice(start, start + GRAD_WEIGHT_SLICE)
         n = min(GRAD_WEIGHT_SLICE, vocab - start)
         torch.mm(grad_logits[:, rows].t(), h, out=part[:n])
-        # Upcast first: an fp32 += bf16 add_ converts through a fresh temporary, slowly.
-        grad_weight[rows].add_(part_fp32[:n].copy_(part[:n]))
+        if first:
+            grad_weight[rows].copy_(part[:n])
+        else:
+            # Upcast first: an fp32 += bf16 add_ converts through a fresh temporary, slowly.
+            grad_weight[rows].add_(part_fp32[:n].copy_(part[:n]))
+
+
+def _needs_slices(weight: torch.Tensor) -> bool:
+    """Whether dW accumulates through slice buffers (16-bit GEMM on CPU, see above)."""
+    return weight.device.type == "cpu" and weight.dtype != torch.float32
 
 
 def _single_chunk(n_tokens: int, chunk_size: int) -> bool:
@@ -84,22 +107,25 @@ def _single_chunk(n_tokens: int, chunk_size: int) -> bool:
 def _supervised_rows_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              ignore_index: int, z_loss: float, label_smoothing: float,
                              chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
-                             fused_reference: bool):
+                             fused_reference: bool, num_supervised: int = -1):
     """``_chunked_forward`` on the supervised rows only, gathered first.
 
     An ignored row has loss 0 and gradient 0, so its logits are wasted work: in
     instruction tuning with masked prompts that is most rows (86% on the training
-    benchmark), and the output projection is the largest GEMM of a small model. Finding
-    the rows costs one device sync on CUDA, once per micro-batch; the GEMMs saved are
-    worth far more.
+    benchmark), and the output projection is the largest GEMM of a small model. Their
+    number sizes the gathered buffer: ``num_supervised`` when the caller knows it on the
+    host (>= 0), else counted here at the cost of one device sync per micro-batch; the
+    GEMMs saved are worth far more.
 
     The row count is rounded up to one of 16 buckets of the batch (with ignored rows as
     filler): GEMM libraries cache a plan per shape (oneDNN's primitive cache on CPU
     grew by about 5 MiB per distinct row count, up to its 1024 entries)."""
     n_rows = labels.numel()
     ignored = labels == ignore_index
+    if num_supervised < 0:
+        num_supervised = int(n_rows - ignored.sum())  # the host sync the caller can spare
     bucket = max(64, -(-n_rows // 16))
-    n_kept = min(n_rows, -(-int(n_rows - ignored.sum()) // bucket) * bucket)
+    n_kept = min(n_rows, -(-num_supervised // bucket) * bucket)
     # dW is summed in fp32 (or not) as for the whole batch, as the fake implementation says.
     accumulate = need_grad_weight and not _single_chunk(n_rows, chunk_size)
     if n_kept == n_rows:
@@ -135,11 +161,14 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     grad_weight = weight.new_empty(0)
     if need_grad_weight and not accumulate and n_tokens == 0:
         grad_weight = torch.zeros_like(weight)
+    part = part_fp32 = None
     if accumulate:
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        part = weight.new_empty(min(GRAD_WEIGHT_SLICE, vocab), hidden_size)
-        part_fp32 = (part if part.dtype == torch.float32
-                     else torch.empty_like(part, dtype=torch.float32))
+        # Every element is written by the first chunk's GEMM (beta=0), unless there is none.
+        grad_weight = (torch.zeros if n_tokens == 0 else torch.empty)(
+            weight.shape, dtype=torch.float32, device=weight.device)
+        if _needs_slices(weight):
+            part = weight.new_empty(min(GRAD_WEIGHT_SLICE, vocab), hidden_size)
+            part_fp32 = torch.empty_like(part, dtype=torch.float32)
     logits_buffer = hidden.new_empty(min(chunk_size, n_tokens), vocab)
     for start in range(0, n_tokens, chunk_size):
         rows = slice(start, start + chunk_size)
@@ -152,7 +181,7 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         if need_grad_hidden:
             torch.mm(logits, weight, out=grad_hidden[rows])
         if accumulate:
-            _add_grad_weight_(grad_weight, logits, h, part, part_fp32)
+            _accumulate_grad_weight_(grad_weight, logits, h, start == 0, part, part_fp32)
         elif need_grad_weight:
             grad_weight = logits.t() @ h
     return loss, grad_hidden, grad_weight
@@ -170,7 +199,7 @@ def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     logits = min(chunk_size, n_tokens) * vocab
     # + the gathered supervised rows and their gradient, when some rows are dropped
     total = logits * item + 2 * n_tokens * hidden_size * item
-    if need_grad_weight and not _single_chunk(n_tokens, chunk_size):
+    if need_grad_weight and not _single_chunk(n_tokens, chunk_size) and _needs_slices(weight):
         total += min(GRAD_WEIGHT_SLICE, vocab) * hidden_size * (item + 4)
     if not use_triton(hidden) and not fused_reference:
         total += 2 * min(REFERENCE_BLOCK, logits) * 4
@@ -182,16 +211,16 @@ def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              ignore_index: int, z_loss: float, label_smoothing: float,
                              chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
-                             fused_reference: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                             torch.Tensor]:
+                             fused_reference: bool, num_supervised: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _supervised_rows_forward(hidden, weight, labels, ignore_index, z_loss,
                                     label_smoothing, chunk_size, need_grad_hidden,
-                                    need_grad_weight, fused_reference)
+                                    need_grad_weight, fused_reference, num_supervised)
 
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, ignore_index, z_loss, label_smoothing, chunk_size,
-      need_grad_hidden, need_grad_weight, fused_reference):
+      need_grad_hidden, need_grad_weight, fused_reference, num_supervised):
     loss = hidden.new_empty((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
     grad_weight = weight.new_empty(0)
@@ -227,7 +256,7 @@ def _backward(ctx, grad_loss, _grad_hidden_out, _grad_weight_out):
     return (grad_hidden * grad_loss if ctx.need_grad_hidden else None,
             _scaled_grad_weight(grad_weight, grad_loss, ctx.weight_dtype)
             if ctx.need_grad_weight else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -236,7 +265,8 @@ _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_conte
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int = -100, z_loss: float = 0.0,
                          label_smoothing: float = 0.0,
-                         chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk_size: Optional[int] = None,
+                         num_supervised: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``labels``, chunked.
 
     hidden [..., H], weight [V, H] (the lm_head, possibly tied to the embedding, trained
@@ -248,6 +278,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     ``F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum", ...)``.
 
     ``chunk_size`` tokens are processed at a time (default: ``default_chunk_size``).
+    ``num_supervised``: the number of labels here that are not ``ignore_index``, when the
+    caller knows it on the host (the data loader counted it); the op then never syncs
+    with the device. It must be exact: a smaller count drops supervised rows.
     """
     hidden_size = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != hidden_size:
@@ -257,6 +290,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"hidden states are {hidden.dtype} but the output weight is "
                          f"{weight.dtype}; cast one of them")
     check_labels(labels, hidden.shape[:-1], f"hidden states of shape {tuple(hidden.shape)}")
+    if num_supervised is not None and not 0 <= num_supervised <= labels.numel():
+        raise ValueError(f"num_supervised must be between 0 and the {labels.numel()} labels, "
+                         f"got {num_supervised}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     hidden = hidden.reshape(-1, hidden_size)
@@ -269,5 +305,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         # Traced by torch.compile: the caller wants inductor's code, which cannot reach
         # into the opaque op, so the op compiles its per-chunk reference itself.
         torch.compiler.is_compiling(),
+        -1 if num_supervised is None else num_supervised,
     )
     return loss, supervised_count(labels, ignore_index)

@@ -275,3 +275,67 @@ def test_empty_batch(weight_trains):
     assert h.grad.shape == (0, 37)
     if weight_trains:
         assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def _grad_weight_traffic(device, dtype, monkeypatch):
+    """(bytes moved per dW element per chunk, dW GEMMs, chunks) of the trained output
+    weight's accumulation, counted op by op. Everything that touches a [rows, H] tensor
+    other than W itself, h and dh (rows in 16 < rows) is dW traffic."""
+    import sys
+
+    lce = sys.modules["fastune.kernels.linear_cross_entropy"]
+    from fastune.bench.counting import OpCounter
+
+    monkeypatch.setattr(lce, "GRAD_WEIGHT_SLICE", 128)  # several slices where they exist
+    n_tokens, hidden_size, vocab, chunk = 64, 24, 300, 16
+    hidden, weight, labels = make_case((n_tokens,), hidden_size, vocab, torch.float32)
+    hidden, weight, labels = hidden.to(device, dtype), weight.to(device, dtype), labels.to(device)
+    weight_storage = weight.untyped_storage()._cdata
+
+    def is_grad_weight(t):
+        return (t.dim() == 2 and t.shape[1] == hidden_size and t.shape[0] > chunk
+                and t.shape[0] != n_tokens and t.untyped_storage()._cdata != weight_storage)
+
+    with OpCounter() as ops:
+        _, _, grad_weight = _chunked_forward(hidden, weight, labels, IGNORE, 0.0, 0.0, chunk,
+                                             True, True, True, False)
+    moved = gemms = 0
+    for r in ops.records:
+        touched = [t for t in r.reads + r.writes if is_grad_weight(t)]
+        moved += sum(t.numel() * t.element_size() for t in touched)
+        gemms += bool(touched) and r.name in ("mm", "addmm")
+    n_chunks = n_tokens // chunk
+    return moved / (vocab * hidden_size) / n_chunks, gemms, n_chunks, grad_weight
+
+
+@pytest.mark.parametrize("device,dtype", [("meta", torch.bfloat16), ("cpu", torch.float32)])
+def test_trained_weight_gradient_moves_8_bytes_per_element_per_chunk(device, dtype,
+                                                                     monkeypatch):
+    """dW is accumulated by one GEMM per chunk straight into the fp32 buffer: the buffer
+    is read and written once (8 bytes per element), where a bf16 GEMM result, its fp32
+    copy and the add moved 20. On meta tensors, bf16 takes the path CUDA takes (CPU has no
+    16-bit GEMM with fp32 output; it keeps slice buffers, checked for values elsewhere)."""
+    per_element, gemms, n_chunks, grad_weight = _grad_weight_traffic(device, dtype, monkeypatch)
+    print(f"\ndW traffic {device} {dtype}: {per_element:.1f} bytes per element per chunk, "
+          f"{gemms} GEMMs for {n_chunks} chunks")
+    assert grad_weight.dtype == torch.float32
+    assert per_element <= 8
+    assert gemms == n_chunks
+
+
+def test_supervised_count_from_the_caller_gives_the_same_result_without_a_sync():
+    from fastune.bench.counting import HostSyncs
+
+    hidden, weight, labels = make_case((67,), 37, 1003, torch.float32)
+    n = int((labels != IGNORE).sum())
+    out = {}
+    for given in (None, n):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with HostSyncs() as syncs:
+            loss, _ = linear_cross_entropy(h, w, labels, chunk_size=16, num_supervised=given)
+            loss.backward()
+        out[given] = (loss, h.grad, w.grad, len(syncs.calls))
+    assert out[None][3] == 1 and out[n][3] == 0  # the count, read back to the host
+    torch.testing.assert_close(out[n][:3], out[None][:3], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="num_supervised must be between 0 and the 67"):
+        linear_cross_entropy(hidden, weight, labels, num_supervised=68)
