@@ -26,9 +26,11 @@ Both paths form the loss from logits shifted by the row max m, as log_softmax do
 log d - (1 - e)(z_iy - m) - e (mean_j z_ij - m) + k lse^2 with lse = m + log d;
 lse - z_iy would lose the low bits of two large, nearly equal numbers.
 
-The Triton kernel handles one row per program: pass 1 reads the row once for the
-online logsumexp (and the row sum, for label smoothing), pass 2 reads it again and
-writes the gradient in place. ``linear_cross_entropy`` uses the same per-row entry
+The Triton kernel handles one row per program: it reads the target logit first, then
+pass 1 reads the row once for the online logsumexp (and the row sum, only when label
+smoothing is on: a constexpr), pass 2 reads it again and writes the gradient in place.
+An ignored row is not read at all: its gradient row is written as zeros. Backward
+scales the buffer in place, so no second [rows, V] buffer exists. ``linear_cross_entropy`` uses the same per-row entry
 point, ``cross_entropy_rows_``, on chunks of logits it computes itself.
 """
 
@@ -56,50 +58,62 @@ REFERENCE_BLOCK = 1 << 24
 def _cross_entropy_kernel(
     logits_ptr, row_stride, labels_ptr, loss_ptr,
     vocab, ignore_index, z_loss, label_smoothing,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """loss_ptr[row] = loss of one row; with COMPUTE_GRAD the row becomes dloss/dlogits."""
+    """loss_ptr[row] = loss of one row; with COMPUTE_GRAD the row becomes dloss/dlogits.
+    SMOOTHING: label_smoothing is not 0 (otherwise the row sum is not formed)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
     label = tl.load(labels_ptr + row)
-    supervised = label != ignore_index
-    in_range = (label >= 0) & (label < vocab)
+    if label == ignore_index:
+        # Loss 0 and a zero gradient row: nothing to read.
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                zeros = tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty)
+                tl.store(row_ptr + cols, zeros, mask=cols < vocab)
+    else:
+        in_range = (label >= 0) & (label < vocab)
+        # The target logit is read FIRST: pass 2 overwrites the row, and the threads that
+        # write column `label` there are ordered after this load only by the barriers of
+        # pass 1's reductions (a load after them could race with pass 2's stores).
+        target = tl.load(row_ptr + label, mask=in_range, other=0.0).to(tl.float32)
 
-    # Pass 1: online logsumexp, and the row sum that label smoothing needs.
-    m = float("-inf")
-    d = 0.0
-    row_sum = 0.0
-    for start in range(0, vocab, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < vocab
-        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        m = m_new
-    log_d = tl.log(d)
-    lse = m + log_d
-
-    # The target logit must be read before pass 2 overwrites the row. The loss is formed
-    # from logits shifted by the row max (see the module docstring).
-    target = tl.load(row_ptr + label, mask=supervised & in_range, other=0.0).to(tl.float32)
-    loss = log_d - (1.0 - label_smoothing) * (target - m)
-    loss -= label_smoothing * (row_sum / vocab - m)
-    loss += z_loss * lse * lse
-    loss = tl.where(in_range, loss, float("nan"))
-    tl.store(loss_ptr + row, tl.where(supervised, loss, 0.0))
-
-    if COMPUTE_GRAD:
-        # Ignored rows get all-zero coefficients, hence a zero gradient row.
-        p_scale = tl.where(supervised, 1.0 + 2.0 * z_loss * lse, 0.0)
-        uniform = tl.where(supervised, label_smoothing / vocab, 0.0)
-        target_coef = tl.where(supervised, 1.0 - label_smoothing, 0.0)
+        # Pass 1: online logsumexp, and the row sum that label smoothing needs.
+        m = float("-inf")
+        d = 0.0
+        row_sum = 0.0
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < vocab
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse) * p_scale - uniform - tl.where(cols == label, target_coef, 0.0)
-            tl.store(row_ptr + cols, cast(grad, logits_ptr.dtype.element_ty), mask=mask)
+            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            if SMOOTHING:
+                row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            m = m_new
+        log_d = tl.log(d)
+        lse = m + log_d
+
+        # The loss is formed from logits shifted by the row max (see the module docstring).
+        loss = log_d - (1.0 - label_smoothing) * (target - m)
+        if SMOOTHING:
+            loss -= label_smoothing * (row_sum / vocab - m)
+        loss += z_loss * lse * lse
+        tl.store(loss_ptr + row, tl.where(in_range, loss, float("nan")))
+
+        if COMPUTE_GRAD:
+            p_scale = 1.0 + 2.0 * z_loss * lse
+            target_coef = 1.0 - label_smoothing
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = cols < vocab
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                grad = tl.exp(x - lse) * p_scale - tl.where(cols == label, target_coef, 0.0)
+                if SMOOTHING:
+                    grad -= label_smoothing / vocab
+                tl.store(row_ptr + cols, cast(grad, logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_config(vocab: int) -> tuple[int, int]:
@@ -118,7 +132,8 @@ def _cross_entropy_rows_triton(logits: torch.Tensor, labels: torch.Tensor, ignor
     block_v, num_warps = _launch_config(vocab)
     _cross_entropy_kernel[(rows,)](
         logits, logits.stride(0), labels.contiguous(), loss, vocab, ignore_index, z_loss,
-        label_smoothing, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
+        label_smoothing, COMPUTE_GRAD=compute_grad, SMOOTHING=label_smoothing != 0.0,
+        BLOCK_V=block_v, num_warps=num_warps,
     )
     return loss
 
@@ -249,7 +264,9 @@ class _CrossEntropy(torch.autograd.Function):
         (grad_logits,) = ctx.saved_tensors
         if grad_logits is None:
             return None, None, None, None, None, None
-        return grad_logits * grad_loss, None, None, None, None, None
+        # In place: the buffer is this op's alone since forward consumed the logits; a
+        # product out of place would be a second [T, V] buffer at the peak of backward.
+        return grad_logits.mul_(grad_loss), None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
@@ -283,13 +300,20 @@ def aot_specs() -> list[dict]:
     vocab = 128256
     block_v, num_warps = _launch_config(vocab)
     specs = []
-    for dtype, compute_grad in (("bf16", True), ("fp32", False)):
+    for dtype, compute_grad, smoothing in (("bf16", True, False), ("bf16", True, True),
+                                           ("fp32", False, False)):
         signature = {"logits_ptr": f"*{dtype}", "row_stride": "i32", "labels_ptr": "*i64",
                      "loss_ptr": "*fp32", "vocab": "i32", "ignore_index": "i32",
                      "z_loss": "fp32", "label_smoothing": "fp32",
-                     "COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
+                     "COMPUTE_GRAD": "constexpr", "SMOOTHING": "constexpr",
+                     "BLOCK_V": "constexpr"}
         specs.append(dict(
-            name=f"cross_entropy{'+grad' if compute_grad else ''} V={vocab} {dtype}",
+            name=(f"cross_entropy{'+grad' if compute_grad else ''}"
+                  f"{'+smooth' if smoothing else ''} V={vocab} {dtype}"),
             kernel=_cross_entropy_kernel, signature=signature, num_warps=num_warps,
-            constexprs={"COMPUTE_GRAD": compute_grad, "BLOCK_V": block_v}))
+            constexprs={"COMPUTE_GRAD": compute_grad, "SMOOTHING": smoothing,
+                        "BLOCK_V": block_v},
+            # 128256 and a contiguous buffer's row stride (= vocab) are multiples of 16:
+            # the launcher specializes them so, and so must the AOT compile.
+            multiple_of_16=["row_stride", "vocab"]))
     return specs
