@@ -190,10 +190,11 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     ignore_index: int, z_loss: float, label_smoothing: float, chunk_size: int,
                     need_grad_hidden: bool, need_grad_weight: bool,
-                    fused_reference: bool) -> int:
+                    fused_reference: bool, num_supervised: int = -1) -> int:
     """Most bytes the op holds inside beyond its inputs and outputs (memory trackers see
     only those): the chunk's logits, the gathered rows, dW's slice buffers, and the
-    eager reference cross-entropy's two fp32 blocks."""
+    eager reference cross-entropy's two fp32 blocks. Takes the op's arguments; the bound
+    holds for any ``num_supervised``."""
     n_tokens, hidden_size = hidden.shape
     vocab, item = weight.shape[0], hidden.element_size()
     logits = min(chunk_size, n_tokens) * vocab
