@@ -3,6 +3,13 @@ copies each storage once and brings layers back one ahead of backward. The offlo
 hooks run on the CPU (the stream calls do nothing there), so their bookkeeping is
 tested here; the copies' overlap needs a GPU."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -100,3 +107,27 @@ def test_backward_brings_each_layer_back_once_a_layer_ahead():
         first_unpack = hooks.log.index(("unpack", group))
         assert hooks.log.index(("unpack", group + 1)) < hooks.log.index(("fetch", group)) \
             < first_unpack, f"layer {group} was not fetched while layer {group + 1} ran"
+
+
+@pytest.mark.slow
+def test_qlora_under_fsdp2_offloads_no_weight():
+    """2 gloo ranks, the Triton path forced (its LoRA op saves the NF4 weight's inner
+    tensors, all-gathered by FSDP2 into storages no parameter had before the forward):
+    the sharded forward offloads exactly what the unsharded one does, where a detector
+    that knew only the storages of before the forward also offloaded the NF4 tensors."""
+    worker = Path(__file__).parent / "offload_fsdp_worker.py"
+    env = {**os.environ, "FASTUNE_FORCE_TRITON": "1", "TRITON_INTERPRET": "1",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", str(worker)], env=env, capture_output=True,
+                          text=True, timeout=420)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    weights = [t for t in result["sharded_static"] if t not in result["single"]]
+    print(f"\noffloaded under FSDP2: {len(result['sharded'])} tensors (unsharded: "
+          f"{len(result['single'])}); with the old detector {len(result['sharded_static'])}, "
+          f"{len(weights)} of them NF4 weight tensors")
+    assert result["sharded"] == result["single"]
+    assert not any(dtype in ("torch.uint8", "torch.int8") for dtype, _ in result["sharded"])
+    assert weights, "the check must see the weights the old detector offloaded"
