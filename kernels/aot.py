@@ -1,8 +1,10 @@
 """Ahead-of-time compile of every Triton kernel for real GPUs, on a machine without one.
 
 Each kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
-cc, 32))`` for sm_80, sm_86, sm_89 and sm_90, with the block sizes, num_warps and
-dtypes its host function really uses. Then ``ptxas -v`` on the generated PTX reports
+cc, 32))`` for sm_75 (T4), sm_80, sm_86, sm_89, sm_90 and sm_120 (RTX 50 series), with
+the block sizes, num_warps and dtypes its host function really uses. (Every kernel
+compiles for sm_75 in bf16 as well: Triton emulates the conversions there, and no kernel
+uses a bf16 ``tl.dot``, which sm_75 lacks; none needs a fallback on a T4.) Then ``ptxas -v`` on the generated PTX reports
 registers and spills, and the compiled metadata reports shared memory. This catches
 what the interpreter cannot: non-power-of-2 blocks, unsupported ops, shared-memory
 overflow and register spills.
@@ -33,6 +35,8 @@ needs editing. Pointer arguments are compiled as 16-byte aligned, and the intege
 arguments named in ``multiple_of_16`` as multiples of 16: that is how Triton's launcher
 specializes them when the values at run time are (sizes like 2048, 4096, 128256 are),
 and it decides whether loads vectorize, so leaving it out measures a slower kernel.
+``spec_key`` and ``launch_key`` state both specializations in one form, so a test can
+check that a spec compiles the variant real launches get.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -50,9 +55,9 @@ import sys
 import tempfile
 from typing import Any
 
-ARCHS = (80, 86, 89, 90)
+ARCHS = (75, 80, 86, 89, 90, 120)
 # Largest dynamic shared memory one block may use, in KiB (CUDA occupancy tables).
-SHARED_LIMIT_KIB = {80: 163, 86: 99, 89: 99, 90: 227}
+SHARED_LIMIT_KIB = {75: 64, 80: 163, 86: 99, 89: 99, 90: 227, 120: 99}
 
 
 def spec_modules() -> list[str]:
@@ -101,6 +106,51 @@ def _ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
         spill_loads=grab(r"(\d+) bytes spill loads"),
         stack=grab(r"(\d+) bytes stack frame"),
     )
+
+
+def _params(kernel) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of a @triton.jit kernel's parameters (also interpreted)."""
+    fn = getattr(kernel, "fn", kernel)
+    return [(name, "constexpr" in str(p.annotation))
+            for name, p in inspect.signature(fn).parameters.items()]
+
+
+def spec_key(spec: dict[str, Any]) -> tuple:
+    """The specialization a spec compiles: per parameter (type, "D" for divisible by 16 /
+    "" / None for floats) or ("constexpr", value), then num_warps. Compare with
+    ``launch_key``."""
+    multiple_of_16 = set(spec.get("multiple_of_16", ()))
+    key = []
+    for name, is_constexpr in _params(spec["kernel"]):
+        ty = spec["signature"][name]
+        if is_constexpr:
+            key.append(("constexpr", spec["constexprs"][name]))
+        elif ty.startswith("*") or name in multiple_of_16:
+            key.append((ty, "D"))
+        else:
+            key.append((ty, None if ty.startswith(("fp", "bf")) else ""))
+    return (*key, ("num_warps", spec["num_warps"]))
+
+
+def launch_key(kernel, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """The specialization Triton's launcher gives a real launch ``kernel[grid](*args,
+    **kwargs)``: its own rule (``native_specialize_impl``: pointers and integers divisible
+    by 16 get "D", an integer 1 becomes a constant). Computed without launching, so the
+    test can record launches under the interpreter, which specializes nothing."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    params = _params(kernel)
+    values = dict(zip((name for name, _ in params), args))
+    values.update((k, v) for k, v in kwargs.items() if k in values or k in dict(params))
+    key = []
+    for name, is_constexpr in params:
+        value = values[name]
+        if is_constexpr:
+            key.append(("constexpr", value))
+        else:
+            key.append(tuple(native_specialize_impl(BaseBackend, value, False, True, True)))
+    return (*key, ("num_warps", kwargs.get("num_warps", 4)))
 
 
 def compile_one(mod_name: str, index: int, arch: int) -> dict[str, Any]:

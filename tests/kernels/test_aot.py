@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles ahead of time for sm_80, sm_86, sm_89 and sm_90 at the
+"""Every Triton kernel compiles ahead of time for sm_75, sm_80, sm_86, sm_89, sm_90 and sm_120 at the
 block sizes its host function uses, with no register spills and shared memory within
 each arch's per-block limit.
 
