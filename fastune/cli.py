@@ -324,8 +324,12 @@ def bench() -> None:
 @click.option("--warmup", default=3, show_default=True, help="Untimed steps first.")
 @click.option("--steps", default=10, show_default=True, help="Timed steps; the median is reported.")
 @click.option("--out", default="fastune_reports", show_default=True, help="Folder for kernels.json, .md, .png.")
+@click.option("--roofline", "roofline_profile", default=None, metavar="PROFILE",
+              help="Print bytes moved vs the byte floor per kernel at Llama-3.1-8B shapes "
+                   "for a GPU profile (rtx4090, h100_sxm, ...) instead of timing.")
 @debug_option
-def bench_kernels(ops: str | None, dtype: str, warmup: int, steps: int, out: str) -> None:
+def bench_kernels(ops: str | None, dtype: str, warmup: int, steps: int, out: str,
+                  roofline_profile: str | None) -> None:
     """Each fused op's forward, backward and full step: median time, peak memory and
     max error against float64, for each implementation (CUDA: Triton, eager,
     torch.compile of the reference; CPU: compiled and eager), each in its own process.
@@ -333,6 +337,12 @@ def bench_kernels(ops: str | None, dtype: str, warmup: int, steps: int, out: str
     Rows of ops not run this time are kept from OUT/kernels.json (same device and dtype).
     """
     import json
+
+    if roofline_profile:
+        from fastune.bench.roofline import main as roofline
+
+        click.echo(roofline(roofline_profile)[0])
+        return
 
     from fastune.bench.kernels import bench_kernels as run, chart, render
 

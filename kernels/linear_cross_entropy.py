@@ -237,6 +237,9 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_dtype = inputs[1].dtype
     ctx.need_grad_hidden, ctx.need_grad_weight = inputs[7], inputs[8]
     ctx.save_for_backward(grad_hidden, grad_weight)
+    # The op's gradient outputs get no gradient: autograd would otherwise fill a zero
+    # [V, H] fp32 tensor (2 GB at 8B) for grad_weight's every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _scaled_grad_weight(grad_weight: torch.Tensor, grad_loss: torch.Tensor,

@@ -20,8 +20,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-# Ops that allocate without writing anything.
+# Ops that allocate without writing anything (nor reading their template).
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+# In-place ops that overwrite ``self`` without reading it.
+_WRITE_ONLY_SELF = {"copy_", "fill_", "zero_"}
 # Ops that turn a device value into a host value: each one is a device sync on CUDA.
 _SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal"}
 
@@ -64,6 +66,8 @@ class OpCounter(TorchDispatchMode):
         name = _op_name(func)
         if name in _SYNC_OPS:
             self.syncs.append(name)
+        if func.namespace == "prim" or name in _ALLOCATIONS:  # no data moves
+            return out
         reads, writes = [], []
         schema = func._schema
         bound = dict(zip((a.name for a in schema.arguments), args))
@@ -74,12 +78,13 @@ class OpCounter(TorchDispatchMode):
             written = arg.alias_info is not None and arg.alias_info.is_write
             if written:
                 writes += tensors
-            if not (written and arg.kwarg_only):  # an out= argument is not read
+            # An out= argument is not read, nor the self of copy_ and fill_.
+            if not (written and (arg.kwarg_only or name in _WRITE_ONLY_SELF)):
                 reads += tensors
         aliased = any(r.alias_info is not None for r in schema.returns)
         if aliased and not writes:  # a view: no data moves
             reads = []
-        if not aliased and name not in _ALLOCATIONS:
+        if not aliased:
             writes += [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         self.records.append(OpRecord(name, reads, writes))
         return out
