@@ -5,7 +5,6 @@ of the sharded run with the weight storages known only from before sharding (the
 detector, which missed the all-gathered NF4 tensors)."""
 
 import json
-import os
 import sys
 
 import torch

@@ -32,7 +32,7 @@ def _lora_model(use_kernels=True, layers=3):
     return model
 
 
-def _step(model, context=None, tokens=None):
+def _step(model, context=None):
     tokens = torch.randint(0, 67, (2, 9), generator=torch.Generator().manual_seed(1))
     with context or torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         hidden = model(tokens, return_hidden=True)

@@ -101,7 +101,7 @@ def _rows() -> list[Row]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastune.kernels import (add_rms_norm, apply_rope, cross_entropy, linear_cross_entropy,
-                                 lora_linear, rms_norm, swiglu)
+                                 rms_norm, swiglu)
     from fastune.kernels.dispatch import force_triton
     from fastune.kernels.linear_cross_entropy import default_chunk_size
 
