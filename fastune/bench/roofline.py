@@ -157,8 +157,9 @@ def _rows() -> list[Row]:
                 flops=(6 if trains else 4) * T * H * V,
                 internal=lce_internal_bytes(T, H, V, chunk, 2, trains),
                 why=("[chunk, V] logits go through HBM (a GEMM + CE kernel fused on chip "
-                     "would not write them); W is read again per chunk; compute-bound: "
-                     "see the FLOP time"))
+                     "would not write them); W is read again per chunk, and with W "
+                     "trained the fp32 dW accumulator is read and written per chunk "
+                     "(8 B/element; fewer, larger chunks would move less)"))
     return rows
 
 
@@ -191,11 +192,14 @@ def render(report: dict) -> str:
              "FLOP ms | at floor | why not |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
+        bound = ""
+        if r["flops"]:
+            bound = f" ({'compute' if r['flop_ms'] >= r['ms'] else 'bandwidth'}-bound here)"
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['forward'] / gb:.3f} | {r['backward'] / gb:.3f} "
             f"| {r['floor'] / gb:.3f} | {r['ms']:.2f} | {r['floor_ms']:.2f} | "
             f"{r['flop_ms']:.2f} | {'yes' if r['at_floor'] else 'no'} | "
-            f"{'' if r['at_floor'] else r['why']} |")
+            f"{'' if r['at_floor'] else r['why'] + bound} |")
     return "\n".join(lines) + "\n"
 
 
