@@ -117,6 +117,22 @@ def test_tensors_equal_the_hf_weights(checkpoint, tmp_path, variant, out_type):
         assert torch.equal(unpermuted(values, key, config), want), key
 
 
+def test_sharded_checkpoint_exports_the_same_tensors(checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = checkpoint("qwen2_bias")
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(ckpt).save_pretrained(sharded, max_shard_size="40KB")
+    for f in DEMO_TOKENIZER.iterdir():
+        shutil.copy2(f, sharded / f.name)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    export_gguf(ckpt, tmp_path / "one.gguf", "f16")
+    export_gguf(sharded, tmp_path / "sharded.gguf", "f16")
+    one, many = (tensors(gguf.GGUFReader(tmp_path / f)) for f in ("one.gguf", "sharded.gguf"))
+    assert list(one) == list(many)
+    assert all(np.array_equal(one[k][0], many[k][0]) for k in one)
+
+
 @pytest.mark.parametrize("out_type,scale_error", [("q8_0", 0.5), ("q4_0", 1.0)])
 def test_quantized_tensors_within_the_format_error(checkpoint, tmp_path, out_type, scale_error):
     """Each block of 32 values has one fp16 scale d: q8_0 rounds to the nearest step
@@ -357,7 +373,7 @@ def test_modelfile_template_only_when_ollama_can_express_it(tmp_path):
     assert _render_go is not None and len(_SAMPLES) == 4
 
 
-@pytest.mark.parametrize("case", ["type", "missing", "model_type", "exists"])
+@pytest.mark.parametrize("case", ["type", "missing", "model_type", "quantized", "exists"])
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, case):
     out = tmp_path / "m.gguf"
     ckpt = DEMO_MODEL
@@ -370,12 +386,18 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, case):
         ckpt = tmp_path / "gpt2"
         ckpt.mkdir()
         (ckpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    elif case == "quantized":
+        ckpt = tmp_path / "int8"
+        ckpt.mkdir()
+        config = json.loads((DEMO_MODEL / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "torchao"}}))
     else:
         out.write_bytes(b"keep me")
     code, stdout, stderr = _cli(ckpt, out, *args)
     assert code == 2, stdout
     assert stderr.count("\n") == 1 and stderr.startswith("error: ")
-    expected = {"type": "'q3_k'", "missing": "no such directory", "model_type": "'gpt2'", "exists": "--force"}[case]
+    expected = {"type": "'q3_k'", "missing": "no such directory", "model_type": "'gpt2'", "quantized": "quantized",
+                "exists": "--force"}[case]
     assert expected in stderr
     if case == "exists":
         assert out.read_bytes() == b"keep me"

@@ -136,15 +136,14 @@ def _open_checkpoint(path: Union[str, Path]):
     from fastune.models.config import ModelConfig
 
     ckpt = resolve_checkpoint(path)
+    config = ModelConfig.from_json(ckpt)  # a readable config.json of a model_type fastune supports
     raw = json.loads((ckpt / "config.json").read_text())
     if raw.get("quantization_config"):
         raise GGUFExportError(f"{ckpt / 'config.json'}: this checkpoint is quantized; export the checkpoint "
                               "it was quantized from, and choose the GGUF type with --type")
-    model_type = raw.get("model_type", "llama")
-    if model_type not in FAMILIES:
-        raise GGUFExportError(f"{ckpt / 'config.json'}: model_type {model_type!r} has no GGUF export; "
+    if config.model_type not in FAMILIES:
+        raise GGUFExportError(f"{ckpt / 'config.json'}: model_type {config.model_type!r} has no GGUF export; "
                               f"supported: {', '.join(FAMILIES)}")
-    config = ModelConfig.from_json(ckpt)
     try:
         if (ckpt / INDEX_NAME).is_file() or (ckpt / WEIGHTS_NAME).is_file():
             weights = _safetensors_weights(ckpt, config)
