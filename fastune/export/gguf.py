@@ -315,11 +315,6 @@ def _tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
     return int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
 
 
-def _convert(values: np.ndarray, qtype) -> np.ndarray:
-    """``values`` (float32) in ``qtype``: bytes for block types, float arrays for F32/F16."""
-    return gguf.quants.quantize(values, qtype)
-
-
 def _write(out: Path, arch: str, config, vocab: GGUFVocab, plan: list[_Tensor], file_type, name: str,
            progress: Optional[Callable[[str], None]]) -> None:
     writer = gguf.GGUFWriter(out, arch)
@@ -333,7 +328,7 @@ def _write(out: Path, arch: str, config, vocab: GGUFVocab, plan: list[_Tensor], 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for i, t in enumerate(plan):
-            data = _convert(t.produce(), t.qtype)
+            data = gguf.quants.quantize(t.produce(), t.qtype)  # float arrays for F32/F16, else bytes
             if data.nbytes != _tensor_nbytes(t.shape, t.qtype):
                 raise AssertionError(f"{t.name}: {data.nbytes} bytes, planned {_tensor_nbytes(t.shape, t.qtype)}")
             writer.write_tensor_data(data)
