@@ -9,12 +9,12 @@ import click
 _TYPES_HELP = "f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1"
 
 
-@click.group(name="export")
+@click.group(name="export", short_help="Export a checkpoint to GGUF (llama.cpp).")
 def export() -> None:
     """Export a checkpoint for other runtimes (llama.cpp, Ollama, LM Studio)."""
 
 
-@export.command(name="gguf")
+@export.command(name="gguf", short_help="One GGUF file for llama.cpp and Ollama.")
 @click.argument("checkpoint", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--type", "out_type", default="f16", show_default=True, metavar="TYPE",
