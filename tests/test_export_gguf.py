@@ -373,7 +373,7 @@ def test_modelfile_template_only_when_ollama_can_express_it(tmp_path):
     assert _render_go is not None and len(_SAMPLES) == 4
 
 
-@pytest.mark.parametrize("case", ["type", "missing", "model_type", "quantized", "exists"])
+@pytest.mark.parametrize("case", ["type", "missing", "model_type", "quantized", "corrupt", "exists"])
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, case):
     out = tmp_path / "m.gguf"
     ckpt = DEMO_MODEL
@@ -391,13 +391,18 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, case):
         ckpt.mkdir()
         config = json.loads((DEMO_MODEL / "config.json").read_text())
         (ckpt / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "torchao"}}))
+    elif case == "corrupt":
+        ckpt = tmp_path / "corrupt"
+        ckpt.mkdir()
+        shutil.copy2(DEMO_MODEL / "config.json", ckpt / "config.json")
+        (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     else:
         out.write_bytes(b"keep me")
     code, stdout, stderr = _cli(ckpt, out, *args)
     assert code == 2, stdout
     assert stderr.count("\n") == 1 and stderr.startswith("error: ")
     expected = {"type": "'q3_k'", "missing": "no such directory", "model_type": "'gpt2'", "quantized": "quantized",
-                "exists": "--force"}[case]
+                "corrupt": "unreadable weights", "exists": "--force"}[case]
     assert expected in stderr
     if case == "exists":
         assert out.read_bytes() == b"keep me"

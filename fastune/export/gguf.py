@@ -169,21 +169,36 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
 def _safetensors_weights(ckpt: Path, config) -> _Weights:
     """Tensors read lazily from the checkpoint's safetensors files, after checking
     every key and shape against config.json."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from fastune.checkpoint.hf import INDEX_NAME, WEIGHTS_NAME
 
     index = ckpt / INDEX_NAME
-    if index.is_file():
-        files = {key: ckpt / name for key, name in json.loads(index.read_text())["weight_map"].items()}
-    else:
-        with safe_open(ckpt / WEIGHTS_NAME, framework="pt") as f:
-            files = {key: ckpt / WEIGHTS_NAME for key in f.keys()}
-    expected = _expected_shapes(config)
+    try:
+        if index.is_file():
+            files = {key: ckpt / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            with safe_open(ckpt / WEIGHTS_NAME, framework="pt") as f:
+                files = {key: ckpt / WEIGHTS_NAME for key in f.keys()}
+        shapes = _checked_shapes(ckpt, files, _expected_shapes(config))
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise GGUFExportError(f"{ckpt}: unreadable weights ({type(e).__name__}: {e})") from None
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    return _Weights(shapes, read)
+
+
+def _checked_shapes(ckpt: Path, files: dict[str, Path], expected: dict[str, tuple[int, ...]]):
+    """HF key -> shape, in model order, from the safetensors headers, checked against ``expected``."""
+    from safetensors import safe_open
+
     shapes = {}
     for file in sorted(set(files.values())):
         if not file.is_file():
-            raise GGUFExportError(f"{index}: shard {file.name!r} not found")
+            raise GGUFExportError(f"{ckpt}: weight file {file.name!r} not found")
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and key not in expected):
@@ -197,12 +212,7 @@ def _safetensors_weights(ckpt: Path, config) -> _Weights:
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise GGUFExportError(f"{ckpt}: the weights lack key {missing[0]!r}")
-
-    def read(key: str) -> torch.Tensor:
-        with safe_open(files[key], framework="pt") as f:
-            return f.get_tensor(key)
-
-    return _Weights({k: shapes[k] for k in expected}, read)
+    return {k: shapes[k] for k in expected}
 
 
 def _merged_weights(ckpt: Path, raw: dict) -> _Weights:
