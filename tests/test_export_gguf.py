@@ -410,3 +410,67 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, case):
         assert out.read_bytes()[:4] == b"GGUF"
     else:
         assert not out.exists()
+
+
+def llama_cpp_forward(path: Path, tokens: list[int]) -> torch.Tensor:
+    """Logits of the GGUF file computed the way llama.cpp's llama and qwen2 graphs do
+    (written from llama.cpp's semantics, not from fastune's modules): the "llama"
+    architecture rotates adjacent pairs (rope NORM), "qwen2" the two halves (NEOX);
+    each frequency is divided by rope_freqs when the file has it, and positions are
+    scaled by 1/factor for linear scaling; output falls back to token_embd."""
+    r = gguf.GGUFReader(path)
+    arch = field(r, "general.architecture")
+    hp = {k[len(arch) + 1:]: field(r, k) for k in r.fields if k.startswith(arch + ".")}
+    w = {name: torch.from_numpy(values).double() for name, (values, _, _) in tensors(r).items()}
+    n_head, n_kv, eps = hp["attention.head_count"], hp["attention.head_count_kv"], hp["attention.layer_norm_rms_epsilon"]
+    d = hp["rope.dimension_count"]
+    freqs = hp["rope.freq_base"] ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if "rope_freqs.weight" in w:
+        freqs = freqs / w["rope_freqs.weight"]
+    scale = 1.0 / hp["rope.scaling.factor"] if hp.get("rope.scaling.type") == "linear" else 1.0
+    angles = torch.arange(len(tokens), dtype=torch.float64)[:, None] * scale * freqs  # [S, d/2]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+
+    def rope(x):  # x [S, H, d]
+        if arch == "llama":
+            a, b = x[..., 0::2], x[..., 1::2]
+            out = torch.empty_like(x)
+            out[..., 0::2], out[..., 1::2] = a * cos - b * sin, b * cos + a * sin
+            return out
+        a, b = x[..., : d // 2], x[..., d // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+    def norm(x, weight):
+        return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * weight
+
+    def linear(x, name):
+        return x @ w[name + ".weight"].T + w.get(name + ".bias", 0)
+
+    x = w["token_embd.weight"][tokens]
+    causal = torch.full((len(tokens), len(tokens)), float("-inf")).triu(1).double()
+    for i in range(hp["block_count"]):
+        h = norm(x, w[f"blk.{i}.attn_norm.weight"])
+        q = rope(linear(h, f"blk.{i}.attn_q").view(len(tokens), n_head, d))
+        k = rope(linear(h, f"blk.{i}.attn_k").view(len(tokens), n_kv, d)).repeat_interleave(n_head // n_kv, 1)
+        v = linear(h, f"blk.{i}.attn_v").view(len(tokens), n_kv, d).repeat_interleave(n_head // n_kv, 1)
+        scores = torch.einsum("shd,thd->hst", q, k) / d ** 0.5 + causal
+        attn = torch.einsum("hst,thd->shd", scores.softmax(-1), v).reshape(len(tokens), -1)
+        x = x + linear(attn, f"blk.{i}.attn_output")
+        h = norm(x, w[f"blk.{i}.ffn_norm.weight"])
+        x = x + linear(torch.nn.functional.silu(linear(h, f"blk.{i}.ffn_gate")) * linear(h, f"blk.{i}.ffn_up"),
+                       f"blk.{i}.ffn_down")
+    return norm(x, w["output_norm.weight"]) @ w.get("output.weight", w["token_embd.weight"]).T
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_llama3", "qwen2_bias", "mistral", "llama_linear_rope",
+                                     "llama_tied", "llama_head_dim", "demo"])
+def test_gguf_under_llama_cpp_semantics_gives_fastune_logits(checkpoint, tmp_path, variant):
+    """End to end without llama.cpp itself: names, Q/K permutation, rope layout per
+    architecture, rope_freqs and tied output, all at once."""
+    ckpt = checkpoint(variant)
+    export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    tokens = [0, 17, 5, 230, 99, 3, 41, 300, 8, 150, 64, 2]
+    model = fastune.from_pretrained(ckpt, dtype="float32", use_kernels=False).eval()
+    with torch.no_grad():
+        ours = model(torch.tensor([tokens]))[0].double()
+    torch.testing.assert_close(llama_cpp_forward(tmp_path / "m.gguf", tokens), ours, rtol=1e-4, atol=1e-4)
