@@ -24,6 +24,7 @@ from typing import Optional
 
 import gguf
 
+from fastune.data.tokenizer_llama3 import LLAMA3_PATTERN
 from fastune.errors import FastuneError
 
 
@@ -31,9 +32,9 @@ class TokenizerExportError(FastuneError):
     """A tokenizer that cannot be written as GGUF metadata."""
 
 
-# The pre-tokenizer regexes of tokenizer.json that llama.cpp has built in, by its name for them.
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The pre-tokenizer regexes of tokenizer.json that llama.cpp has built in, by its name for them
+# (the comments above its regexes in llama-vocab.cpp quote these tokenizer.json patterns).
+_LLAMA3_REGEX = LLAMA3_PATTERN
 _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Pre-tokenizer steps (see _pre_steps) -> llama.cpp's name. "smollm" splits every digit,
