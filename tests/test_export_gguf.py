@@ -117,6 +117,14 @@ def test_tensors_equal_the_hf_weights(checkpoint, tmp_path, variant, out_type):
         assert torch.equal(unpermuted(values, key, config), want), key
 
 
+def test_progress_reports_every_tensor(tmp_path):
+    calls = []
+    result = export_gguf(DEMO_MODEL, tmp_path / "m.gguf", "f16", progress=lambda *a: calls.append(a))
+    assert [c[0] for c in calls] == list(range(1, len(result.tensor_types) + 1))
+    assert {c[1] for c in calls} == {len(result.tensor_types)}
+    assert [c[2] for c in calls] == list(result.tensor_types)
+
+
 def test_sharded_checkpoint_exports_the_same_tensors(checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 

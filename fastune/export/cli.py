@@ -45,7 +45,8 @@ def gguf_command(checkpoint: str, out: str, out_type: str, ollama: bool, force: 
     """
     from fastune.export.gguf import export_gguf
 
-    result = export_gguf(checkpoint, out, out_type.lower(), force=force)
+    with _ProgressBar() as progress:
+        result = export_gguf(checkpoint, out, out_type.lower(), force=force, progress=progress)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     size = result.path.stat().st_size / 1e6
@@ -56,6 +57,28 @@ def gguf_command(checkpoint: str, out: str, out_type: str, ollama: bool, force: 
         note = "" if has_template else (" (no TEMPLATE: the chat template has no Ollama equivalent; "
                                         "Ollama reads the one in the GGUF file)")
         click.echo(f"wrote {path}{note}; run: ollama create NAME -f {path}")
+
+
+class _ProgressBar:
+    """A tensor-by-tensor bar on stderr (when it is a terminal): a large model takes minutes."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="writing GGUF", unit="tensor", leave=False, disable=None)
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _modelfile(checkpoint: str, gguf_path: Path):

@@ -299,6 +299,8 @@ def _rope_freq_factors(config) -> Optional[np.ndarray]:
 
 # ----------------------------------------------------------------------------- metadata and writing
 
+Progress = Callable[[int, int, str], None]  # (tensors written, tensors in all, the last one's GGUF name)
+
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, config, file_type, name: str) -> None:
     writer.add_name(name)
@@ -326,7 +328,7 @@ def _tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
 
 
 def _write(out: Path, arch: str, config, vocab: GGUFVocab, plan: list[_Tensor], file_type, name: str,
-           progress: Optional[Callable[[str], None]]) -> None:
+           progress: Optional[Progress]) -> None:
     writer = gguf.GGUFWriter(out, arch)
     try:
         _add_hyperparameters(writer, config, file_type, name)
@@ -343,7 +345,7 @@ def _write(out: Path, arch: str, config, vocab: GGUFVocab, plan: list[_Tensor], 
                 raise AssertionError(f"{t.name}: {data.nbytes} bytes, planned {_tensor_nbytes(t.shape, t.qtype)}")
             writer.write_tensor_data(data)
             if progress is not None:
-                progress(f"[{i + 1}/{len(plan)}] {t.name} {t.qtype.name}")
+                progress(i + 1, len(plan), t.name)
     finally:
         writer.close()
 
@@ -353,7 +355,7 @@ def export_gguf(
     out: Union[str, Path],
     out_type: str = "f16",
     force: bool = False,
-    progress: Optional[Callable[[str], None]] = None,
+    progress: Optional[Progress] = None,
 ) -> ExportResult:
     """Write ``checkpoint`` (a checkpoint folder, a run's output_dir, or an
     adapter-only LoRA checkpoint) as one GGUF file ``out`` of type ``out_type``."""
