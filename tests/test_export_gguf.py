@@ -286,6 +286,13 @@ def test_pre_tokenizer_names():
     assert name == "default" and "t.json" in warning
 
 
+def test_cli_lists_every_type():
+    from fastune.export.cli import _TYPES_HELP
+    from fastune.export.gguf import TYPES
+
+    assert sorted(_TYPES_HELP.split(", ")) == sorted(TYPES)
+
+
 def test_family_table():
     assert {k: (gguf.MODEL_ARCH_NAMES[f.arch], f.permute_qk) for k, f in FAMILIES.items()} == {
         "llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -359,6 +366,8 @@ def test_cli_writes_the_demo_model_and_a_modelfile(tmp_path):
     assert 'PARAMETER stop "<|eot_id|>"' in modelfile
     assert '{{ if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Content }}' in modelfile
     assert "<|begin_of_text|>" not in modelfile  # llama.cpp adds bos itself (add_bos_token)
+    code, _, stderr = _cli(DEMO_MODEL, tmp_path / "other.gguf", "--ollama")  # would replace the Modelfile
+    assert code == 2 and "Modelfile exists; pass --force" in stderr and not (tmp_path / "other.gguf").exists()
 
 
 def test_modelfile_template_only_when_ollama_can_express_it(tmp_path):

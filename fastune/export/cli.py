@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+# fastune.export.gguf.TYPES, spelled out so that the CLI starts without importing torch (a test compares).
 _TYPES_HELP = "f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1"
 
 
@@ -43,8 +44,12 @@ def gguf_command(checkpoint: str, out: str, out_type: str, ollama: bool, force: 
       llama-cli -m demo.gguf -cnv                       # chat in llama.cpp
       ollama create my-model -f Modelfile                # with --ollama
     """
+    from fastune.errors import FastuneError
     from fastune.export.gguf import export_gguf
 
+    modelfile = Path(out).parent / "Modelfile"
+    if ollama and modelfile.exists() and not force:
+        raise FastuneError(f"{modelfile} exists; pass --force to replace it")
     with _ProgressBar() as progress:
         result = export_gguf(checkpoint, out, out_type.lower(), force=force, progress=progress)
     for warning in result.warnings:
