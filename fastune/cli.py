@@ -16,6 +16,7 @@ import click
 
 from fastune import __version__, hub
 from fastune.errors import FastuneError
+from fastune.export.cli import export
 
 _DEBUG = "fastune.debug"
 
@@ -604,6 +605,9 @@ def quantize(checkpoint: str, output_dir: str, scheme: str, group_size: Optional
     before, after = disk_size(source), disk_size(out)
     ratio = f", {before / after:.1f}x smaller than {source}'s {before / 1e6:.1f} MB" if before else ""
     click.echo(f"wrote {out}: {scheme}, weights {after / 1e6:.1f} MB on disk{ratio}")
+
+
+main.add_command(export)
 
 
 if __name__ == "__main__":

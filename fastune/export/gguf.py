@@ -1,0 +1,391 @@
+"""Export a checkpoint to one GGUF file for llama.cpp, Ollama and LM Studio.
+
+The file is written with the ``gguf`` package (llama.cpp's own Python writer and
+quantizers), following the conventions of llama.cpp's ``convert_hf_to_gguf.py``:
+
+- tensor names from ``gguf.TENSOR_NAMES`` (``blk.N.attn_q.weight``, ...), per family
+  in ``FAMILIES``; ``output.weight`` is absent when the embeddings are tied;
+- llama.cpp's ``llama`` architecture rotates adjacent pairs (dims 2i, 2i+1), while
+  fastune, like Hugging Face, rotates the two halves of each head (i, i + D/2). The
+  rows of Q and K (weights and biases) are therefore reordered per head: output row
+  2i takes input row i and row 2i+1 takes row i + D/2 (``to_interleaved``). The
+  ``qwen2`` architecture uses the half-split ("NEOX") rotation and keeps them as
+  they are;
+- Llama 3.1 rope scaling becomes a ``rope_freqs`` tensor of per-frequency divisors,
+  linear scaling the ``rope.scaling`` keys;
+- 1-D tensors (norms, biases, rope_freqs) stay float32 whatever the type; a matrix
+  whose rows do not split into the type's blocks falls back to float16.
+
+Weights are streamed: the header (metadata and every tensor's shape and type) is
+written first, then each tensor is read, converted and written in turn, so memory
+holds one tensor at a time (plus the whole model only when an adapter-only
+checkpoint must be merged first). The file is written under a temporary name in
+the destination folder and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import gguf
+import numpy as np
+import torch
+
+from fastune.errors import FastuneError
+from fastune.export.gguf_vocab import GGUFVocab, read_vocab
+
+T = gguf.MODEL_TENSOR
+Q = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
+
+# --type -> (tensor type of the matrices, general.file_type)
+TYPES = {
+    "f32": (Q.F32, F.ALL_F32),
+    "f16": (Q.F16, F.MOSTLY_F16),
+    "bf16": (Q.BF16, F.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
+    "q5_1": (Q.Q5_1, F.MOSTLY_Q5_1),
+    "q5_0": (Q.Q5_0, F.MOSTLY_Q5_0),
+    "q4_1": (Q.Q4_1, F.MOSTLY_Q4_1),
+    "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0),
+}
+
+# Hugging Face key -> GGUF tensor; "{bid}" is the layer index. The suffix (.weight/.bias) is kept.
+LLAMA_TENSORS = {
+    "model.embed_tokens": T.TOKEN_EMBD,
+    "model.norm": T.OUTPUT_NORM,
+    "lm_head": T.OUTPUT,
+    "model.layers.{bid}.input_layernorm": T.ATTN_NORM,
+    "model.layers.{bid}.self_attn.q_proj": T.ATTN_Q,
+    "model.layers.{bid}.self_attn.k_proj": T.ATTN_K,
+    "model.layers.{bid}.self_attn.v_proj": T.ATTN_V,
+    "model.layers.{bid}.self_attn.o_proj": T.ATTN_OUT,
+    "model.layers.{bid}.post_attention_layernorm": T.FFN_NORM,
+    "model.layers.{bid}.mlp.gate_proj": T.FFN_GATE,
+    "model.layers.{bid}.mlp.up_proj": T.FFN_UP,
+    "model.layers.{bid}.mlp.down_proj": T.FFN_DOWN,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFamily:
+    """What llama.cpp expects of one HF ``model_type``."""
+
+    arch: gguf.MODEL_ARCH
+    tensors: dict  # HF key prefix -> gguf.MODEL_TENSOR
+    # Reorder Q/K rows from the half-split rotation to the adjacent-pairs one (llama.cpp's NORM rope).
+    permute_qk: bool
+    # The architecture reads Llama 3.1 rope scaling from a rope_freqs tensor.
+    rope_freqs: bool
+
+
+# One entry per HF model_type fastune supports; a new family is one line here.
+FAMILIES = {
+    "llama": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True, rope_freqs=True),
+    "mistral": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True, rope_freqs=True),
+    "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, LLAMA_TENSORS, permute_qk=False, rope_freqs=False),
+}
+
+
+class GGUFExportError(FastuneError):
+    """A checkpoint or an option the GGUF export cannot use."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path
+    arch: str
+    tensor_types: dict[str, str]  # GGUF tensor name -> its type, in file order
+    warnings: list[str]
+
+
+def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Q/K rows (or bias) of ``n_heads`` heads from the half-split rotation layout to
+    the adjacent-pairs one: per head, row 2i <- row i and row 2i+1 <- row i + D/2."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def from_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of ``to_interleaved``."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------- reading the checkpoint
+
+
+@dataclasses.dataclass
+class _Weights:
+    """HF key -> shape of every tensor to export, and a reader for one tensor at a time."""
+
+    shapes: dict[str, tuple[int, ...]]
+    read: Callable[[str], torch.Tensor]
+
+
+def _open_checkpoint(path: Union[str, Path]):
+    """(checkpoint folder, its ModelConfig, its weights), merging an adapter-only checkpoint."""
+    from fastune.checkpoint.hf import INDEX_NAME, WEIGHTS_NAME, CheckpointError
+    from fastune.generation import resolve_checkpoint
+    from fastune.models.config import ModelConfig
+
+    ckpt = resolve_checkpoint(path)
+    config = ModelConfig.from_json(ckpt)  # a readable config.json of a model_type fastune supports
+    raw = json.loads((ckpt / "config.json").read_text())
+    if raw.get("quantization_config"):
+        raise GGUFExportError(f"{ckpt / 'config.json'}: this checkpoint is quantized; export the checkpoint "
+                              "it was quantized from, and choose the GGUF type with --type")
+    if config.model_type not in FAMILIES:
+        raise GGUFExportError(f"{ckpt / 'config.json'}: model_type {config.model_type!r} has no GGUF export; "
+                              f"supported: {', '.join(FAMILIES)}")
+    try:
+        if (ckpt / INDEX_NAME).is_file() or (ckpt / WEIGHTS_NAME).is_file():
+            weights = _safetensors_weights(ckpt, config)
+        else:
+            weights = _merged_weights(ckpt, raw)
+    except CheckpointError as e:
+        raise GGUFExportError(str(e)) from None
+    return ckpt, config, weights
+
+
+def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    from fastune.checkpoint.hf import to_hf_key
+    from fastune.models.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    shapes = {to_hf_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _safetensors_weights(ckpt: Path, config) -> _Weights:
+    """Tensors read lazily from the checkpoint's safetensors files, after checking
+    every key and shape against config.json."""
+    from safetensors import SafetensorError, safe_open
+
+    from fastune.checkpoint.hf import INDEX_NAME, WEIGHTS_NAME
+
+    index = ckpt / INDEX_NAME
+    try:
+        if index.is_file():
+            files = {key: ckpt / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            with safe_open(ckpt / WEIGHTS_NAME, framework="pt") as f:
+                files = {key: ckpt / WEIGHTS_NAME for key in f.keys()}
+        shapes = _checked_shapes(ckpt, files, _expected_shapes(config))
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise GGUFExportError(f"{ckpt}: unreadable weights ({type(e).__name__}: {e})") from None
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    return _Weights(shapes, read)
+
+
+def _checked_shapes(ckpt: Path, files: dict[str, Path], expected: dict[str, tuple[int, ...]]):
+    """HF key -> shape, in model order, from the safetensors headers, checked against ``expected``."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            raise GGUFExportError(f"{ckpt}: weight file {file.name!r} not found")
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and key not in expected):
+                    continue  # recomputed from config.json / tied to the embeddings
+                if key not in expected:
+                    raise GGUFExportError(f"{file}: unexpected key {key!r}; config.json implies no such tensor")
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+                if shapes[key] != expected[key]:
+                    raise GGUFExportError(f"{file}: key {key!r} has shape {list(shapes[key])}, "
+                                          f"config.json implies {list(expected[key])}")
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise GGUFExportError(f"{ckpt}: the weights lack key {missing[0]!r}")
+    return {k: shapes[k] for k in expected}
+
+
+def _merged_weights(ckpt: Path, raw: dict) -> _Weights:
+    """An adapter-only checkpoint: its base model with the adapter merged in, in memory."""
+    from fastune.checkpoint.hf import to_hf_key
+    from fastune.generation import load_model
+
+    dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+    model, _ = load_model(ckpt, dtype=dtype, device="cpu", use_kernels=False)
+    state = {to_hf_key(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return _Weights({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
+
+
+# ----------------------------------------------------------------------------- the tensor plan
+
+
+@dataclasses.dataclass
+class _Tensor:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy order: [rows, columns]
+    qtype: gguf.GGMLQuantizationType
+    produce: Callable[[], np.ndarray]  # float32 values, before conversion to qtype
+
+
+def _gguf_name(hf_key: str, family: GGUFFamily, source: str) -> str:
+    stem, _, suffix = hf_key.rpartition(".")
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    pattern, bid = (f"model.layers.{{bid}}.{match.group(2)}", int(match.group(1))) if match else (stem, None)
+    tensor = family.tensors.get(pattern)
+    if tensor is None or tensor not in gguf.MODEL_TENSORS[family.arch]:
+        raise GGUFExportError(f"{source}: tensor {hf_key!r} has no GGUF name for this architecture")
+    return f"{gguf.TENSOR_NAMES[tensor].format(bid=bid)}.{suffix}"
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    if len(shape) < 2:
+        return Q.F32  # norms and biases: tiny, and llama.cpp keeps them in float32
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    if shape[-1] % block:
+        return Q.F16  # as llama.cpp's converter does for rows that do not split into blocks
+    return wanted
+
+
+def _plan(config, weights: _Weights, family: GGUFFamily, wanted, source: str) -> list[_Tensor]:
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+
+    def producer(key: str) -> Callable[[], np.ndarray]:
+        module = key.rsplit(".", 2)[-2]
+
+        def produce() -> np.ndarray:
+            w = weights.read(key).to(torch.float32)
+            if family.permute_qk and module in heads:
+                w = to_interleaved(w, heads[module])
+            return w.contiguous().numpy()
+
+        return produce
+
+    plan = []
+    for key, shape in weights.shapes.items():
+        name = _gguf_name(key, family, source)
+        plan.append(_Tensor(name, shape, _tensor_type(name, shape, wanted), producer(key)))
+    factors = _rope_freq_factors(config)
+    if factors is not None:
+        if not family.rope_freqs:
+            raise GGUFExportError(f"{source}: llama.cpp's {gguf.MODEL_ARCH_NAMES[family.arch]} architecture "
+                                  "does not support llama3 rope scaling")
+        name = gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight"
+        plan.insert(0, _Tensor(name, tuple(factors.shape), Q.F32, lambda: factors))
+    return plan
+
+
+def _rope_freq_factors(config) -> Optional[np.ndarray]:
+    """Llama 3.1 scaling as llama.cpp applies it: each frequency divided by a factor,
+    here the ratio of fastune's unscaled to scaled inverse frequencies."""
+    from fastune.models.rope import rope_inv_freq
+
+    if not config.rope_scaling or config.rope_scaling["rope_type"] != "llama3":
+        return None
+    base = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
+    return (base / rope_inv_freq(config)).numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- metadata and writing
+
+Progress = Callable[[int, int, str], None]  # (tensors written, tensors in all, the last one's GGUF name)
+
+
+def _add_hyperparameters(writer: gguf.GGUFWriter, config, file_type, name: str) -> None:
+    writer.add_name(name)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if config.rope_scaling and config.rope_scaling["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+
+
+def _tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
+    return int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
+
+
+def _write(out: Path, arch: str, config, vocab: GGUFVocab, plan: list[_Tensor], file_type, name: str,
+           progress: Optional[Progress]) -> None:
+    writer = gguf.GGUFWriter(out, arch)
+    try:
+        _add_hyperparameters(writer, config, file_type, name)
+        vocab.add_to(writer)
+        for t in plan:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _tensor_nbytes(t.shape, t.qtype),
+                                   raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, t in enumerate(plan):
+            data = gguf.quants.quantize(t.produce(), t.qtype)  # float arrays for F32/F16, else bytes
+            if data.nbytes != _tensor_nbytes(t.shape, t.qtype):
+                raise AssertionError(f"{t.name}: {data.nbytes} bytes, planned {_tensor_nbytes(t.shape, t.qtype)}")
+            writer.write_tensor_data(data)
+            if progress is not None:
+                progress(i + 1, len(plan), t.name)
+    finally:
+        writer.close()
+
+
+def export_gguf(
+    checkpoint: Union[str, Path],
+    out: Union[str, Path],
+    out_type: str = "f16",
+    force: bool = False,
+    progress: Optional[Progress] = None,
+) -> ExportResult:
+    """Write ``checkpoint`` (a checkpoint folder, a run's output_dir, or an
+    adapter-only LoRA checkpoint) as one GGUF file ``out`` of type ``out_type``."""
+    if out_type not in TYPES:
+        raise GGUFExportError(f"--type: unknown GGUF type {out_type!r}; choose one of {', '.join(TYPES)}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise GGUFExportError(f"{out} exists; pass --force to replace it")
+    if out.is_dir():
+        raise GGUFExportError(f"{out} is a directory; name the .gguf file to write")
+    ckpt, config, weights = _open_checkpoint(checkpoint)
+    family = FAMILIES[config.model_type]
+    arch = gguf.MODEL_ARCH_NAMES[family.arch]
+    wanted, file_type = TYPES[out_type]
+    plan = _plan(config, weights, family, wanted, str(ckpt))
+    vocab = read_vocab(ckpt, config.vocab_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write(tmp, arch, config, vocab, plan, file_type, _model_name(ckpt), progress)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    warnings = [vocab.warning] if vocab.warning else []
+    return ExportResult(out, arch, {t.name: t.qtype.name for t in plan}, warnings)
+
+
+def _model_name(ckpt: Path) -> str:
+    """general.name: the run's folder for a run's checkpoint (out/epoch_0 -> "out epoch_0")."""
+    if re.fullmatch(r"(epoch|step)_\d+", ckpt.name):
+        return f"{ckpt.resolve().parent.name} {ckpt.name}"
+    return ckpt.resolve().name
+
