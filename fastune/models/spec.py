@@ -161,6 +161,14 @@ def all_lora_targets() -> tuple[str, ...]:
     return tuple(names)
 
 
+def all_layer_projections() -> tuple[str, ...]:
+    """Every family's decoder-layer projection names, in first-seen order."""
+    names: dict[str, None] = {}
+    for spec in _registry().values():
+        names.update(dict.fromkeys(spec.layer_projections))
+    return tuple(names)
+
+
 def all_lora_aliases() -> dict[str, str]:
     aliases: dict[str, str] = {}
     for spec in _registry().values():

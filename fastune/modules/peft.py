@@ -36,7 +36,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from fastune.models.spec import all_lora_aliases, all_lora_targets, get_spec, supported_model_types
+from fastune.models.spec import all_layer_projections, all_lora_aliases, all_lora_targets
 from fastune.modules.kernels import enabled_kernels
 from fastune.modules.lora import (
     LoRAError,
@@ -50,7 +50,7 @@ from fastune.modules.lora import (
 # The linear layers LoRA can adapt, by their Hugging Face names (also fastune's),
 # and the decoder-layer projections QLoRA quantizes: from the model-family specs.
 LORA_TARGETS = all_lora_targets()
-LAYER_PROJECTIONS = tuple(dict.fromkeys(n for t in supported_model_types() for n in get_spec(t).layer_projections))
+LAYER_PROJECTIONS = all_layer_projections()
 # Other spellings of them (torchtune's "q", "output_proj", "output", ...).
 TORCHTUNE_NAMES = all_lora_aliases()
 LORA_PARAM_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
