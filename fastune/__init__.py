@@ -40,17 +40,21 @@ def from_pretrained(
     path: Union[str, Path],
     dtype: Union[str, "torch.dtype"] = "float32",
     device: Union[str, "torch.device"] = "cpu",
+    kernels: Union[str, bool, list, None] = "all",
     use_kernels: Optional[bool] = None,
 ) -> "Transformer":
     """Load a local Hugging Face checkpoint directory (config.json + safetensors)
     as a fastune ``Transformer`` with weights in ``dtype`` on ``device``.
 
-    ``use_kernels`` overrides ``config.use_kernels`` when not None.
+    ``kernels``: the fused ops to swap in (``all``, ``none``, or a list from
+    ``fastune.models.spec.KERNEL_OPS``); ``use_kernels`` is its old boolean
+    spelling, which wins when not None.
     Raises ``ConfigError`` or ``CheckpointError`` with one line naming the file and key.
     """
     from fastune.checkpoint import load_hf_checkpoint
 
-    return load_hf_checkpoint(path, dtype=dtype, device=device, use_kernels=use_kernels)
+    return load_hf_checkpoint(path, dtype=dtype, device=device,
+                              kernels=kernels if use_kernels is None else use_kernels)
 
 
 def save_pretrained(

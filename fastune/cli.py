@@ -180,6 +180,8 @@ def validate(config: str, overrides: tuple[str, ...], print_config: bool) -> Non
 
 def _summary(cfg, model) -> str:
     """A few lines that say what a training run with ``cfg`` would do."""
+    from fastune.models.spec import describe_kernels
+
     data = cfg.dataset
     if "_component_" in data:
         dataset = data._component_
@@ -201,7 +203,7 @@ def _summary(cfg, model) -> str:
     rows = [
         ("model", f"{cfg.model.checkpoint_dir}: {model.model_type}, {model.num_hidden_layers} layers, "
                   f"hidden {model.hidden_size}, vocab {model.vocab_size}; {cfg.model.dtype}, "
-                  f"kernels {'on' if cfg.model.use_kernels else 'off'}"),
+                  f"kernels {describe_kernels(cfg.model.kernels)}"),
         ("method", method),
         ("dataset", dataset),
         ("batch", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation = {per_step} "

@@ -180,13 +180,14 @@ def build_meta_model(cfg) -> nn.Module:
     with the adapters of a LoRA method (not quantized yet: QLoRA quantizes while loading)."""
     from fastune.checkpoint.hf import parse_dtype
     from fastune.models.config import ModelConfig
-    from fastune.models.transformer import Transformer
+    from fastune.models.spec import get_spec
+    from fastune.modules.kernels import apply_kernels
     from fastune.modules.peft import apply_lora
 
     config = ModelConfig.from_json(cfg.model.checkpoint_dir)
-    config.use_kernels = cfg.model.use_kernels
     with torch.device("meta"):
-        model = Transformer(config).to(parse_dtype(cfg.model.dtype))
+        model = get_spec(config.model_type).build(config).to(parse_dtype(cfg.model.dtype))
+    apply_kernels(model, list(cfg.model.kernels))
     if cfg.method != "full":
         lora = cfg.lora
         apply_lora(model, list(lora.targets), lora.rank, lora.alpha, lora.dropout, use_dora=cfg.method == "dora")

@@ -44,14 +44,18 @@ from fastune.checkpoint import atomic_directory, to_hf_key
 from fastune.checkpoint.hf import CONFIG_NAME, TOKENIZER_FILES, CheckpointError, parse_dtype, write_safetensors
 from fastune.errors import FastuneError
 from fastune.models.config import ModelConfig
+from fastune.models.spec import get_spec
 from fastune.models.transformer import Transformer
+from fastune.modules.kernels import apply_kernels
+from fastune.modules.peft import LAYER_PROJECTIONS
 
 QUANT_METHOD = "fastune-torchao"
 WEIGHTS_NAME = "quantized_model.safetensors"
 SCHEMES = ("int8wo", "int4wo", "int8dq")
 DEFAULT_GROUP_SIZE = 128  # int4wo; divides the hidden and MLP sizes of every Llama-family model
 _INNER = ("qdata", "scale", "zero_point")
-_QUANTIZED_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The decoder-layer projections (every family's, from its spec).
+_QUANTIZED_LAYERS = LAYER_PROJECTIONS
 
 
 class QuantizationError(FastuneError, ValueError):
@@ -132,8 +136,9 @@ def quantize_model(model: Transformer, recipe: QuantizationRecipe) -> Transforme
 
 
 def _decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    projections = get_spec(model.config.model_type).layer_projections
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in _QUANTIZED_LAYERS]
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in projections]
 
 
 def quantize_checkpoint(
@@ -171,7 +176,7 @@ def _flat_tensors(model: Transformer, recipe: QuantizationRecipe) -> dict[str, t
     for key, value in model.state_dict().items():
         if tied and key == "lm_head.weight":
             continue
-        hf_key = to_hf_key(key)
+        hf_key = to_hf_key(key, model.config.model_type)
         if type(value) is torch.Tensor:  # not a torchao subclass
             out[hf_key] = value.detach().cpu().contiguous()
             continue
@@ -200,8 +205,11 @@ def load_quantized(
     path: Union[str, Path],
     device: Union[str, torch.device] = "cpu",
     use_kernels: Optional[bool] = None,
+    kernels: Union[str, bool, list, None] = "all",
 ) -> Transformer:
-    """Build the quantized ``Transformer`` saved by ``quantize_checkpoint`` in ``path``."""
+    """Build the quantized ``Transformer`` saved by ``quantize_checkpoint`` in ``path``,
+    with the fused ``kernels`` swapped in (``use_kernels``, when not None, wins: its
+    old boolean spelling)."""
     from torchao.quantization import quantize_
 
     path, device = Path(path), torch.device(device)
@@ -210,11 +218,9 @@ def load_quantized(
         raise QuantizationError(f"{path / CONFIG_NAME}: no quantization_config with quant_method {QUANT_METHOD!r}")
     recipe = QuantizationRecipe.from_json(q, str(path / CONFIG_NAME))
     config = ModelConfig.from_json(path)
-    if use_kernels is not None:
-        config.use_kernels = use_kernels
     tensors = _read_all(path / WEIGHTS_NAME)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = get_spec(config.model_type).build(config)
     for name, linear in _decoder_linears(model):
         prefix = to_hf_key(f"{name}.weight")
         linear.weight = nn.Parameter(torch.zeros(linear.weight.shape, dtype=recipe.dtype, device=device),
@@ -237,6 +243,7 @@ def load_quantized(
     model.load_state_dict(plain, strict=False, assign=True)
     model.reset_buffers(device)
     model.tie_weights()
+    apply_kernels(model, kernels if use_kernels is None else use_kernels)
     return model.eval()
 
 

@@ -218,17 +218,24 @@ _rms_norm_op.register_autograd(_backward_rms_norm, setup_context=_setup_rms_norm
 _add_rms_norm_op.register_autograd(_backward_add_rms_norm, setup_context=_setup_add_rms_norm)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """HF LlamaRMSNorm in plain PyTorch (inductor fuses it on CPU)."""
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                       weight_offset: float = 0.0, weight_in_fp32: bool = False) -> torch.Tensor:
+    """HF LlamaRMSNorm in plain PyTorch (inductor fuses it on CPU). The defaults are the
+    numerics the kernels compute; ``weight_offset=1, weight_in_fp32=True`` is Gemma's
+    ``(1 + w) * xhat`` taken in fp32 and then cast."""
     x32 = x.float()
     xhat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xhat.to(x.dtype)
+    if weight_in_fp32:
+        return ((weight_offset + weight.float()) * xhat).to(x.dtype)
+    scale = weight + weight_offset if weight_offset else weight
+    return scale * xhat.to(x.dtype)
 
 
 def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                           eps: float = 1e-6, weight_offset: float = 0.0,
+                           weight_in_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     s = x + residual
-    return s, rms_norm_reference(s, weight, eps)
+    return s, rms_norm_reference(s, weight, eps, weight_offset, weight_in_fp32)
 
 
 def _check(name: str, x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor] = None):

@@ -148,9 +148,18 @@ def test_loaded_weights_are_not_file_backed(ckpt):
     assert torch.equal(model.layers[0].mlp.up_proj.weight, before)
 
 
-def test_use_kernels_override(source):
-    model = fastune.from_pretrained(source[1], use_kernels=True)
-    assert model.config.use_kernels and model.layers[0].mlp.use_kernels
+def test_kernels_argument(source):
+    """from_pretrained swaps in the fused ops asked for; use_kernels is the old bool spelling."""
+    from fastune.modules.kernels import FusedRMSNorm, FusedSwiGLUMLP, enabled_kernels
+    from fastune.models.spec import KERNEL_OPS
+
+    model = fastune.from_pretrained(source[1])
+    assert enabled_kernels(model) == KERNEL_OPS and type(model.layers[0].mlp) is FusedSwiGLUMLP
+    model = fastune.from_pretrained(source[1], kernels=["rms_norm"])
+    assert enabled_kernels(model) == ("rms_norm",) and type(model.norm) is FusedRMSNorm
+    assert not isinstance(model.layers[0].mlp, FusedSwiGLUMLP)
+    assert enabled_kernels(fastune.from_pretrained(source[1], use_kernels=False)) == ()
+    assert enabled_kernels(fastune.from_pretrained(source[1], kernels="none", use_kernels=True)) == KERNEL_OPS
 
 
 @pytest.mark.parametrize("text,expected", [(123, 123), ("5GB", 5 * 10**9), ("500MiB", 500 * 2**20),

@@ -79,11 +79,24 @@ def test_asset_interpolation_points_into_the_package():
 def test_defaults_are_filled_and_interpolated(workdir):
     cfg = load()
     assert cfg.method == "lora" and cfg.seed == 0 and cfg.model.dtype == "bf16"
-    assert cfg.model.use_kernels is True
+    assert list(cfg.model.kernels) == ["rms_norm", "rope", "swiglu", "lora", "loss"]
+    assert "use_kernels" not in cfg.model  # the old alias is resolved into model.kernels
     assert cfg.tokenizer == "ckpt"  # defaults to the checkpoint
     assert cfg.optimizer._component_ == "torch.optim.AdamW"
     assert cfg.metric_logger == {"_component_": "fastune.training.loggers.DiskLogger", "log_dir": "out/logs"}
     assert cfg.distributed.reduce_dtype == "fp32"
+
+
+@pytest.mark.parametrize("overrides, kernels", [
+    (["model.kernels=all"], ["rms_norm", "rope", "swiglu", "lora", "loss"]),
+    (["model.kernels=none"], []),
+    (["model.kernels=[loss, rope]"], ["rope", "loss"]),  # put in one order
+    (["model.use_kernels=true"], ["rms_norm", "rope", "swiglu", "lora", "loss"]),  # the old alias
+    (["model.use_kernels=false"], []),
+])
+def test_kernels_key_and_its_old_alias(workdir, overrides, kernels):
+    cfg = load(overrides)
+    assert list(cfg.model.kernels) == kernels and "use_kernels" not in cfg.model
 
 
 def test_config_is_struct_mode(workdir):
@@ -182,6 +195,10 @@ BAD_OVERRIDES = [
     (["lora.targets=[q_proj, qq_proj]"], ["lora.targets", "got 'qq_proj'", "did you mean 'q_proj'"]),
     (["lora.targets=[]"], ["lora.targets: method lora needs at least one target"]),
     (["model=big"], ["model: expected a section of keys, got 'big' (str)"]),
+    (["model.kernels=[rope, swiglue]"], ["model.kernels", "got 'swiglue'", "did you mean 'swiglu'"]),
+    (["model.kernels=al"], ["model.kernels", "got 'al'", "did you mean 'all'"]),
+    (["model.kernels=none", "model.use_kernels=true"], ["model.use_kernels", "not both"]),
+    (["model.use_kernels=maybe"], ["model.use_kernels: expected null or true or false"]),
     (["model._component_=x.y"], ["model takes no _component_"]),
     (["model.checkpoint_dir=nowhere"], ["model.checkpoint_dir: no such directory: nowhere"]),
     (["model.checkpoint_dir=data/train.jsonl"], ["not a directory: data/train.jsonl"]),

@@ -125,7 +125,7 @@ def test_dropout_only_on_the_adapter_path():
 @pytest.mark.parametrize("forced", [False, True])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_kernel_path_matches_the_plain_path(monkeypatch, forced, quantized):
-    """use_kernels routes through fastune.kernels.lora.lora_linear: its reference on
+    """fused=True (apply_kernels' lora op) routes through fastune.kernels.lora.lora_linear: its reference on
     CPU, its custom ops (and, for NF4, the Triton dequantization under the
     interpreter) when forced. Output and gradients equal the plain path's."""
     calls = []
@@ -135,7 +135,7 @@ def test_kernel_path_matches_the_plain_path(monkeypatch, forced, quantized):
     dtype = torch.bfloat16 if quantized else torch.float32
     base = nn.Linear(128, 128, bias=not quantized).to(dtype)
     plain = LoRALinear(copy.deepcopy(base), rank=4, alpha=8.0)
-    fused = LoRALinear(copy.deepcopy(base), rank=4, alpha=8.0, use_kernels=True)
+    fused = LoRALinear(copy.deepcopy(base), rank=4, alpha=8.0, fused=True)
     randomize_adapters(plain)
     fused.load_state_dict(plain.state_dict())
     if quantized:
@@ -348,7 +348,7 @@ def test_compiled_layers_match_eager():
     layers = [
         LoRALinear(nn.Linear(16, 12, bias=True), rank=4, alpha=8.0),
         LoRALinear(nn.Linear(12, 8), rank=4, alpha=8.0, use_dora=True),
-        LoRALinear(nn.Linear(8, 6), rank=2, alpha=4.0, use_kernels=True),
+        LoRALinear(nn.Linear(8, 6), rank=2, alpha=4.0, fused=True),
     ]
     for layer in layers:
         randomize_adapters(layer)

@@ -1,5 +1,5 @@
-"""The Transformer with ``use_kernels`` (rms_norm, add_rms_norm, apply_rope, swiglu) gives
-the logits and gradients of the plain-PyTorch model: on the reference path, on the
+"""The Transformer with kernels applied (``apply_kernels``: rms_norm, add_rms_norm,
+apply_rope, swiglu) gives the logits and gradients of the plain-PyTorch model: on the reference path, on the
 Triton path under the interpreter, and in bf16 within the project's bf16 rule. Also
 the compile test for those four ops (one compiled function, so two compiles in all)."""
 
@@ -13,28 +13,29 @@ from fastune import kernels
 from fastune.kernels.dispatch import force_triton
 from fastune.models.config import ModelConfig
 from fastune.models.transformer import Transformer
+from fastune.modules.kernels import apply_kernels
 from tests.kernels.numerics import assert_bf16_close, fwd_bwd
 
 BSZ, SEQLEN, VOCAB = 2, 7, 37
 
 
-def tiny_config(use_kernels: bool) -> ModelConfig:
+def tiny_config() -> ModelConfig:
     # GQA (3 q heads, 1 kv head), head_dim 16 != hidden / heads, odd sizes elsewhere.
     return ModelConfig(vocab_size=VOCAB, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
-                       num_attention_heads=3, num_key_value_heads=1, head_dim=16,
-                       rms_norm_eps=1e-5, use_kernels=use_kernels)
+                       num_attention_heads=3, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5)
 
 
 def models(dtype=torch.float32):
     """(kernels off, kernels on) with the same random weights, norm weights included."""
     torch.manual_seed(0)
-    off = Transformer(tiny_config(False))
+    off = Transformer(tiny_config())
     with torch.no_grad():
         for name, p in off.named_parameters():
             if "norm" in name:
                 p.normal_(1.0, 0.3)
-    on = Transformer(tiny_config(True))
+    on = Transformer(tiny_config())
     on.load_state_dict(off.state_dict())
+    apply_kernels(on, "all")
     return off.to(dtype), on.to(dtype)
 
 
@@ -55,14 +56,6 @@ def logits_and_grads(model):
     F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return logits.detach(), grads
-
-
-def test_kernels_are_on_by_default():
-    config = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=4)
-    assert config.use_kernels
-    layer = Transformer(config).layers[0]
-    assert layer.mlp.use_kernels and layer.self_attn.use_kernels and layer.input_layernorm.use_kernels
 
 
 @pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])

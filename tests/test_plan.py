@@ -99,13 +99,13 @@ def test_tracker_agrees_with_torch_memtracker(tiny):
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from fastune.training.optim import build_optimizer
-    from fastune.training.recipe import build_loss
+    from fastune.training.loss import build_loss
 
     cfg, model_config = config(tiny, "method=full", "model.use_kernels=false")
     ours = trace_step(cfg, model_config, Target("cpu"))
     with FakeTensorMode():
         model = build_model(cfg, model_config)
-        loss_fn = build_loss(model, cfg.loss, False)
+        loss_fn = build_loss(model, cfg.loss)
         optimizer = build_optimizer({"_component_": "torch.optim.AdamW", "lr": 1e-3}, model, torch.device("cpu"))
         for p in model.parameters():
             p.grad = torch.zeros_like(p)

@@ -93,7 +93,7 @@ def make_config(tmp_path: Path, base_dir: Path, overrides: Optional[list[str]] =
         "output_dir": str(tmp_path / "out"),
         "seed": 3,
         "method": "lora",
-        "model": {"checkpoint_dir": str(base_dir), "dtype": "fp32", "use_kernels": True},
+        "model": {"checkpoint_dir": str(base_dir), "dtype": "fp32"},
         "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj", "down_proj"]},
         "dataset": {"source": "json", "data_files": {"train": str(train), "validation": str(tmp_path / "val.jsonl")},
                     "val_split": "validation", "max_seq_len": 64, "shuffle": True},

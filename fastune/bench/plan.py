@@ -37,6 +37,7 @@ from fastune.bench.memory import MemoryReport, MemoryTracker
 from fastune.bench.profiles import Profile
 from fastune.errors import FastuneError
 from fastune.models.config import ModelConfig
+from fastune.models.spec import describe_kernels
 
 GIB = 1024**3
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this many bytes
@@ -105,17 +106,18 @@ def build_model(cfg: DictConfig, model_config: ModelConfig) -> nn.Module:
     """The config's model with random weights (on fake tensors: none at all), adapted
     as ``fastune.training.recipe.load_model`` adapts the loaded one."""
     from fastune.checkpoint.hf import parse_dtype
-    from fastune.models.transformer import Transformer
+    from fastune.models.spec import get_spec
+    from fastune.modules.kernels import apply_kernels
     from fastune.modules.peft import apply_lora
 
-    config = dataclasses.replace(model_config, use_kernels=cfg.model.use_kernels)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(parse_dtype(cfg.model.dtype))  # built in the training dtype, like a load
     try:
-        model = Transformer(config)
+        model = get_spec(model_config.model_type).build(model_config)
     finally:
         torch.set_default_dtype(previous)
     model.reset_buffers()  # the RoPE frequencies stay fp32
+    apply_kernels(model, list(cfg.model.kernels))
     if cfg.method != "full":
         lora = cfg.lora
         apply_lora(model, list(lora.targets), lora.rank, lora.alpha, lora.dropout,
@@ -165,17 +167,17 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
     from fastune.kernels.dispatch import force_triton
     from fastune.training.memory import apply_activation_checkpointing
     from fastune.training.optim import build_optimizer
-    from fastune.training.recipe import build_loss
+    from fastune.training.loss import build_loss
 
     with contextlib.ExitStack() as stack:
         if target.fake:
             stack.enter_context(FakeTensorMode())
-        if target.device == "cuda" and cfg.model.use_kernels:
+        if target.device == "cuda" and cfg.model.kernels:
             stack.enter_context(force_triton())  # the ops' Triton paths (their fake impls here)
         model = build_model(cfg, model_config)
         ac = cfg.activation_checkpointing
         apply_activation_checkpointing(model, "full" if ac is True else ac)
-        loss_fn = build_loss(model, cfg.loss, cfg.model.use_kernels)
+        loss_fn = build_loss(model, cfg.loss)
         optimizer = build_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), model,
                                     torch.device(target.device))
         batch = worst_case_batch(cfg, model_config.vocab_size)
@@ -333,7 +335,7 @@ def plan(cfg: DictConfig, model_config: ModelConfig, profile: Profile,
 
 def _settings(cfg: DictConfig) -> dict[str, Any]:
     return {
-        "method": cfg.method, "dtype": cfg.model.dtype, "use_kernels": cfg.model.use_kernels,
+        "method": cfg.method, "dtype": cfg.model.dtype, "kernels": list(cfg.model.kernels),
         "batch_size": cfg.batch_size, "max_seq_len": cfg.dataset.get("max_seq_len"),
         "packed": cfg.dataset.get("packed", False),
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -428,7 +430,7 @@ def render_plan(report: dict) -> str:
         f"Model: {m['model_type']}, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
         f"intermediate {m['intermediate_size']}, {m['num_attention_heads']} heads "
         f"({m['num_key_value_heads']} KV), vocab {m['vocab_size']}. "
-        f"Training: {s['method']}{lora}, {s['dtype']}, kernels {'on' if s['use_kernels'] else 'off'}, "
+        f"Training: {s['method']}{lora}, {s['dtype']}, kernels {describe_kernels(s['kernels'])}, "
         f"batch {s['batch_size']} x {s['max_seq_len']} tokens{' (packed)' if s['packed'] else ''}, "
         f"activation checkpointing {s['activation_checkpointing']}, "
         f"offloading {s['activation_offloading']}.",

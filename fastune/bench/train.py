@@ -107,39 +107,15 @@ def specs(config: str, overrides: list[str], compare: list[str], warmup: int,
 
 
 def model_flops_per_step(cfg, model_config, tokens_shape: tuple[int, int]) -> float:
-    """Model FLOPs of one optimizer step (all micro-batches), counting what the math
-    needs, not what the implementation does: every matmul costs 2 FLOPs per
-    multiply-add; a frozen weight costs its forward and its input gradient (2 matmuls),
-    a trained one also its weight gradient (3); attention scores and values cost
-    2 * 2 * S^2/2 * H * D per row and layer in forward (causal: half the square), twice
-    that in backward. Recomputation by activation checkpointing is not counted.
-    Padding positions count: the model computes them."""
-    c = model_config
+    """Model FLOPs of one optimizer step (all micro-batches), by the formula of the
+    model family's spec (``ModelSpec.model_flops``)."""
+    from fastune.models.spec import get_spec
+
     rows, seq = tokens_shape
-    tokens = rows * seq * cfg.gradient_accumulation_steps
-    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes = {"q_proj": (c.hidden_size, q_out), "k_proj": (c.hidden_size, kv_out),
-              "v_proj": (c.hidden_size, kv_out), "o_proj": (q_out, c.hidden_size),
-              "gate_proj": (c.hidden_size, c.intermediate_size), "up_proj": (c.hidden_size, c.intermediate_size),
-              "down_proj": (c.intermediate_size, c.hidden_size)}
     full = cfg.method == "full"
-    targets = set() if full else set(cfg.lora.targets)
-    frozen = trained = 0
-    for name, (fan_in, fan_out) in shapes.items():
-        weight = fan_in * fan_out * c.num_hidden_layers
-        trained += weight if full else 0
-        frozen += 0 if full else weight
-        if name in targets:
-            trained += cfg.lora.rank * (fan_in + fan_out) * c.num_hidden_layers
-    head = c.hidden_size * c.vocab_size
-    head_trained = full and not c.tie_word_embeddings or "lm_head" in targets
-    trained += head if head_trained else 0
-    frozen += 0 if head_trained else head
-    if "lm_head" in targets:
-        trained += cfg.lora.rank * (c.hidden_size + c.vocab_size)
-    matmuls = tokens * (2 * 2 * frozen + 2 * 3 * trained)
-    attention_forward = 2 * 2 * (seq * seq / 2) * q_out * c.num_hidden_layers * rows * cfg.gradient_accumulation_steps
-    return matmuls + 3 * attention_forward
+    return get_spec(model_config.model_type).model_flops(
+        model_config, rows, seq, cfg.gradient_accumulation_steps, full=full,
+        lora_targets=() if full else list(cfg.lora.targets), lora_rank=0 if full else cfg.lora.rank)
 
 
 # ----------------------------------------------------------------------------- workers

@@ -1,8 +1,10 @@
 """Hugging Face checkpoints: ``config.json`` plus safetensors shards, to and from a
 fastune ``Transformer``.
 
-Key mapping: the HF key is ``"model." + fastune key``, except ``lm_head.weight``,
-which is the same in both. No tensor is permuted (fastune uses HF's RoPE layout).
+Key mapping: the family's ``StateDictAdapter`` (``fastune.models.spec``); for the
+Llama-style decoders the HF key is ``"model." + fastune key``, except
+``lm_head.weight``, which is the same in both. No tensor is permuted (fastune uses
+HF's RoPE layout); an adapter may split fused HF tensors on load and fuse on save.
 
 Loading builds the model on the meta device, checks every key and shape in the
 shard headers before reading any data, then reads tensor by tensor into the
@@ -18,7 +20,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Union
+from typing import Iterator, Mapping, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,7 +29,9 @@ from torch import nn
 
 from fastune.checkpoint.atomic import atomic_directory
 from fastune.models.config import ModelConfig
+from fastune.models.spec import get_spec
 from fastune.models.transformer import Transformer
+from fastune.modules.kernels import apply_kernels
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -69,12 +73,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written; the message names the file and key."""
 
 
-def to_hf_key(key: str) -> str:
-    return key if key == _LM_HEAD else "model." + key
+def to_hf_key(key: str, model_type: str = "llama") -> str:
+    """The HF name of one fastune key (not of a part of a fused tensor)."""
+    return get_spec(model_type).adapter.to_hf_key(key)
 
 
-def from_hf_key(key: str) -> str:
-    return key if key == _LM_HEAD else key.removeprefix("model.")
+def from_hf_key(key: str, model_type: str = "llama") -> str:
+    return get_spec(model_type).adapter.from_hf_key(key)
 
 
 def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
@@ -104,9 +109,10 @@ def load_hf_checkpoint(
     path: Union[str, Path],
     dtype: Union[str, torch.dtype] = torch.float32,
     device: Union[str, torch.device] = "cpu",
-    use_kernels: Optional[bool] = None,
+    kernels: Union[str, bool, list[str], None] = "all",
 ) -> Transformer:
-    """Build a ``Transformer`` from an HF checkpoint directory.
+    """Build a ``Transformer`` from an HF checkpoint directory, with the fused
+    ``kernels`` swapped in (``apply_kernels``: all, none, or a list of ops).
 
     Raises ``ConfigError`` for an unusable config.json and ``CheckpointError``
     for anything wrong with the weights; nothing is loaded partially.
@@ -115,22 +121,23 @@ def load_hf_checkpoint(
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory (download it first with `fastune download`)")
     config = ModelConfig.from_json(path)
-    if use_kernels is not None:
-        config.use_kernels = use_kernels
+    spec = get_spec(config.model_type)
     dtype, device = parse_dtype(dtype), torch.device(device)
     with torch.device("meta"):
-        model = Transformer(config)
-    plan = _plan_load(path, _expected_shapes(model), config.tie_word_embeddings)
+        model = spec.build(config)
+    plan = _plan_load(path, _expected_shapes(model, config), config.tie_word_embeddings)
     for file, keys in plan.items():
-        model.load_state_dict(_read_tensors(file, keys, dtype, device), strict=False, assign=True)
+        model.load_state_dict(_read_tensors(file, keys, dtype, device, config), strict=False, assign=True)
     model.reset_buffers(device)
     model.tie_weights()
+    apply_kernels(model, kernels)
     return model
 
 
-def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model: nn.Module, config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF key -> shape, for every parameter the config implies (lm_head included even when tied)."""
-    return {to_hf_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    hf = get_spec(config.model_type).adapter.to_hf(model.state_dict(), config)
+    return {k: tuple(v.shape) for k, v in hf.items()}
 
 
 def _plan_load(path: Path, expected: dict[str, tuple[int, ...]], tied: bool) -> dict[Path, list[str]]:
@@ -207,8 +214,10 @@ def _open(file: Path) -> Iterator:
         yield f
 
 
-def _read_tensors(file: Path, keys: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """fastune key -> tensor copied out of the shard into fresh memory.
+def _read_tensors(file: Path, keys: list[str], dtype: torch.dtype, device: torch.device,
+                  config: ModelConfig) -> dict[str, torch.Tensor]:
+    """fastune key -> tensor copied out of the shard into fresh memory (a fused HF
+    tensor gives several).
 
     ``safe_open`` maps the whole file, and every page a copy touches stays in
     this process's RSS until the file is closed. Reopening the file per tensor
@@ -216,10 +225,11 @@ def _read_tensors(file: Path, keys: list[str], dtype: torch.dtype, device: torch
     which for a single-file checkpoint would double peak memory. The explicit
     copy also means no parameter stays backed by the file's mapping.
     """
+    adapter = get_spec(config.model_type).adapter
     out = {}
     for key in keys:
         with _open(file) as f:
-            out[from_hf_key(key)] = f.get_tensor(key).to(device=device, dtype=dtype, copy=True)
+            out.update(adapter.from_hf(key, f.get_tensor(key).to(device=device, dtype=dtype, copy=True), config))
     return out
 
 
@@ -252,7 +262,7 @@ def save_hf_checkpoint(
     if isinstance(state_dict_or_model, nn.Module):
         state_dict_or_model = state_dict_or_model.state_dict()
     tensors = _hf_tensors(state_dict_or_model, config, out_dir)
-    dtype = parse_dtype(dtype) if dtype is not None else tensors["model.embed_tokens.weight"].dtype
+    dtype = parse_dtype(dtype) if dtype is not None else tensors[to_hf_key("embed_tokens.weight", config.model_type)].dtype
     shards = _plan_shards(tensors, parse_size(max_shard_size), dtype.itemsize)
     names = _shard_names(len(shards))
     with atomic_directory(out_dir) as tmp:
@@ -267,25 +277,27 @@ def save_hf_checkpoint(
 
 
 def _hf_tensors(state_dict: StateDict, config: ModelConfig, out_dir: Path) -> dict[str, torch.Tensor]:
-    """HF key -> tensor, in model order, after checking names and shapes against ``config``."""
+    """HF key -> tensor, in model order, after checking names and shapes (fastune keys,
+    before any fusing) against ``config``."""
+    spec = get_spec(config.model_type)
     with torch.device("meta"):
-        expected = _expected_shapes(Transformer(config))
+        expected = {k: tuple(v.shape) for k, v in spec.build(config).state_dict().items()}
     tied = config.tie_word_embeddings
-    given = {to_hf_key(k): v for k, v in state_dict.items() if not (tied and k == _LM_HEAD)}
+    given = {k: v for k, v in state_dict.items() if not (tied and k == _LM_HEAD)}
     for key, tensor in given.items():
         if key not in expected:
-            raise CheckpointError(f"{out_dir}: state dict key {from_hf_key(key)!r} is not a parameter of this model")
+            raise CheckpointError(f"{out_dir}: state dict key {key!r} is not a parameter of this model")
         if tuple(tensor.shape) != expected[key]:
             raise CheckpointError(
-                f"{out_dir}: state dict key {from_hf_key(key)!r} has shape {list(tensor.shape)}, "
+                f"{out_dir}: state dict key {key!r} has shape {list(tensor.shape)}, "
                 f"the config implies {list(expected[key])}"
             )
         if tensor.is_meta:
-            raise CheckpointError(f"{out_dir}: state dict key {from_hf_key(key)!r} is on the meta device")
+            raise CheckpointError(f"{out_dir}: state dict key {key!r} is on the meta device")
     missing = [k for k in expected if k not in given and not (tied and k == _LM_HEAD)]
     if missing:
-        raise CheckpointError(f"{out_dir}: state dict lacks key {from_hf_key(missing[0])!r}")
-    return {k: given[k] for k in expected if k in given}
+        raise CheckpointError(f"{out_dir}: state dict lacks key {missing[0]!r}")
+    return spec.adapter.to_hf({k: given[k] for k in expected if k in given}, config)
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int, itemsize: int) -> list[list[str]]:

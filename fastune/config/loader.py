@@ -42,6 +42,7 @@ from fastune.config.schema import (
     COMPONENT, SCHEMA, Key, Mismatch, Section, closest, did_you_mean, require_path, show, walk_keys,
 )
 from fastune.errors import ConfigError
+from fastune.models.spec import normalize_kernel_ops
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +407,17 @@ def _check_lora(values: dict, origin: _Origin) -> None:
         raise origin.error("lora.targets", f"method {values['method']} needs at least one target")
 
 
+def _resolve_kernels(values: dict, origin: _Origin) -> None:
+    """model.kernels becomes the list of op names; the old model.use_kernels goes."""
+    model = values["model"]
+    use_kernels, kernels = model.pop("use_kernels", None), model.get("kernels")
+    if use_kernels is not None:
+        if kernels is not None:
+            raise origin.error("model.use_kernels", "set model.kernels or its old alias model.use_kernels, not both")
+        kernels = "all" if use_kernels else "none"
+    model["kernels"] = list(normalize_kernel_ops("all" if kernels is None else kernels))
+
+
 # --- the entry points -----------------------------------------------------------------
 
 
@@ -433,6 +445,7 @@ def load_config(config: str | os.PathLike, overrides: Sequence[str] = (), *,
     _check_types(values, SCHEMA, "", origin, check_paths)
     _check_dataset(values, origin, check_paths)
     _check_lora(values, origin)
+    _resolve_kernels(values, origin)
     _check_components(values, origin)
     cfg = OmegaConf.create(values)
     OmegaConf.set_struct(cfg, True)

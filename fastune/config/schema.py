@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from fastune.models.spec import KERNEL_OPS, all_lora_aliases, all_lora_targets
+
 
 class Mismatch(Exception):
     """A value that does not fit its type; the message says what was expected and what came.
@@ -264,12 +266,11 @@ class Section:
 
 COMPONENT = "_component_"
 
-LORA_TARGETS = Choice(
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
-    # torchtune's short names
-    aliases={"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
-             "up": "up_proj", "down": "down_proj", "output": "lm_head"},
-)
+# Every family's LoRA targets and their other spellings (torchtune's), from the
+# model-family specs; the loaded model's own names are checked by apply_lora.
+LORA_TARGETS = Choice(*all_lora_targets(), aliases=all_lora_aliases())
+# model.kernels: all, none, or a list of the ops apply_kernels can swap in.
+KERNELS = AnyOf(Choice("all", "none"), ListOf(Choice(*KERNEL_OPS)))
 _LOGGERS = "fastune.training.loggers."
 _LOGGER_ALIASES = {
     "disk": {COMPONENT: _LOGGERS + "DiskLogger"},
@@ -287,7 +288,8 @@ SCHEMA = Section({
     "model": Section({
         "checkpoint_dir": Key(PathTo("dir"), MISSING, "HF-format checkpoint folder (config.json + *.safetensors), e.g. from `fastune download`"),
         "dtype": Key(Choice("bf16", "fp32", aliases={"bfloat16": "bf16", "float32": "fp32"}), "bf16", "parameter and compute dtype"),
-        "use_kernels": Key(Bool(), True, "route RMSNorm, RoPE, SwiGLU, LoRA and the loss through fastune.kernels"),
+        "kernels": Key(Maybe(KERNELS), None, f"fused kernels to swap in: all, none, or a list of {', '.join(KERNEL_OPS)}; null: all"),
+        "use_kernels": Key(Maybe(Bool()), None, "old alias of kernels: true = all, false = none"),
     }),
     "lora": Section({
         "rank": Key(Int(ge=1), 8, "rank r of the adapter matrices"),

@@ -88,6 +88,7 @@ def _merged_adapter_model(ckpt: Path, dtype, device, use_kernels) -> nn.Module:
     import fastune
     from fastune.checkpoint.peft import load_peft_adapter
     from fastune.models.transformer import Transformer
+    from fastune.modules.kernels import apply_kernels, enabled_kernels
     from fastune.modules.peft import merge_lora
     from fastune.training.recipe import ADAPTER_DIR
 
@@ -101,6 +102,7 @@ def _merged_adapter_model(ckpt: Path, dtype, device, use_kernels) -> nn.Module:
     plain.load_state_dict(merged, assign=True)
     plain.reset_buffers(torch.device(device))
     plain.tie_weights()
+    apply_kernels(plain, enabled_kernels(model))
     return plain
 
 

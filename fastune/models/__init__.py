@@ -1,4 +1,24 @@
-from fastune.models.config import ConfigError, ModelConfig
-from fastune.models.transformer import Transformer
+"""Model families (``spec``, ``families``), their config and the shared decoder.
 
-__all__ = ["ConfigError", "ModelConfig", "Transformer"]
+Names are imported on first use (PEP 562), so ``fastune.models.spec`` (read by
+the config schema) does not import torch.
+"""
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ConfigError": "fastune.models.config",
+    "ModelConfig": "fastune.models.config",
+    "Transformer": "fastune.models.transformer",
+    "ModelSpec": "fastune.models.spec",
+    "get_spec": "fastune.models.spec",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastune.models' has no attribute {name!r}")

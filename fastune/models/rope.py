@@ -4,7 +4,8 @@ For a head vector x of size D split into halves (x1, x2), the rotation by the
 angles theta_i = pos * inv_freq_i is
     rope(x) = x * cos + rotate_half(x) * sin,   rotate_half(x) = (-x2, x1),
 with cos/sin of size D holding the D/2 angles twice. Checkpoints from the Hub
-then load with no Q/K permutation.
+then load with no Q/K permutation. The rotation itself is written once, in
+``fastune.kernels.rope.apply_rope_reference``; this module computes the angles.
 """
 
 from __future__ import annotations
@@ -54,14 +55,3 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
     freqs = position_ids.float()[..., None] * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q [B, S, Hq, D], k [B, S, Hk, D], cos/sin [B, S, D]."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

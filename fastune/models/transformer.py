@@ -1,13 +1,13 @@
-"""A Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, TinyLlama, SmolLM).
+"""The shared Llama-style decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, TinyLlama, SmolLM).
 
-Module and parameter names follow Hugging Face's ``LlamaModel`` so that a
-checkpoint key maps to a fastune key by dropping the ``model.`` prefix
-(see ``fastune.checkpoint``). Everything is plain ``nn.Module`` code that
-``torch.compile`` traces without graph breaks.
+Module and parameter names follow Hugging Face's ``LlamaModel``; the family's
+``StateDictAdapter`` (``fastune.models.spec``) maps checkpoint keys. Everything is
+plain ``nn.Module`` code that ``torch.compile`` traces without graph breaks.
 
-Kernel seam: with ``config.use_kernels`` the norm, RoPE and SwiGLU go through
-``fastune.kernels`` (Triton on CUDA, a fused-by-inductor reference elsewhere);
-without it they are the eager PyTorch formulas below, which match HF exactly.
+Each formula is written once, as the reference function of ``fastune.kernels``
+(RMSNorm, RoPE, SwiGLU); this file calls those and knows nothing of fused kernels.
+``fastune.modules.kernels.apply_kernels`` swaps fused ops in from outside, after
+the model is built. The norm and activation numerics come from the family's spec.
 """
 
 from __future__ import annotations
@@ -18,37 +18,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastune.errors import ConfigError
+from fastune.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
+from fastune.kernels.rope import apply_rope_reference
+from fastune.kernels.swiglu import swiglu_reference
 from fastune.models.config import ModelConfig
-from fastune.models.rope import apply_rope_reference, rope_cos_sin, rope_inv_freq
+from fastune.models.rope import rope_cos_sin, rope_inv_freq
+from fastune.models.spec import LLAMA_NUMERICS, Numerics, get_spec
+
+# The MLP's gated activations, act(gate) * up, by config.json's hidden_act name.
+GATED_ACTIVATIONS = {"silu": swiglu_reference}
 
 
 class RMSNorm(nn.Module):
-    """y = (x / sqrt(mean(x^2) + eps)) computed in fp32, cast back, times weight (as HF)."""
+    """y = (offset + weight) * (x / sqrt(mean(x^2) + eps)), the mean in fp32; where the
+    cast back to x.dtype happens is ``numerics.norm_weight_in_fp32`` (see Numerics)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, use_kernels: bool = False):
+    def __init__(self, dim: int, eps: float = 1e-6, numerics: Numerics = LLAMA_NUMERICS):
         super().__init__()
         self.eps = eps
-        self.use_kernels = use_kernels
+        self.numerics = numerics
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels:
-            from fastune import kernels
-
-            return kernels.rms_norm(x, self.weight, self.eps)
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        n = self.numerics
+        return rms_norm_reference(x, self.weight, self.eps, n.norm_weight_offset, n.norm_weight_in_fp32)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s, norm(s)) with s = x + residual; with kernels, one fused pass over memory."""
-        if self.use_kernels:
-            from fastune import kernels
-
-            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
-        s = x + residual
-        return s, self(s)
+        """(s, norm(s)) with s = x + residual (one fused pass once kernels are applied)."""
+        n = self.numerics
+        return add_rms_norm_reference(x, residual, self.weight, self.eps,
+                                      n.norm_weight_offset, n.norm_weight_in_fp32)
 
 
 class Attention(nn.Module):
@@ -57,7 +57,6 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.use_kernels = config.use_kernels
         bias = config.attention_bias
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
@@ -80,12 +79,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(bsz, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim)
-        if self.use_kernels:
-            from fastune import kernels
-
-            q, k = kernels.apply_rope(q, k, cos, sin)
-        else:
-            q, k = apply_rope_reference(q, k, cos, sin)
+        q, k = self.rope(q, k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -98,34 +92,38 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
+    def rope(self, q, k, cos, sin):
+        return apply_rope_reference(q, k, cos, sin)
+
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)); act is SiLU (SwiGLU) for Llama."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, numerics: Numerics = LLAMA_NUMERICS):
         super().__init__()
-        self.use_kernels = config.use_kernels
+        if numerics.activation not in GATED_ACTIVATIONS:
+            raise ConfigError(f"model: unsupported activation {numerics.activation!r}; "
+                              f"fastune supports {', '.join(GATED_ACTIVATIONS)}")
+        self.activation = numerics.activation
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.use_kernels:
-            from fastune import kernels
+        return self.down_proj(self.gated(self.gate_proj(x), self.up_proj(x)))
 
-            return self.down_proj(kernels.swiglu(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return GATED_ACTIVATIONS[self.activation](gate, up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, numerics: Numerics = LLAMA_NUMERICS):
         super().__init__()
-        eps, kern = config.rms_norm_eps, config.use_kernels
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, kern)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, numerics)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, kern)
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, numerics)
+        self.mlp = MLP(config, numerics)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
@@ -140,9 +138,10 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        numerics = get_spec(config.model_type).numerics
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.use_kernels)
+        self.layers = nn.ModuleList(DecoderLayer(config, numerics) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, numerics)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

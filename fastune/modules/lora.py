@@ -24,7 +24,7 @@ QLoRA: the frozen W may be a torchao ``NF4Tensor``. ``F.linear`` dispatches to
 torchao's NF4 linear (dequantize, matmul; the backward gives only dx), and
 ``W.to(dtype)`` dequantizes where DoRA and merging need the dense weight.
 
-With ``use_kernels`` (no dropout, no DoRA) the LoRA forward is the fused op
+With ``fused`` (set by ``apply_kernels``'s ``lora`` op; no dropout, no DoRA) the LoRA forward is the fused op
 ``fastune.kernels.lora.lora_linear`` (custom ops that never form dW and keep the
 intermediates at rank r on CUDA; the same formula in plain torch elsewhere).
 """
@@ -65,7 +65,7 @@ class LoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         use_dora: bool = False,
-        use_kernels: bool = False,
+        fused: bool = False,
     ):
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
@@ -92,7 +92,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.ones(self.out_features, **factory))
-        self.use_kernels = use_kernels
+        self.fused = fused
         if not self.weight.is_meta:
             self.reset_lora_parameters()
             if use_dora:
@@ -121,7 +121,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_dora:
             return self._dora_forward(x)
-        if self.use_kernels and self.dropout == 0:  # the fused op has no dropout
+        if self.fused and self.dropout == 0:  # the fused op has no dropout
             from fastune.kernels.lora import lora_linear
 
             return lora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.bias)

@@ -36,6 +36,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from fastune.models.spec import all_layer_projections, all_lora_aliases, all_lora_targets
+from fastune.modules.kernels import enabled_kernels
 from fastune.modules.lora import (
     LoRAError,
     LoRALinear,
@@ -45,16 +47,12 @@ from fastune.modules.lora import (
     merge_weight,
 )
 
-# The linear layers LoRA can adapt, by their Hugging Face names (also fastune's).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-# The projections inside a decoder layer: QLoRA quantizes all of them.
-LAYER_PROJECTIONS = LORA_TARGETS[:-1]
-# torchtune's names for the same layers (its "output_proj" is attention's o_proj,
-# its "output" the final projection).
-TORCHTUNE_NAMES = {
-    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "output_proj": "o_proj",
-    "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "output": "lm_head",
-}
+# The linear layers LoRA can adapt, by their Hugging Face names (also fastune's),
+# and the decoder-layer projections QLoRA quantizes: from the model-family specs.
+LORA_TARGETS = all_lora_targets()
+LAYER_PROJECTIONS = all_layer_projections()
+# Other spellings of them (torchtune's "q", "output_proj", "output", ...).
+TORCHTUNE_NAMES = all_lora_aliases()
 LORA_PARAM_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 
 
@@ -102,10 +100,10 @@ def apply_lora(
     dropout: float = 0.0,
     use_dora: bool = False,
     quantize_base: bool = False,
-    use_kernels: Optional[bool] = None,
 ) -> None:
     """Replace each targeted ``nn.Linear`` by a ``LoRALinear`` (in place) and freeze
-    everything but the adapters. ``use_kernels`` defaults to ``model.config.use_kernels``."""
+    everything but the adapters. The LoRA layers use the fused op when
+    ``apply_kernels`` switched ``lora`` on for the model."""
     names = normalize_targets(targets)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LoRAError("LoRA is already applied to this model")
@@ -114,8 +112,7 @@ def apply_lora(
             "LoRA on lm_head is not supported with tied embeddings (tie_word_embeddings: true): "
             "the merged export would untie them"
         )
-    if use_kernels is None:
-        use_kernels = bool(getattr(getattr(model, "config", None), "use_kernels", False))
+    fused = "lora" in enabled_kernels(model)
     found = [
         (parent, name, child)
         for parent in model.modules()
@@ -128,7 +125,7 @@ def apply_lora(
         for _, _, child, full_name in _quantizable(model, names):
             check_nf4_weight(child.weight, full_name)
     for parent, name, child in found:
-        setattr(parent, name, LoRALinear(child, rank, alpha, dropout, use_dora, use_kernels))
+        setattr(parent, name, LoRALinear(child, rank, alpha, dropout, use_dora, fused))
     for key, p in model.named_parameters():
         p.requires_grad_(is_lora_key(key))
     if quantize_base:

@@ -38,11 +38,10 @@ import shutil
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -71,6 +70,7 @@ from fastune.modules.peft import apply_lora, count_parameters, merge_lora
 from fastune.training import checkpointer
 from fastune.training.compile import apply_compile
 from fastune.training.exact_match import exact_match_accuracy
+from fastune.training.loss import LossFn, build_loss
 from fastune.training.loggers import MetricLogger, build_metric_logger
 from fastune.training.memory import (
     apply_activation_checkpointing,
@@ -84,7 +84,6 @@ log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"  # inside a checkpoint folder: the PEFT adapter of LoRA methods
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class TrainingError(FastuneError):
@@ -182,7 +181,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     log.info("%s: %s trainable of %s parameters (%.3f%%)", cfg.method,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     apply_activation_checkpointing(model, _ac_mode(cfg.activation_checkpointing))
-    loss_fn = build_loss(model, cfg.loss, cfg.model.use_kernels)
+    loss_fn = build_loss(model, cfg.loss)
     if cfg.compile:
         loss_fn = apply_compile(model, loss_fn)
     if world is not None:
@@ -237,7 +236,7 @@ def load_model(cfg: DictConfig, device: torch.device, resume: Optional[Path]) ->
     """
     dtype = parse_dtype(cfg.model.dtype)
     source = resume if (resume is not None and cfg.method == "full") else cfg.model.checkpoint_dir
-    model = fastune.from_pretrained(source, dtype=dtype, device=device, use_kernels=cfg.model.use_kernels)
+    model = fastune.from_pretrained(source, dtype=dtype, device=device, kernels=list(cfg.model.kernels))
     if cfg.method == "full":
         return model
     lora = cfg.lora
@@ -254,46 +253,6 @@ def _ac_mode(value) -> Optional[str]:
 
 def _plain(node: DictConfig) -> dict:
     return OmegaConf.to_container(node, resolve=True)
-
-
-def build_loss(model: nn.Module, loss_cfg: DictConfig, use_kernels: bool) -> LossFn:
-    """``loss_fn(hidden, labels) -> (summed loss over supervised tokens, their count)``.
-
-    With kernels, the output projection and cross-entropy are fused
-    (``linear_cross_entropy``: [tokens, vocab] logits never exist at once). An
-    ``lm_head`` that is not a plain linear layer (LoRA on it, or NF4) goes through
-    its own forward, then the in-place ``cross_entropy``. Without kernels, the eager
-    ``F.linear`` + ``F.cross_entropy`` (the baseline the kernels are measured against).
-    """
-    head = model.lm_head
-    # Plain Python values: the closures below get compiled, and reading a DictConfig
-    # inside a compiled function would break the graph.
-    options = dict(ignore_index=IGNORE_INDEX, label_smoothing=float(loss_cfg.label_smoothing))
-    chunk_size = loss_cfg.chunk_size
-    if not use_kernels:
-        if loss_cfg.z_loss:
-            raise TrainingError("loss.z_loss: needs model.use_kernels=true")
-
-        def eager_loss(hidden, labels):
-            logits = head(hidden).float()
-            loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum", **options)
-            return loss, (labels != IGNORE_INDEX).sum()
-
-        return eager_loss
-
-    from fastune.kernels import cross_entropy, linear_cross_entropy
-
-    options["z_loss"] = float(loss_cfg.z_loss)
-    if type(head) is nn.Linear:
-        def fused_loss(hidden, labels):
-            return linear_cross_entropy(hidden, head.weight, labels, chunk_size=chunk_size, **options)
-
-        return fused_loss
-
-    def head_then_loss(hidden, labels):
-        return cross_entropy(head(hidden), labels, **options)
-
-    return head_then_loss
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,0 +1,150 @@
+"""The built-in model families: Llama, Mistral and Qwen2, on one shared decoder
+(``fastune.models.transformer``). A family that reuses the decoder is one
+``decoder_spec(...)`` call below; one with other modules or fused checkpoint
+tensors passes its own ``build`` or ``adapter`` to ``ModelSpec``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+from fastune.models.config import ModelConfig, normalize_rope_scaling
+from fastune.models.spec import ModelSpec, register
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+OUTPUT = ("lm_head",)
+# torchtune's names for the same layers (its "output_proj" is attention's o_proj,
+# its "output" the final projection).
+TORCHTUNE_ALIASES = {
+    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "output_proj": "o_proj",
+    "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "output": "lm_head",
+}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def parse_decoder_config(d: dict[str, Any], source: str, attention_bias: bool = False) -> ModelConfig:
+    """A Llama-style config.json in either dialect (4.x top-level rope_theta and
+    rope_scaling with "type" or "rope_type"; 5.x rope_parameters).
+    ``attention_bias``: the family's default for q/k/v biases."""
+    from fastune.errors import ConfigError
+
+    for key in _REQUIRED:
+        if key not in d:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    heads = d["num_attention_heads"]
+    rope_params = d.get("rope_parameters") or {}
+    rope_theta = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
+    scaling = normalize_rope_scaling(d.get("rope_scaling") or rope_params or None, source)
+    known = {f.name for f in dataclasses.fields(ModelConfig)} | {"rope_parameters"}
+    return ModelConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=scaling,
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", attention_bias)),
+        model_type=d.get("model_type", "llama"),
+        extra={k: v for k, v in d.items() if k not in known},
+    )
+
+
+def decoder_hf_config(config: ModelConfig, architecture: str, activation: str,
+                      write_attention_bias: bool = True) -> dict[str, Any]:
+    """config.json in the transformers 4.x dialect (read by 4.x and 5.x)."""
+    d = dict(config.extra)
+    d.update(
+        architectures=[architecture],
+        model_type=config.model_type,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        rope_scaling=config.rope_scaling,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        hidden_act=activation,
+    )
+    if write_attention_bias:
+        d["attention_bias"] = config.attention_bias
+    return d
+
+
+def build_decoder(config: ModelConfig):
+    from fastune.models.transformer import Transformer
+
+    return Transformer(config)
+
+
+def decoder_projection_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(fan_in, fan_out) of each linear layer inside a decoder layer."""
+    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return {"q_proj": (c.hidden_size, q_out), "k_proj": (c.hidden_size, kv_out),
+            "v_proj": (c.hidden_size, kv_out), "o_proj": (q_out, c.hidden_size),
+            "gate_proj": (c.hidden_size, c.intermediate_size), "up_proj": (c.hidden_size, c.intermediate_size),
+            "down_proj": (c.intermediate_size, c.hidden_size)}
+
+
+def decoder_model_flops(c: ModelConfig, rows: int, seq: int, micro_batches: int = 1, *,
+                        full: bool, lora_targets: Iterable[str] = (), lora_rank: int = 0) -> float:
+    """Model FLOPs of ``micro_batches`` batches of [rows, seq] tokens, counting what the
+    math needs, not what the implementation does: every matmul costs 2 FLOPs per
+    multiply-add; a frozen weight costs its forward and its input gradient (2 matmuls),
+    a trained one also its weight gradient (3); attention scores and values cost
+    2 * 2 * S^2/2 * H * D per row and layer in forward (causal: half the square), twice
+    that in backward. Recomputation by activation checkpointing is not counted.
+    Padding positions count: the model computes them. ``full``: every weight trains;
+    else LoRA of ``lora_rank`` on ``lora_targets``."""
+    tokens = rows * seq * micro_batches
+    targets = set() if full else set(lora_targets)
+    frozen = trained = 0
+    for name, (fan_in, fan_out) in decoder_projection_shapes(c).items():
+        weight = fan_in * fan_out * c.num_hidden_layers
+        trained += weight if full else 0
+        frozen += 0 if full else weight
+        if name in targets:
+            trained += lora_rank * (fan_in + fan_out) * c.num_hidden_layers
+    head = c.hidden_size * c.vocab_size
+    head_trained = full and not c.tie_word_embeddings or "lm_head" in targets
+    trained += head if head_trained else 0
+    frozen += 0 if head_trained else head
+    if "lm_head" in targets:
+        trained += lora_rank * (c.hidden_size + c.vocab_size)
+    matmuls = tokens * (2 * 2 * frozen + 2 * 3 * trained)
+    q_out = c.num_attention_heads * c.head_dim
+    attention_forward = 2 * 2 * (seq * seq / 2) * q_out * c.num_hidden_layers * rows * micro_batches
+    return matmuls + 3 * attention_forward
+
+
+def decoder_spec(model_type: str, architecture: str, attention_bias: bool = False,
+                 write_attention_bias: bool = True) -> ModelSpec:
+    """A family on the shared Llama-style decoder."""
+    return ModelSpec(
+        model_type=model_type,
+        architecture=architecture,
+        parse_config=lambda d, source: parse_decoder_config(d, source, attention_bias),
+        to_hf_config=lambda c: decoder_hf_config(c, architecture, "silu", write_attention_bias),
+        build=build_decoder,
+        model_flops=decoder_model_flops,
+        lora_groups={"attention": ATTENTION, "mlp": MLP, "output": OUTPUT},
+        lora_aliases=TORCHTUNE_ALIASES,
+    )
+
+
+LLAMA = register(decoder_spec("llama", "LlamaForCausalLM"))
+MISTRAL = register(decoder_spec("mistral", "MistralForCausalLM"))
+# Qwen2 has q/k/v biases, and its config class has no attention_bias key.
+QWEN2 = register(decoder_spec("qwen2", "Qwen2ForCausalLM", attention_bias=True, write_attention_bias=False))

@@ -1,0 +1,94 @@
+"""Swap fastune's fused kernels into a built model, op by op (as Liger-Kernel does).
+
+The model is built with plain formulas (``fastune.models.transformer``).
+``apply_kernels(model, ops)`` then changes the class of each module an op covers
+to a subclass whose forward calls the fused op; parameters, buffers and state-dict
+keys stay as they were. It is the one writer of the kernel choice: it records the
+ops it applied on the model, and everything else (``apply_lora`` for new LoRA
+layers, ``fastune.training.loss.build_loss`` for the loss) reads that record with
+``enabled_kernels(model)``.
+
+Ops (``KERNEL_OPS``):
+- ``rms_norm``: RMSNorm and the residual add + RMSNorm of each decoder layer;
+  only for families whose norm numerics are the kernel's (Llama's);
+- ``rope``: rotary embedding of q and k in one op;
+- ``swiglu``: silu(gate) * up; only for families whose activation is SiLU;
+- ``lora``: the LoRA linear forward (no dropout, no DoRA) as one op;
+- ``loss``: output projection + cross-entropy fused (read by ``build_loss``).
+
+Call it before ``fully_shard`` and ``torch.compile``: both see the swapped classes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Union
+
+import torch
+from torch import nn
+
+from fastune import kernels
+from fastune.models.spec import LLAMA_NUMERICS, KERNEL_OPS, get_spec, normalize_kernel_ops
+from fastune.models.transformer import MLP, Attention, RMSNorm
+from fastune.modules.lora import LoRALinear
+
+__all__ = ["KERNEL_OPS", "apply_kernels", "enabled_kernels"]
+
+# The attribute of the model that records the applied ops (a tuple in KERNEL_OPS order).
+_RECORD = "fastune_kernels"
+
+
+class FusedRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class FusedRoPEAttention(Attention):
+    def rope(self, q, k, cos, sin):
+        return kernels.apply_rope(q, k, cos, sin)
+
+
+class FusedSwiGLUMLP(MLP):
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return kernels.swiglu(gate, up)
+
+
+# op -> (plain class, fused class)
+_SWAPS = {"rms_norm": (RMSNorm, FusedRMSNorm), "rope": (Attention, FusedRoPEAttention),
+          "swiglu": (MLP, FusedSwiGLUMLP)}
+
+
+def supported_ops(model: nn.Module) -> tuple[str, ...]:
+    """The ops whose kernels compute the numerics of ``model``'s family."""
+    config = getattr(model, "config", None)
+    numerics = get_spec(config.model_type).numerics if config is not None else LLAMA_NUMERICS
+    unsupported = set()
+    if (numerics.norm_weight_offset, numerics.norm_weight_in_fp32) != (0.0, False):
+        unsupported.add("rms_norm")  # the kernel computes w * cast(xhat): no offset, no fp32 product
+    if numerics.activation != "silu":
+        unsupported.add("swiglu")
+    return tuple(op for op in KERNEL_OPS if op not in unsupported)
+
+
+def apply_kernels(model: nn.Module, ops: Union[str, bool, None, Iterable[str]] = "all") -> tuple[str, ...]:
+    """Swap the fused kernels of ``ops`` (``"all"``, ``"none"``, or names from
+    KERNEL_OPS; a bool means all or none) into ``model``, in place. Ops whose kernel
+    does not compute the family's numerics are left plain. Returns, and records on
+    the model, the ops now on (those of earlier calls included)."""
+    wanted = set(normalize_kernel_ops(ops)) & set(supported_ops(model))
+    for module in model.modules():
+        for op in wanted:
+            if op in _SWAPS and type(module) is _SWAPS[op][0]:
+                module.__class__ = _SWAPS[op][1]
+        if "lora" in wanted and isinstance(module, LoRALinear):
+            module.fused = True
+    applied = tuple(op for op in KERNEL_OPS if op in wanted or op in enabled_kernels(model))
+    setattr(model, _RECORD, applied)
+    return applied
+
+
+def enabled_kernels(model: nn.Module) -> tuple[str, ...]:
+    """The ops ``apply_kernels`` switched on for ``model`` (none for a plain model)."""
+    return getattr(model, _RECORD, ())

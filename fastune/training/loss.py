@@ -1,0 +1,58 @@
+"""The training loss: ``loss_fn(hidden, labels) -> (summed loss over supervised
+tokens, their count)``, chosen by the ``loss`` kernel op that ``apply_kernels``
+recorded on the model."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastune.data.formats import IGNORE_INDEX
+from fastune.errors import ConfigError
+from fastune.modules.kernels import enabled_kernels
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_loss(model: nn.Module, loss_cfg: Mapping[str, Any]) -> LossFn:
+    """The loss for ``model`` with the ``loss`` section's chunk_size, z_loss and
+    label_smoothing.
+
+    With the ``loss`` kernel, the output projection and cross-entropy are fused
+    (``linear_cross_entropy``: [tokens, vocab] logits never exist at once). An
+    ``lm_head`` that is not a plain linear layer (LoRA on it, or NF4) goes through
+    its own forward, then the in-place ``cross_entropy``. Without it, the eager
+    ``F.linear`` + ``F.cross_entropy`` (the baseline the kernels are measured against).
+    """
+    head = model.lm_head
+    # Plain Python values: the closures below get compiled, and reading a DictConfig
+    # inside a compiled function would break the graph.
+    options = dict(ignore_index=IGNORE_INDEX, label_smoothing=float(loss_cfg["label_smoothing"]))
+    chunk_size = loss_cfg["chunk_size"]
+    if "loss" not in enabled_kernels(model):
+        if loss_cfg["z_loss"]:
+            raise ConfigError("loss.z_loss: needs the loss kernel (model.kernels: all, or a list with loss)")
+
+        def eager_loss(hidden, labels):
+            logits = head(hidden).float()
+            loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum", **options)
+            return loss, (labels != IGNORE_INDEX).sum()
+
+        return eager_loss
+
+    from fastune.kernels import cross_entropy, linear_cross_entropy
+
+    options["z_loss"] = float(loss_cfg["z_loss"])
+    if type(head) is nn.Linear:
+        def fused_loss(hidden, labels):
+            return linear_cross_entropy(hidden, head.weight, labels, chunk_size=chunk_size, **options)
+
+        return fused_loss
+
+    def head_then_loss(hidden, labels):
+        return cross_entropy(head(hidden), labels, **options)
+
+    return head_then_loss
