@@ -21,15 +21,24 @@ _DEBUG = "fastune.debug"
 
 
 class _Group(click.Group):
-    """A click group that turns a FastuneError into one line on stderr and exit status 2."""
+    """A click group that turns a user error (``FastuneError``, or an OS error such as a
+    full disk) into one line on stderr and exit status 2. Secrets are redacted from that
+    line and from any traceback (``--debug``, or a bug)."""
 
     def invoke(self, ctx: click.Context):
+        from fastune.config.secrets import redact_exception, redact_text
+        from fastune.errors import user_error_line
+
         try:
             return super().invoke(ctx)
-        except FastuneError as e:
-            if ctx.meta.get(_DEBUG) or os.environ.get("FASTUNE_DEBUG") == "1":
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            line = user_error_line(e)
+            if line is None or ctx.meta.get(_DEBUG) or os.environ.get("FASTUNE_DEBUG") == "1":
+                redact_exception(e)
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {redact_text(line)}", err=True)
             ctx.exit(2)
 
 
