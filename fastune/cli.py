@@ -452,6 +452,9 @@ def upload(folder: str, repo_id: str, dry_run: bool, private: bool, ignore_patte
     check_repo_id(repo_id)
     patterns = _patterns(ignore_patterns)
     plan = plan_upload(Path(folder), patterns, include_hidden)
+    if not plan.files:
+        skipped = f" (skipped hidden files: {', '.join(plan.hidden)}; --include-hidden sends them)" if plan.hidden else ""
+        raise FastuneError(f"{folder}: nothing to upload{skipped}")
     if plan.hidden:
         click.echo(f"skipped {len(plan.hidden)} hidden file(s) (--include-hidden sends them): "
                    f"{', '.join(plan.hidden)}", err=True)

@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -51,6 +52,7 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
     _active.add(tmp.absolute())
     try:
         yield tmp
+        _crash_test_window()
         _fsync_tree(tmp)
         _swap_into_place(tmp, dest)
     except BaseException:
@@ -65,7 +67,17 @@ def remove_directory(path: Path) -> None:
     it is renamed to a hidden trash name first (swept by ``sweep_debris``), then deleted."""
     trash = _sibling(Path(path), "trash")
     os.replace(path, trash)
+    _crash_test_window()
     shutil.rmtree(trash)
+
+
+def _crash_test_window() -> None:
+    """``FASTUNE_CRASH_TEST_DELAY=SECONDS`` widens the moments a kill hurts most (a full
+    temporary folder, a checkpoint in the trash) for the crash trials
+    (``benchmarks/crash_trials.py``); unset, it does nothing."""
+    delay = os.environ.get("FASTUNE_CRASH_TEST_DELAY")
+    if delay:
+        time.sleep(float(delay))
 
 
 def sweep_debris(folder: Path) -> list[Path]:
