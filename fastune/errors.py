@@ -31,6 +31,7 @@ def user_error_line(error: BaseException) -> str | None:
     a regular file, a read-only filesystem or a denied permission names the path.
     """
     import errno
+    import os
 
     if isinstance(error, FastuneError):
         return str(error)
@@ -40,5 +41,7 @@ def user_error_line(error: BaseException) -> str | None:
         hint = {"ENOSPC": "; free some space", "EDQUOT": "; free some space",
                 "EROFS": "; choose a writable folder", "EACCES": "; choose a folder you may write to",
                 "ENOTDIR": "; a part of the path is a file"}.get(errno.errorcode[error.errno], "")
+        if error.errno == errno.EEXIST and error.filename and os.path.isfile(error.filename):
+            hint = "; a part of the path is a file"
         return f"{paths}: {reason}{hint}" if paths else f"{reason}{hint}"
     return None
