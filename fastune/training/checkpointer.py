@@ -17,7 +17,14 @@ temporary folder and renamed into place, so resume never finds half of one:
   Full fine-tuning resumes its weights from the HF safetensors above, LoRA from
   the adapter;
 - ``trainer_state.json``: epochs run and global step in readable form (used to
-  find the latest checkpoint without unpickling anything).
+  find the latest checkpoint without unpickling anything);
+- under FSDP2, ``distributed_checkpoint/`` (DCP): read through
+  ``fastune.checkpoint.dcp_safe``, whose unpickler resolves DCP's metadata classes
+  only, with non-tensor items read ``weights_only`` too.
+
+So nothing resume reads can run code: safetensors, JSON and ``weights_only`` pickles.
+Nor does resume build anything from a config found in output_dir: the components
+come from the config the run was started with.
 
 The recipe (``fastune.training.recipe.save_checkpoint``) decides what goes in;
 this module writes, finds and reads the folders.
