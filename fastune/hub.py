@@ -48,6 +48,7 @@ def download(
     import huggingface_hub
     from huggingface_hub import errors
 
+    check_repo_id(repo_id)  # before it names a folder: /tmp/<name>
     output_dir = Path(output_dir) if output_dir is not None else default_download_dir(repo_id)
     try:
         path = huggingface_hub.snapshot_download(

@@ -51,8 +51,9 @@ def test_plan_skips_links_out_hidden_files_and_resume_state_at_every_depth(outpu
 def test_invalid_repo_ids_are_refused(repo_id):
     with pytest.raises(HubError, match="not a valid repo id"):
         check_repo_id(repo_id)
-    result = run("upload", ".", repo_id, "--dry-run")
-    assert result.exit_code == 2 and result.output.startswith("error: ")
+    for args in (["upload", ".", repo_id, "--dry-run"], ["download", repo_id, "--output-dir", "x"]):
+        result = run(*args)
+        assert result.exit_code == 2 and result.output.startswith("error: ") and "not a valid repo id" in result.output
 
 
 def test_dry_run_lists_exactly_what_the_upload_sends(monkeypatch, output_dir):
