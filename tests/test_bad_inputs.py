@@ -160,15 +160,21 @@ def a_file(shared, d):
 
 
 def crafted_dcp(shared, d):
-    """A checkpoint whose DCP .metadata would write a marker when unpickled."""
+    """A full fine-tuning checkpoint whose DCP .metadata would write a marker when unpickled."""
+    import torch
+
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {d / 'marker'}",))
 
-    folder = checkpoint_folder(d, "step_2")
+    folder = checkpoint_folder(d, "step_2", {"global_step": 2, "method": "full", "epochs_run": 0,
+                                             "step_in_epoch": 2})
+    for f in (shared / "base").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    torch.save({"lr_scheduler": {}}, folder / "training_state.pt")
     (folder / "distributed_checkpoint").mkdir()
     (folder / "distributed_checkpoint" / ".metadata").write_bytes(pickle.dumps(Payload()))
-    base_config(shared, d)
+    base_config(shared, d, method="full")
 
 
 CFG = "{d}/config.yaml"
@@ -219,7 +225,8 @@ CASES = [
     Case("only damaged checkpoints", ["train", CFG, "resume_from_checkpoint=auto"], "damaged", resume_setup("damaged")),
     Case("fresh run over checkpoints", ["train", CFG], "already holds checkpoints", resume_setup("existing")),
     Case("resume another method", ["train", CFG, "resume_from_checkpoint=auto"], "method=full", resume_setup("method")),
-    Case("crafted DCP metadata", ["train", CFG, "resume_from_checkpoint=auto"], "step_2", crafted_dcp,
+    Case("crafted DCP metadata", ["train", CFG, "resume_from_checkpoint=auto"],
+         "distributed_checkpoint/.metadata: not a DCP metadata file, refusing it", crafted_dcp,
          absent=("marker",)),
     # upload
     Case("upload to ../../etc", ["upload", "{d}/export", "../../etc", "--dry-run"], "not a valid repo id", upload_folder),

@@ -99,5 +99,10 @@ def _first_line(e: Exception) -> str:
 
 
 def dcp_reader_kwargs(path: Path) -> dict[str, Any]:
-    """Arguments for ``dcp.load`` that read ``path`` safely."""
+    """Arguments for ``dcp.load`` that read ``path`` safely.
+
+    The metadata is checked here first: inside ``dcp.load`` a refused file would be
+    logged with a traceback and retried as rank-local metadata before the error came out."""
+    if (Path(path) / ".metadata").exists():
+        read_dcp_metadata(Path(path) / ".metadata")
     return {"storage_reader": SafeFileSystemReader(str(path)), "planner": SafeLoadPlanner()}
