@@ -22,15 +22,24 @@ _DEBUG = "fastune.debug"
 
 
 class _Group(click.Group):
-    """A click group that turns a FastuneError into one line on stderr and exit status 2."""
+    """A click group that turns a user error (``FastuneError``, or an OS error such as a
+    full disk) into one line on stderr and exit status 2. Secrets are redacted from that
+    line and from any traceback (``--debug``, or a bug)."""
 
     def invoke(self, ctx: click.Context):
+        from fastune.config.secrets import redact_exception, redact_text
+        from fastune.errors import user_error_line
+
         try:
             return super().invoke(ctx)
-        except FastuneError as e:
-            if ctx.meta.get(_DEBUG) or os.environ.get("FASTUNE_DEBUG") == "1":
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            line = user_error_line(e)
+            if line is None or ctx.meta.get(_DEBUG) or os.environ.get("FASTUNE_DEBUG") == "1":
+                redact_exception(e)
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {redact_text(line)}", err=True)
             ctx.exit(2)
 
 
@@ -434,12 +443,16 @@ def download(repo_id: str, output_dir: Optional[str], ignore_patterns: str, hf_t
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded; send nothing.")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo is left as it is).")
 @click.option("--ignore-patterns", default=",".join(hub.DEFAULT_UPLOAD_IGNORE), show_default=True,
-              help="Comma-separated globs of files to leave out (the resume state is for resuming only).")
+              help="Comma-separated globs of files to leave out, at any depth (the resume state is for resuming only).")
+@click.option("--include-hidden", is_flag=True, help="Also upload dotfiles and files in dot-folders (.env is skipped otherwise).")
 @click.option("--hf-token", default=None, envvar="HF_TOKEN", show_envvar=True, help=_TOKEN_HELP)
 @debug_option
 def upload(folder: str, repo_id: str, dry_run: bool, private: bool, ignore_patterns: str,
-           hf_token: Optional[str]) -> None:
+           include_hidden: bool, hf_token: Optional[str]) -> None:
     """Upload FOLDER (a checkpoint: merged model, adapter/, tokenizer) to model repo REPO_ID.
+
+    Only regular files inside FOLDER go: no symlink leading out of it, no hidden file
+    unless --include-hidden; what is skipped is said on stderr.
 
     \b
     Examples:
@@ -447,17 +460,28 @@ def upload(folder: str, repo_id: str, dry_run: bool, private: bool, ignore_patte
       fastune upload out/epoch_0 me/llama3.2-1b-alpaca --private
       fastune upload out/epoch_0/adapter me/llama3.2-1b-alpaca-lora
     """
-    from fastune.hub import files_to_upload, upload as run
+    from fastune.hub import check_repo_id, plan_upload, upload as run
 
+    check_repo_id(repo_id)
     patterns = _patterns(ignore_patterns)
-    files = files_to_upload(Path(folder), patterns)
+    plan = plan_upload(Path(folder), patterns, include_hidden)
+    if not plan.files:
+        skipped = f" (skipped hidden files: {', '.join(plan.hidden)}; --include-hidden sends them)" if plan.hidden else ""
+        raise FastuneError(f"{folder}: nothing to upload{skipped}")
+    if plan.hidden:
+        click.echo(f"skipped {len(plan.hidden)} hidden file(s) (--include-hidden sends them): "
+                   f"{', '.join(plan.hidden)}", err=True)
+    if plan.links:
+        click.echo(f"skipped {len(plan.links)} symlink(s) leading out of {folder}: {', '.join(plan.links)}", err=True)
+    files = plan.files
     if dry_run:
         size = sum((Path(folder) / f).stat().st_size for f in files)
         click.echo(f"would upload {len(files)} files ({size / 1e6:.1f} MB) to https://huggingface.co/{repo_id}:")
         for f in files:
             click.echo(f"  {f}")
         return
-    click.echo(f"uploaded {len(files)} files: {run(Path(folder), repo_id, private, hf_token, patterns)}")
+    url = run(Path(folder), repo_id, private, hf_token, patterns, include_hidden=include_hidden)
+    click.echo(f"uploaded {len(files)} files: {url}")
 
 
 _INFERENCE_HELP = """

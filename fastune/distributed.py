@@ -449,14 +449,17 @@ def load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_d
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    from fastune.checkpoint.dcp_safe import dcp_reader_kwargs
     from fastune.training.checkpointer import ResumeError
 
     state = _resume_state(model, optimizer)
     path = Path(ckpt_dir) / DCP_DIR
     try:
-        _dcp_load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        _dcp_load(state, no_dist=not dist.is_initialized(), **dcp_reader_kwargs(path))
     except CheckpointException as e:  # a BaseException, holding each failed rank's error
         error = next(iter(e.failures.values()))[0]
+        if isinstance(error, FastuneError):  # e.g. an unsafe checkpoint file: its own line
+            raise error from None
         raise ResumeError(f"resume_from_checkpoint: {path} does not fit this run: {error}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_resume_options())

@@ -9,7 +9,10 @@ one ``HubError`` line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,7 +23,9 @@ REPO_ID_FILE = "original_repo_id.json"
 DEFAULT_DOWNLOAD_IGNORE = ("*.pth", "*.pt", "*.bin")
 # A training checkpoint's resume state (optimizer, RNG, loader; sharded as DCP under
 # FSDP2) is only for resuming, and about twice the model's size.
-DEFAULT_UPLOAD_IGNORE = ("training_state.pt", "distributed_checkpoint/*")
+# A run's config.yaml (and the config.N.yaml of earlier runs) in output_dir names local
+# paths and is for resuming too.
+DEFAULT_UPLOAD_IGNORE = ("training_state.pt", "distributed_checkpoint/*", "config.yaml", "config.[0-9]*.yaml")
 
 
 class HubError(FastuneError):
@@ -43,6 +48,7 @@ def download(
     import huggingface_hub
     from huggingface_hub import errors
 
+    check_repo_id(repo_id)  # before it names a folder: /tmp/<name>
     output_dir = Path(output_dir) if output_dir is not None else default_download_dir(repo_id)
     try:
         path = huggingface_hub.snapshot_download(
@@ -78,17 +84,67 @@ def base_model_name(checkpoint_dir: Path) -> str:
     return read_repo_id(checkpoint_dir) or str(Path(checkpoint_dir).resolve())
 
 
-def files_to_upload(folder: Path, ignore_patterns: Sequence[str] = DEFAULT_UPLOAD_IGNORE) -> list[str]:
-    """Paths (relative, posix) that ``upload`` sends: every file under ``folder`` except
-    ``ignore_patterns`` and what ``upload_folder`` itself always skips (.git, caches)."""
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub would accept it as a repo name (``name`` or ``namespace/name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise HubError(f"{repo_id!r}: not a valid repo id; use 'namespace/name' (letters, digits, '-', '_', '.')"
+                       ) from None
+    return repo_id
+
+
+@dataclasses.dataclass
+class UploadPlan:
+    """What ``upload`` sends from a folder, and what it leaves out that the user should know of."""
+
+    files: list[str]  # relative posix paths, sorted
+    hidden: list[str]  # dotfiles and files in dot-folders, left out without include_hidden
+    links: list[str]  # symlinks leaving the folder (or to folders), left out
+
+
+def plan_upload(folder: Path, ignore_patterns: Sequence[str] = DEFAULT_UPLOAD_IGNORE,
+                include_hidden: bool = False) -> UploadPlan:
+    """The regular files under ``folder`` that ``upload`` sends: none reached through a
+    symlink that leaves ``folder``; none matching ``ignore_patterns`` at any depth, nor what
+    ``upload_folder`` always skips (.git, caches); no hidden ones unless ``include_hidden``."""
     from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
     from huggingface_hub.utils import filter_repo_objects
 
     folder = Path(folder)
     if not folder.is_dir():
         raise HubError(f"{folder}: not a directory")
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=[*ignore_patterns, *DEFAULT_IGNORE_PATTERNS]))
+    root = folder.resolve()
+    files, hidden, links = [], [], []
+    for dirpath, dirnames, filenames in os.walk(root):  # does not descend into linked folders
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            relative = path.relative_to(root).as_posix()
+            if name in dirnames and not path.is_symlink():
+                continue
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(root) or not target.is_file():
+                    links.append(relative)
+                    continue
+            elif not path.is_file():  # a pipe, socket or device
+                continue
+            if any(part.startswith(".") for part in relative.split("/")) and not include_hidden:
+                hidden.append(relative)
+                continue
+            files.append(relative)
+    patterns = [*DEFAULT_IGNORE_PATTERNS, *ignore_patterns]
+    patterns += [f"*/{p}" for p in ignore_patterns if not p.startswith(("*", "/"))]  # at every depth
+    return UploadPlan(sorted(filter_repo_objects(files, ignore_patterns=patterns)),
+                      sorted(filter_repo_objects(hidden, ignore_patterns=patterns)), sorted(links))
+
+
+def files_to_upload(folder: Path, ignore_patterns: Sequence[str] = DEFAULT_UPLOAD_IGNORE,
+                    include_hidden: bool = False) -> list[str]:
+    """Paths (relative, posix) that ``upload`` sends (see ``plan_upload``)."""
+    return plan_upload(folder, ignore_patterns, include_hidden).files
 
 
 def upload(
@@ -98,17 +154,22 @@ def upload(
     token: Optional[str] = None,
     ignore_patterns: Sequence[str] = DEFAULT_UPLOAD_IGNORE,
     commit_message: str = "Upload with fastune",
+    include_hidden: bool = False,
 ) -> str:
-    """Create model repo ``repo_id`` if needed and upload ``folder`` to it; return the commit URL."""
+    """Create model repo ``repo_id`` if needed and upload ``folder``'s ``files_to_upload``
+    to it; return the commit URL."""
     import huggingface_hub
     from huggingface_hub import errors
 
-    if not files_to_upload(folder, ignore_patterns):
+    check_repo_id(repo_id)
+    files = files_to_upload(folder, ignore_patterns, include_hidden)
+    if not files:
         raise HubError(f"{folder}: nothing to upload")
     try:
         huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True, repo_type="model")
         commit = huggingface_hub.upload_folder(
-            repo_id=repo_id, folder_path=folder, ignore_patterns=list(ignore_patterns),
+            repo_id=repo_id, folder_path=Path(folder).resolve(), ignore_patterns=list(ignore_patterns),
+            allow_patterns=[_literal(f) for f in files],  # exactly the files listed, nothing else
             token=token, commit_message=commit_message,
         )
     except errors.LocalTokenNotFoundError:
@@ -118,6 +179,11 @@ def upload(
     except _network_errors() as e:
         raise HubError(f"{repo_id}: cannot reach the Hugging Face Hub ({_first_line(e)})") from None
     return commit.commit_url
+
+
+def _literal(path: str) -> str:
+    """An fnmatch pattern that matches ``path`` only."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:

@@ -13,6 +13,7 @@ from huggingface_hub import errors
 from safetensors import safe_open
 from train_helpers import single_thread  # noqa: F401 (autouse fixture)
 
+from fastune import hub
 from fastune.checkpoint import save_hf_checkpoint
 from fastune.cli import main
 from fastune.hub import REPO_ID_FILE, HubError, base_model_name, download, files_to_upload, read_repo_id
@@ -149,7 +150,8 @@ def test_upload_passes_privacy_token_and_ignores(monkeypatch, tmp_path):
     result = run("upload", str(tmp_path), "me/x", "--private", "--hf-token", SECRET)
     assert result.exit_code == 0, result.output
     assert calls["create"] == ("me/x", {"private": True, "token": SECRET, "exist_ok": True, "repo_type": "model"})
-    assert calls["upload"]["ignore_patterns"] == ["training_state.pt", "distributed_checkpoint/*"]
+    assert calls["upload"]["ignore_patterns"] == list(hub.DEFAULT_UPLOAD_IGNORE)
+    assert calls["upload"]["allow_patterns"] == ["config.json"]
     assert calls["upload"]["token"] == SECRET
     assert result.stdout.strip() == "uploaded 1 files: https://huggingface.co/me/x/commit/abc"
 

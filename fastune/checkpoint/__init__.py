@@ -1,6 +1,6 @@
 """Checkpoint I/O: Hugging Face format (config.json + safetensors shards) and atomic writes."""
 
-from fastune.checkpoint.atomic import atomic_directory
+from fastune.checkpoint.atomic import atomic_directory, remove_directory, sweep_debris
 from fastune.checkpoint.hf import (
     CheckpointError,
     from_hf_key,

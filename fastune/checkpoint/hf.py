@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastune.checkpoint.atomic import atomic_directory
+from fastune.errors import FastuneError
 from fastune.models.config import ModelConfig
 from fastune.models.spec import get_spec
 from fastune.models.transformer import Transformer
@@ -69,7 +70,7 @@ _SIZE_UNITS = {
 StateDict = Mapping[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FastuneError, ValueError):
     """A checkpoint that cannot be read or written; the message names the file and key."""
 
 
@@ -324,7 +325,10 @@ def _shard_names(n: int) -> list[str]:
 def write_safetensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A safetensors file that transformers, PEFT and other users can read."""
     # transformers refuses files whose metadata does not say format "pt".
-    save_file(tensors, str(file), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except SafetensorError as e:  # a full disk ("File too large") or a quota: the file, in one line
+        raise CheckpointError(f"{file}: cannot write ({e})") from None
     # safetensors creates files readable by the owner only (0600); give them the
     # umask's permissions, as the folder has, so another user (a serving job) can read them.
     file.chmod(file.parent.stat().st_mode & 0o666)

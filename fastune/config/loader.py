@@ -37,7 +37,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fastune.config.components import locate
-from fastune.config.secrets import redact_secrets
+from fastune.config.secrets import redact_secrets, resolve_env
 from fastune.config.schema import (
     COMPONENT, SCHEMA, Key, Mismatch, Section, closest, did_you_mean, require_path, show, walk_keys,
 )
@@ -59,6 +59,7 @@ def _asset_path(relative: str) -> str:
 # OmegaConf 2.4 renamed register_new_resolver (deprecated there) to register_resolver.
 _register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
 _register("asset", _asset_path, replace=True)
+_register("oc.env", resolve_env, replace=True)  # remembers values, to redact them from every output
 
 
 @dataclasses.dataclass

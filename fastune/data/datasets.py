@@ -172,13 +172,32 @@ def _load_files(builder: str, paths: list[Path], cache_dir: Optional[str]):
         kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
                       na_filter=False)
     try:
-        return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
-                                     cache_dir=cache_dir, **kwargs)
+        with _quiet_datasets():
+            return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
+                                         cache_dir=cache_dir, **kwargs)
     except Exception as e:  # the datasets/pyarrow errors do not say where: find the line ourselves
         for p in paths:
             _diagnose(p, builder)
         reason = str(e.__cause__ or e).splitlines()[0]
         raise DataError(f"{where}: could not be read as {builder} ({reason})") from None
+
+
+@contextmanager
+def _quiet_datasets():
+    """No progress bar or log line from ``datasets`` while it reads local files: a failure
+    is then the one DataError line below, not that line after datasets' own messages."""
+    import datasets
+
+    bars = not datasets.utils.are_progress_bars_disabled()
+    level = logging.getLogger("datasets").level
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.getLogger("datasets").setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _has_content(path: Path) -> bool:

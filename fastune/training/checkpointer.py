@@ -17,7 +17,14 @@ temporary folder and renamed into place, so resume never finds half of one:
   Full fine-tuning resumes its weights from the HF safetensors above, LoRA from
   the adapter;
 - ``trainer_state.json``: epochs run and global step in readable form (used to
-  find the latest checkpoint without unpickling anything).
+  find the latest checkpoint without unpickling anything);
+- under FSDP2, ``distributed_checkpoint/`` (DCP): read through
+  ``fastune.checkpoint.dcp_safe``, whose unpickler resolves DCP's metadata classes
+  only, with non-tensor items read ``weights_only`` too.
+
+So nothing resume reads can run code: safetensors, JSON and ``weights_only`` pickles.
+Nor does resume build anything from a config found in output_dir: the components
+come from the config the run was started with.
 
 The recipe (``fastune.training.recipe.save_checkpoint``) decides what goes in;
 this module writes, finds and reads the folders.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -36,7 +44,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from fastune.checkpoint import atomic_directory
+from fastune.checkpoint import atomic_directory, remove_directory, sweep_debris
 from fastune.errors import FastuneError
 
 log = logging.getLogger(__name__)
@@ -66,6 +74,28 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, bool, Path]]:
     return sorted(found)
 
 
+def damaged_checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Folders named like checkpoints that resume cannot use (no or unreadable trainer_state.json)."""
+    intact = set(checkpoint_dirs(output_dir))
+    return sorted(p for p in Path(output_dir).glob("*_*")
+                  if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name) and p not in intact)
+
+
+def sweep_output_dir(output_dir: Path) -> None:
+    """At the start of a run (rank 0): remove what killed runs left in ``output_dir``,
+    temporary, replaced and half-pruned folders (see ``fastune.checkpoint.atomic``) and the
+    staging folders of sharded saves; no save is in flight before training starts."""
+    if int(os.environ.get("RANK", "0")) != 0 or not Path(output_dir).is_dir():
+        return
+    removed = sweep_debris(output_dir)
+    for staging in Path(output_dir).glob(".*.staging-*"):
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    if removed:
+        log.info("removed %d folder(s) left by an interrupted run in %s", len(removed), output_dir)
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first (see ``_checkpoints``)."""
     return [path for *_, path in _checkpoints(output_dir)]
@@ -81,11 +111,22 @@ def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
 
 def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Path]:
     """The checkpoint folder to resume from: ``None`` (fresh run), a path, or ``"auto"``
-    (the latest checkpoint in ``output_dir``; a fresh run when there is none)."""
+    (the latest checkpoint in ``output_dir``; a fresh run when there is none).
+
+    Sweeps ``output_dir`` of interrupted saves first. Damaged checkpoints with no intact
+    one block a run, as intact ones block a fresh run: it would write over them."""
+    sweep_output_dir(output_dir)
+    existing = checkpoint_dirs(output_dir)
+    damaged = damaged_checkpoint_dirs(output_dir) if not existing else []
+    if damaged and (not resume_from or str(resume_from) == "auto"):
+        names = ", ".join(p.name for p in damaged)
+        raise ResumeError(
+            f"output_dir: {output_dir} holds only damaged checkpoints ({names}: no readable {TRAINER_STATE}); "
+            "move or delete them to start afresh, or pick another output_dir"
+        )
     if not resume_from:
         return None
     if str(resume_from) == "auto":
-        existing = checkpoint_dirs(output_dir)
         return existing[-1] if existing else None
     path = Path(resume_from)
     if not path.is_dir():
@@ -129,8 +170,8 @@ def save_checkpoint(
     if keep_last_n:
         for old in checkpoint_dirs(output_dir)[:-keep_last_n]:
             if old != dest:
-                try:
-                    shutil.rmtree(old)
+                try:  # renamed to a hidden name first: a kill midway leaves no half checkpoint
+                    remove_directory(old)
                 except OSError as e:  # the new checkpoint is safe: a failed cleanup must not end the run
                     log.warning("keep_last_n: could not delete %s (%s); delete it by hand", old, e)
     return dest

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastune.config import instantiate
 from fastune.config.schema import did_you_mean
-from fastune.config.secrets import redact_secrets
+from fastune.config.secrets import redact_arguments, redact_secrets
 from fastune.errors import ConfigError, FastuneError
 
 
@@ -151,7 +151,8 @@ class WandBLogger(MetricLogger):
                                   f"{did_you_mean(name, accepted)}")
         init_kwargs.setdefault("project", "fastune")
         self._wandb = wandb
-        self._run = wandb.init(**init_kwargs)
+        # notes, tags, name, config...: W&B stores them all, so no secret may reach them.
+        self._run = wandb.init(**redact_arguments(init_kwargs))
         self.log_checkpoints = log_checkpoints
         self._closed = False
 
@@ -180,6 +181,34 @@ class WandBLogger(MetricLogger):
 
     def __exit__(self, exc_type, exc, tb):
         self.close(exit_code=0 if exc_type is None else 1)
+
+
+def check_wandb_login(mode: str | None = None) -> None:
+    """A one-line error, before any model or data is loaded, when W&B would need a login
+    that is not there (``wandb.init`` would fail later with a long UsageError)."""
+    mode = mode or os.environ.get("WANDB_MODE")
+    if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise FastuneError("metric_logger: W&B is not logged in here; run `wandb login`, "
+                       "or set WANDB_MODE=offline (or metric_logger.mode=offline) to log locally")
+
+
+def check_metric_logger(cfg: DictConfig) -> None:
+    """What a logger needs that can be checked before heavy work: the W&B login."""
+    logger = cfg.metric_logger
+    if int(os.environ.get("RANK", "0")) == 0 and str(logger.get("_component_", "")).endswith(".WandBLogger"):
+        check_wandb_login(logger.get("mode"))
 
 
 def build_metric_logger(cfg: DictConfig) -> MetricLogger:

@@ -71,7 +71,7 @@ from fastune.training import checkpointer
 from fastune.training.compile import apply_compile
 from fastune.training.exact_match import exact_match_accuracy
 from fastune.training.loss import LossFn, build_loss
-from fastune.training.loggers import MetricLogger, build_metric_logger
+from fastune.training.loggers import MetricLogger, build_metric_logger, check_metric_logger
 from fastune.training.memory import (
     apply_activation_checkpointing,
     offload_activations,
@@ -125,6 +125,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``eval_exact_match``, ``exact_match_before``/``exact_match_after``.
     """
     _show_info_logs()
+    check_metric_logger(cfg)  # a missing W&B login fails now, not after loading the model
     with distributed.process_group(cfg.device, cfg.distributed.timeout_s) as world:  # None: one process
         if world is not None and not world.is_main:
             logging.getLogger("fastune").setLevel(logging.WARNING)  # INFO lines from rank 0 only
