@@ -13,14 +13,14 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fastune.checkpoint.layout import REPO_ID_FILE, RESUME_ONLY_FILES
 from fastune.errors import FastuneError
 
-REPO_ID_FILE = "original_repo_id.json"
 # fastune reads safetensors only: skip Meta's consolidated .pth and PyTorch .bin copies.
 DEFAULT_DOWNLOAD_IGNORE = ("*.pth", "*.pt", "*.bin")
 # A training checkpoint's resume state (optimizer, RNG, loader; sharded as DCP under
 # FSDP2) is only for resuming, and about twice the model's size.
-DEFAULT_UPLOAD_IGNORE = ("training_state.pt", "distributed_checkpoint/*")
+DEFAULT_UPLOAD_IGNORE = RESUME_ONLY_FILES
 
 
 class HubError(FastuneError):

@@ -6,7 +6,7 @@ run one real training step on it: forward and loss on a worst-case batch
 (``batch_size`` rows of ``max_seq_len`` tokens), backward, gradient clipping and
 the optimizer step, with the same builders the recipe uses (LoRA/DoRA/QLoRA,
 activation checkpointing, the loss, the optimizer). ``MemoryTracker``
-(``fastune.bench.memory``) follows every storage the step creates and frees, and
+(``fastune.training.memory_tracker``) follows every storage the step creates and frees, and
 reports the bytes live at the peak by category.
 
 For a GPU profile the trace takes the CUDA code paths where they change memory:
@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fastune.bench.memory import MemoryReport, MemoryTracker
+from fastune.training.memory_tracker import MemoryReport, MemoryTracker
 from fastune.bench.profiles import Profile
 from fastune.errors import FastuneError
 from fastune.models.config import ModelConfig

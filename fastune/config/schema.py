@@ -297,7 +297,7 @@ SCHEMA = Section({
     }, "used by method lora, dora and qlora"),
     "tokenizer": Key(PathTo("any"), "${model.checkpoint_dir}", "tokenizer folder or file; defaults to the checkpoint's"),
     "dataset": Section({
-        "source": Key(Str(), MISSING, "a hub dataset name, a local file or folder, or a builder (json, csv, parquet, text) with data_files"),
+        "source": Key(Str(), MISSING, "a hub dataset name, a local file or folder, or a builder (json, csv, parquet, text, arrow) with data_files"),
         "data_files": Key(Maybe(DATA_FILES), None, "files for a builder source: a path, a list, or {split: paths}"),
         "format": Key(Choice("instruct", "chat", "text"), "instruct", "instruct (Alpaca columns), chat (messages / ShareGPT), or text"),
         "column_map": Key(Maybe(MapOf(Str())), None, "expected column -> column in the data, e.g. {output: response}"),

@@ -38,11 +38,15 @@ from fastune.data.formats import (
     shift_labels,
     tokenize_sample,
 )
-from fastune.data.tokenizer import Tokenizer
+from fastune.data.tokenizer_base import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# Local data files ``load_rows`` reads: suffix -> ``datasets`` builder. The config
+# loader checks ``dataset.source``/``data_files`` against the same table.
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
+              ".arrow": "arrow"}
+_BINARY = ("parquet", "arrow")  # no text lines to check
 _Paths = Union[str, Path, Sequence[Union[str, Path]]]
 DataFiles = Union[None, _Paths, Mapping[str, _Paths]]  # paths, or {split: paths}
 
@@ -92,8 +96,8 @@ def load_rows(source: Union[str, Path], split: str = "train", *, data_files: Dat
               subset: Optional[str] = None, cache_dir: Optional[str] = None):
     """One split, as a ``datasets.Dataset``, of:
 
-    - a local json/jsonl/csv/parquet/txt file (its only split is "train");
-    - a builder name (json, csv, parquet, text) with ``data_files``: a path or a
+    - a local json/jsonl/csv/parquet/txt/arrow file (its only split is "train");
+    - a builder name (json, csv, parquet, text, arrow) with ``data_files``: a path or a
       list of paths (split "train"), or ``{split: path or paths}``;
     - a local folder of data files (splits named by file name, as ``datasets`` does);
     - a Hugging Face Hub dataset name (``subset`` is its configuration).
@@ -101,22 +105,22 @@ def load_rows(source: Union[str, Path], split: str = "train", *, data_files: Dat
     import datasets
 
     if data_files is not None:
-        if source not in _BUILDERS.values():
+        if source not in FILE_TYPES.values():
             raise DataError(f"dataset source {source!r}: data_files needs a builder source "
-                            f"({', '.join(sorted(set(_BUILDERS.values())))})")
+                            f"({', '.join(sorted(set(FILE_TYPES.values())))})")
         return _load_files(str(source), _split_files(data_files, split), cache_dir)
     path = Path(source)
     if path.is_file():
-        if path.suffix not in _BUILDERS:
+        if path.suffix not in FILE_TYPES:
             raise DataError(f"{path}: unknown data file type {path.suffix!r} "
-                            f"(expected one of {', '.join(_BUILDERS)})")
+                            f"(expected one of {', '.join(FILE_TYPES)})")
         if split != "train":
             raise DataError(f"{path}: a single file has one split, so split={split!r} cannot be read "
                             "from it; name the validation file itself, or hold out a fraction")
-        return _load_files(_BUILDERS[path.suffix], [path], cache_dir)
+        return _load_files(FILE_TYPES[path.suffix], [path], cache_dir)
     if path.is_dir():
         return _load_named(str(path), split, subset, cache_dir)
-    if path.suffix in _BUILDERS or str(source).startswith((".", "/", "~")):
+    if path.suffix in FILE_TYPES or str(source).startswith((".", "/", "~")):
         raise DataError(f"{source}: no such file")
     offline = datasets.config.HF_HUB_OFFLINE
     try:
@@ -159,9 +163,9 @@ def _load_files(builder: str, paths: list[Path], cache_dir: Optional[str]):
     import datasets
 
     where = ", ".join(map(str, paths))
-    if builder != "parquet" and not any(_has_content(p) for p in paths):
+    if builder not in _BINARY and not any(_has_content(p) for p in paths):
         raise DataError(f"{where}: the dataset is empty (0 rows)")
-    if builder != "parquet":
+    if builder not in _BINARY:
         for p in paths:
             _check_utf8(p)
     kwargs: dict[str, Any] = {}

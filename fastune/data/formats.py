@@ -13,7 +13,7 @@ Formats and the columns they read (rename with ``column_map={"field": "my_column
 Masking: with ``train_on_input=False`` (the default) only assistant messages and
 the token closing each of them are trained on; ``True`` trains on every token.
 
-Labels are shifted here (DESIGN decision 2): ``labels[i]`` is the target for
+Labels are shifted here (docs/architecture.md): ``labels[i]`` is the target for
 ``tokens[i]``, i.e. ``tokens[i + 1]`` unless that token is masked, and -100 for
 the last token. Nothing ever predicts across the end of a sample.
 """
@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from fastune.data.errors import DataError
-from fastune.data.tokenizer import Message, Tokenizer
+from fastune.data.tokenizer_base import Message, Tokenizer
 
 IGNORE_INDEX = -100
 FORMATS = ("instruct", "chat", "text")

@@ -19,8 +19,9 @@ temporary folder and renamed into place, so resume never finds half of one:
 - ``trainer_state.json``: epochs run and global step in readable form (used to
   find the latest checkpoint without unpickling anything).
 
-The recipe (``fastune.training.recipe.save_checkpoint``) decides what goes in;
-this module writes, finds and reads the folders.
+The file and folder names are ``fastune.checkpoint.layout``'s. The recipe
+(``fastune.training.recipe.save_checkpoint``) decides what goes in; this module
+writes the folders, prunes old ones and reads the state back for resume.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,46 +37,16 @@ import numpy as np
 import torch
 
 from fastune.checkpoint import atomic_directory
-from fastune.errors import FastuneError
+from fastune.checkpoint.layout import (
+    TRAINER_STATE,
+    TRAINING_STATE,
+    ResumeError,
+    checkpoint_dirs,
+    list_checkpoints,
+    read_trainer_state,
+)
 
 log = logging.getLogger(__name__)
-
-TRAINING_STATE = "training_state.pt"
-TRAINER_STATE = "trainer_state.json"
-_CHECKPOINT_NAME = re.compile(r"(epoch|step)_(\d+)")
-
-
-class ResumeError(FastuneError):
-    """A checkpoint that a run cannot resume from; the message names the path."""
-
-
-def _checkpoints(output_dir: Path) -> list[tuple[int, bool, Path]]:
-    """(global step, is an epoch checkpoint, folder) of the complete checkpoints in
-    ``output_dir``, oldest first (an epoch checkpoint after a step checkpoint of the same
-    step). Temporary folders are hidden (leading dot) and never match."""
-    found = []
-    for path in Path(output_dir).glob("*_*"):
-        if path.is_dir() and _CHECKPOINT_NAME.fullmatch(path.name) and (path / TRAINER_STATE).is_file():
-            try:
-                progress = read_trainer_state(path)
-            except ResumeError as e:  # one damaged folder must not hide the good ones
-                log.warning("%s; skipping it", e)
-                continue
-            found.append((progress["global_step"], path.name.startswith("epoch"), path))
-    return sorted(found)
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first (see ``_checkpoints``)."""
-    return [path for *_, path in _checkpoints(output_dir)]
-
-
-def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
-    file = Path(ckpt_dir) / TRAINER_STATE
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ResumeError(f"{file}: cannot read training progress ({e})") from None
 
 
 def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Path]:
@@ -97,7 +67,7 @@ def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Pat
                 "it is not a fastune training checkpoint"
             )
     step = read_trainer_state(path)["global_step"]
-    later = [p for later_step, _, p in _checkpoints(output_dir) if later_step > step]
+    later = [p for later_step, _, p in list_checkpoints(output_dir) if later_step > step]
     if later:
         # Pruning (keep_last_n) would delete the new checkpoints first, and a later
         # resume_from_checkpoint=auto would pick the abandoned run's.

@@ -80,7 +80,7 @@ def weight_detector(model: Optional[nn.Module]) -> Callable[[torch.Tensor], bool
     (an NF4 weight saves its packed inner tensors), or any tensor subclass."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    from fastune.bench.memory import storages
+    from fastune.training.memory_tracker import storages
 
     weight_storages = {s._cdata for p in (model.parameters() if model is not None else ())
                        for s in storages(p)}

@@ -49,6 +49,25 @@ def test_jsonl_json_csv_parquet_give_the_same_samples(tmp_path, tok, hf_cache):
     assert tok.decode(datasets[2][5][0].tolist()).endswith("NA\nassistant\n7.50\n")
 
 
+def test_every_file_type_the_config_accepts_loads(tmp_path, tok, hf_cache):
+    """The config loader's builders and suffixes are the data pipeline's (arrow included)."""
+    import pyarrow as pa
+
+    from fastune.config.loader import _DATA_EXTENSIONS, FILE_BUILDERS
+    from fastune.data.datasets import FILE_TYPES
+
+    assert set(FILE_BUILDERS) == set(FILE_TYPES.values()) and set(_DATA_EXTENSIONS) == set(FILE_TYPES)
+    table = pa.Table.from_pylist(ROWS)
+    arrow = tmp_path / "d.arrow"
+    with pa.ipc.new_stream(str(arrow), table.schema) as writer:  # the stream format `datasets` writes
+        writer.write_table(table)
+    reference = load_sft_dataset(_jsonl(tmp_path / "d.jsonl", ROWS), tok, cache_dir=hf_cache)
+    for ds in (load_sft_dataset(arrow, tok, cache_dir=hf_cache),
+               load_sft_dataset("arrow", tok, data_files=str(arrow), cache_dir=hf_cache)):
+        assert ds.tokens.tolist() == reference.tokens.tolist()
+        assert ds.labels.tolist() == reference.labels.tolist()
+
+
 def test_builder_with_data_files_per_split(tmp_path, tok, hf_cache):
     train, val = _jsonl(tmp_path / "t.jsonl", ROWS), _jsonl(tmp_path / "v.jsonl", ROWS[:2])
     files = {"train": str(train), "validation": [str(val)]}
