@@ -1,7 +1,7 @@
 """Load a dataset (local file or Hugging Face Hub name) and tokenize it once, up front.
 
-``load_sft_dataset`` returns a ``TokenizedDataset``: every sample's tokens and
-shifted labels in two flat int32 arrays plus offsets, which is compact, fast to
+``load_sft_dataset`` returns a ``TokenizedDataset``: every sample's named fields
+(tokens and shifted labels) in flat int32 arrays plus offsets, which is compact, fast to
 slice, and shared copy-on-write with DataLoader workers. Tokenizing up front
 gives every sample's length before training, which packing, ``len()`` of the
 loader and the clear too-long error need; the packing itself happens per epoch.
@@ -52,22 +52,36 @@ DataFiles = Union[None, _Paths, Mapping[str, _Paths]]  # paths, or {split: paths
 
 
 class TokenizedDataset:
-    """Samples ``i`` = ``(tokens[offsets[i]:offsets[i+1]], labels[...])`` as int32 arrays;
-    ``pad_id`` is the tokenizer's, for collation."""
+    """Samples of named, token-aligned fields, each stored flat: sample ``i`` is
+    ``{name: fields[name][offsets[i]:offsets[i+1]]}``. A supervised fine-tuning
+    dataset has ``tokens`` and shifted ``labels`` (int32); the collators pad and pack
+    whatever fields a sample has (see ``fastune.data.collate``). ``pad_id`` is the
+    tokenizer's, for collation."""
 
-    def __init__(self, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *, source: str,
+    def __init__(self, fields: Mapping[str, np.ndarray], offsets: np.ndarray, *, source: str,
                  max_seq_len: int, pad_id: int):
-        self.tokens, self.labels, self.offsets = tokens, labels, offsets
+        if "tokens" not in fields or any(len(v) != offsets[-1] for v in fields.values()):
+            raise ValueError(f"{source}: fields need 'tokens', and all as long as the samples "
+                             f"({offsets[-1]} tokens): {', '.join(f'{k} {len(v)}' for k, v in fields.items())}")
+        self.fields, self.offsets = dict(fields), offsets
         self.source = source
         self.max_seq_len = max_seq_len
         self.pad_id = pad_id
 
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.fields["tokens"]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.fields["labels"]
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         start, end = self.offsets[i], self.offsets[i + 1]
-        return self.tokens[start:end], self.labels[start:end]
+        return {name: values[start:end] for name, values in self.fields.items()}
 
     @property
     def lengths(self) -> np.ndarray:
@@ -88,8 +102,8 @@ class TokenizedDataset:
         flat = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(indices) \
             else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(ends - starts)])
-        return TokenizedDataset(self.tokens[flat], self.labels[flat], offsets, source=self.source,
-                                max_seq_len=self.max_seq_len, pad_id=self.pad_id)
+        return TokenizedDataset({name: values[flat] for name, values in self.fields.items()}, offsets,
+                                source=self.source, max_seq_len=self.max_seq_len, pad_id=self.pad_id)
 
 
 def load_rows(source: Union[str, Path], split: str = "train", *, data_files: DataFiles = None,
@@ -320,8 +334,8 @@ def tokenize_rows(
     tokens = np.asarray(ids, dtype=np.int32)
     offsets_arr = np.asarray(offsets, dtype=np.int64)
     labels = shift_labels(tokens, np.asarray(mask), offsets_arr)
-    return TokenizedDataset(tokens, labels, offsets_arr, source=source, max_seq_len=max_seq_len,
-                            pad_id=tokenizer.pad_id)
+    return TokenizedDataset({"tokens": tokens, "labels": labels}, offsets_arr, source=source,
+                            max_seq_len=max_seq_len, pad_id=tokenizer.pad_id)
 
 
 def holdout_split(dataset: TokenizedDataset, fraction: float, seed: int = 0
