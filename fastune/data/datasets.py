@@ -33,6 +33,7 @@ from fastune.data.errors import DataError, TokenizerError
 from fastune.data.formats import (
     IGNORE_INDEX,
     RowError,
+    get_format,
     resolve_columns,
     row_to_sample,
     shift_labels,
@@ -371,8 +372,8 @@ def prompt_answer_pairs(
     else:
         name, rows = "<rows>", list(source)
         available = list(rows[0]) if rows else []
-    if format == "text":
-        raise DataError(f"{name}: exact-match pairs need a format with an answer, not 'text'")
+    if not get_format(format, name).messages:
+        raise DataError(f"{name}: exact-match pairs need a format with an answer, not {format!r}")
     if not rows:
         raise DataError(f"{name}: the dataset is empty (0 rows)")
     columns = resolve_columns(format, column_map, available, name)
