@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from fastune.bench.report import write_report
-from fastune.bench.train import bench_train, chart, render
+from fastune.bench.train import bench_train
+from fastune.bench.train_report import chart, render
 
 HERE = Path(__file__).parent
 CONFIG = HERE / "configs" / "train_workload.yaml"

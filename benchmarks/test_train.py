@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fastune.bench.train import FastuneRunner, HFRunner, write_random_checkpoint
+from fastune.bench.train import write_random_checkpoint
+from fastune.bench.train_worker import FastuneRunner, HFRunner
 from fastune.config import load_config
 
 CONFIG = Path(__file__).parent / "configs" / "train_workload.yaml"

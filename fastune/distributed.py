@@ -33,7 +33,7 @@ whole tensors, in blocks that sharding must not split, so each decoder layer is
 read whole, quantized and sharded before the next is read (one layer in flight;
 FSDP2 shards torchao's ``NF4Tensor`` itself).
 
-Loss normalization (DESIGN decision 3): the recipe divides each rank's summed
+Loss normalization (docs/architecture.md): the recipe divides each rank's summed
 token loss by the supervised-token count of the whole step, all-reduced over
 ranks (``sum_over_ranks``), and FSDP sums gradients instead of averaging them
 (``apply_fsdp``). Loss and gradients then equal a single process training on
@@ -71,9 +71,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastune.checkpoint.layout import DCP_DIR, ResumeError
 from fastune.errors import FastuneError
-
-DCP_DIR = "distributed_checkpoint"
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -450,7 +449,6 @@ def load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_d
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from fastune.checkpoint.dcp_safe import dcp_reader_kwargs
-    from fastune.training.checkpointer import ResumeError
 
     state = _resume_state(model, optimizer)
     path = Path(ckpt_dir) / DCP_DIR
@@ -474,8 +472,6 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     groups list the same parameters in the same order: the indices map to names, and
     ``set_optimizer_state_dict`` shards each full tensor as its parameter is sharded."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    from fastune.training.checkpointer import ResumeError
 
     name_of = {id(p): name for name, p in model.named_parameters()}
     groups, index_to_name = [], {}
@@ -517,14 +513,15 @@ class CheckpointSaver:
     DCP shards into a hidden staging folder (in the background with ``async_save``,
     from a CPU copy taken first, on a separate gloo group so its collectives never
     interleave with training's). Rank 0 writes the export into the staging folder
-    first and, once the DCP files are complete, hands everything to
-    ``fastune.training.checkpointer.save_checkpoint``, which renames the folder into
+    first and, once the DCP files are complete, hands everything to ``commit`` (the
+    training's ``save_checkpoint``: same arguments), which renames the folder into
     place atomically and prunes old checkpoints.
     """
 
-    def __init__(self, world: World, async_save: bool = False):
+    def __init__(self, world: World, async_save: bool = False, *, commit: Callable[..., Path]):
         self.world = world
         self.async_save = async_save
+        self.commit = commit
         self._pending: Optional[_Pending] = None
         self._group = None
 
@@ -545,8 +542,6 @@ class CheckpointSaver:
         (``training_state`` without the optimizer, which is in the DCP files).
         ``on_saved(path)`` runs on rank 0 once the checkpoint is in place."""
         import torch.distributed.checkpoint as dcp
-
-        from fastune.training import checkpointer
 
         self.wait()  # one save in flight at a time; DCP staging memory is reused
         output_dir = Path(output_dir)
@@ -569,8 +564,8 @@ class CheckpointSaver:
         def finish() -> None:
             if not self.world.is_main:
                 return
-            path = checkpointer.save_checkpoint(output_dir, name, lambda folder: _move_contents(staging, folder),
-                                                frozen, progress, keep_last_n)
+            path = self.commit(output_dir, name, lambda folder: _move_contents(staging, folder),
+                               frozen, progress, keep_last_n)
             shutil.rmtree(staging, ignore_errors=True)
             on_saved(path)
 

@@ -16,16 +16,16 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fastune.checkpoint.layout import REPO_ID_FILE, RESUME_ONLY_FILES, RUN_CONFIG
 from fastune.errors import FastuneError
 
-REPO_ID_FILE = "original_repo_id.json"
 # fastune reads safetensors only: skip Meta's consolidated .pth and PyTorch .bin copies.
 DEFAULT_DOWNLOAD_IGNORE = ("*.pth", "*.pt", "*.bin")
 # A training checkpoint's resume state (optimizer, RNG, loader; sharded as DCP under
 # FSDP2) is only for resuming, and about twice the model's size.
 # A run's config.yaml (and the config.N.yaml of earlier runs) in output_dir names local
 # paths and is for resuming too.
-DEFAULT_UPLOAD_IGNORE = ("training_state.pt", "distributed_checkpoint/*", "config.yaml", "config.[0-9]*.yaml")
+DEFAULT_UPLOAD_IGNORE = (*RESUME_ONLY_FILES, RUN_CONFIG, "config.[0-9]*.yaml")
 
 
 class HubError(FastuneError):

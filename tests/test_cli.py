@@ -139,8 +139,3 @@ def test_train_with_a_bad_config_writes_nothing(workdir, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastune.training.recipe", types.ModuleType("unused"))
     assert_one_line_error(run("train", "config.yaml", "batch_size=0"), "batch_size: must be >= 1")
     assert not (workdir / "out").exists()
-
-
-def test_train_without_a_recipe_says_so(workdir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fastune.training.recipe", None)  # makes the import fail
-    assert_one_line_error(run("train", "config.yaml"), "not built yet")

@@ -350,3 +350,29 @@ def test_short_name_keeps_the_arguments_the_new_component_takes(workdir, caplog)
         cfg = load(["optimizer.lr=1e-3", "optimizer.amsgrad=true", "optimizer=sgd"])
     assert "amsgrad" not in cfg.optimizer and cfg.optimizer.lr == 1e-3
     assert "dropped amsgrad, which torch.optim.SGD does not take" in caplog.text
+
+
+def test_a_registered_dataset_format_is_a_format_choice(workdir):
+    """The schema reads the format registry: one register_format call adds a choice."""
+    from train_helpers import DEMO_TOKENIZER
+
+    from fastune.data import load_tokenizer, tokenize_rows
+    from fastune.data.formats import FORMATS, DatasetFormat, register_format
+
+    with pytest.raises(ConfigError, match=r"dataset.format: expected one of .*'instruct'.*got 'qa'"):
+        load(["dataset.format=qa"])
+
+    def qa(row, columns):
+        return [{"role": "user", "content": row[columns["question"]]},
+                {"role": "assistant", "content": row[columns["answer"]]}]
+
+    register_format(DatasetFormat("qa", ("question", "answer"), qa))
+    try:
+        assert load(["dataset.format=qa"]).dataset.format == "qa"
+        with pytest.raises(ValueError, match="already registered"):
+            register_format(DatasetFormat("qa", ("question",), qa))
+        tok = load_tokenizer(DEMO_TOKENIZER)
+        ds = tokenize_rows([{"question": "2+2?", "answer": "4"}], tok, format="qa")
+        assert tok.decode(ds[0]["tokens"].tolist()).rstrip().endswith("4")
+    finally:
+        del FORMATS["qa"]

@@ -336,7 +336,8 @@ def test_a_finished_background_save_is_put_in_place_before_the_next_save(monkeyp
 
     barriers, finished = [], []
     monkeypatch.setattr(distributed.dist, "barrier", lambda group=None: barriers.append(group))
-    saver = distributed.CheckpointSaver(distributed.World(0, 2, 0, torch.device("cpu")), async_save=True)
+    saver = distributed.CheckpointSaver(distributed.World(0, 2, 0, torch.device("cpu")), async_save=True,
+                                        commit=None)  # finish is replaced below
     future = Future()
     saver._pending = distributed._Pending(future, lambda: finished.append("step_2"))
     saver.finish_if_done()

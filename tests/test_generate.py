@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from tiny_hf import build_hf_model, save_hf_model
-from train_helpers import DEMO_TOKENIZER, hf_llama, save_base, single_thread  # noqa: F401 (autouse fixture)
+from train_helpers import DEMO_TOKENIZER, hf_llama, recompute_greedy, save_base, single_thread  # noqa: F401 (autouse fixture)
 
 import fastune
 from fastune.cli import main
@@ -21,7 +21,6 @@ from fastune.generation import (
     Generator, SamplingError, SamplingParams, TextStream, cache_mask, clear_kv_caches, generate,
     load_for_inference, prompt_ids, sample, setup_kv_caches,
 )
-from fastune.training.exact_match import greedy_generate
 
 # The module, not the function of the same name that fastune.generation exports.
 generate_module = importlib.import_module("fastune.generation.generate")
@@ -65,7 +64,7 @@ def test_greedy_equals_transformers_generate(variant, tmp_path):
 def test_kv_cache_decoding_equals_recomputing_everything(hf_and_fastune, record_logits):
     _, model = hf_and_fastune
     out = generate(model, PROMPTS, max_new_tokens=10)
-    assert out.tokens == greedy_generate(model, PROMPTS, 10, stop_ids=[])  # no cache, whole batch re-run
+    assert out.tokens == recompute_greedy(model, PROMPTS, 10, stop_ids=[])  # no cache, whole batch re-run
     # Logits: step t of a row equals the full-sequence forward of prompt + t generated tokens.
     for row, (prompt, tokens) in enumerate(zip(PROMPTS, out.tokens)):
         full = torch.tensor([prompt + tokens])

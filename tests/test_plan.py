@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fastune.bench.memory import MemoryTracker
+from fastune.training.memory_tracker import MemoryTracker
 from fastune.bench.plan import Target, build_model, plan, trace_step, verify, worst_case_batch
 from fastune.bench.profiles import FIGURES, Profile, ProfileError, load_profile, profile_names
 from fastune.cli import main

@@ -19,10 +19,9 @@ from fastune.checkpoint import CheckpointError
 from fastune.cli import main
 from fastune.data import load_tokenizer
 from fastune.generation import generate, load_for_inference
-from fastune.quantize import (
-    WEIGHTS_NAME, QuantizationError, QuantizationRecipe, disk_size, load_quantized, pack_int4,
-    quantize_checkpoint, quantize_model, unpack_int4,
-)
+from fastune.checkpoint.layout import QUANTIZED_WEIGHTS
+from fastune.checkpoint.quantized import load_quantized, pack_int4, unpack_int4
+from fastune.quantize import QuantizationError, QuantizationRecipe, disk_size, quantize_checkpoint, quantize_model
 
 DEMO = Path(fastune.__file__).parent / "assets" / "demo" / "base_model"
 EVAL = Path(fastune.__file__).parent / "assets" / "demo" / "data" / "eval.jsonl"
@@ -129,9 +128,9 @@ def test_requantizing_and_corrupt_files_are_clear_errors(tmp_path):
         quantize_checkpoint(out, tmp_path / "qq", QuantizationRecipe("int8wo"))
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(out / WEIGHTS_NAME)
+    tensors = load_file(out / QUANTIZED_WEIGHTS)
     del tensors["model.layers.1.mlp.up_proj.weight.scale"]
-    save_file(tensors, out / WEIGHTS_NAME)
+    save_file(tensors, out / QUANTIZED_WEIGHTS)
     with pytest.raises(CheckpointError, match="missing key 'model.layers.1.mlp.up_proj.weight.scale'"):
         load_quantized(out)
 

@@ -11,10 +11,10 @@ import torch
 
 from fastune.models import ModelConfig, Transformer
 from fastune.training import checkpointer
-from fastune.training.exact_match import greedy_generate
+from fastune.training.exact_match import exact_match_accuracy
 from fastune.training.memory import peak_memory_stats
 from fastune.training.optim import build_optimizer, warmup_cosine_lambda
-from train_helpers import single_thread  # noqa: F401 (autouse fixture)
+from train_helpers import recompute_greedy, single_thread  # noqa: F401 (autouse fixture)
 
 
 def test_warmup_then_cosine():
@@ -65,19 +65,37 @@ def test_peak_memory_on_cpu_is_the_resident_set():
     assert set(stats) == {"peak_rss_gib"} and 0.01 < stats["peak_rss_gib"] < 64
 
 
-def test_greedy_decoding_of_a_padded_batch_equals_one_prompt_at_a_time():
+class _Ids:
+    """A tokenizer whose text is the ids themselves: exact match compares token ids."""
+
+    def __init__(self, stop_ids=(49,)):
+        self.stop_ids = stop_ids
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_exact_match_decodes_with_the_kv_cache_generator_as_greedy_recomputation_did():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=4)).eval()
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=4))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.5)
-    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]
-    alone = [greedy_generate(model, [p], 6, stop_ids=[49])[0] for p in prompts]
-    assert greedy_generate(model, prompts, 6, stop_ids=[49]) == alone
-    stop = alone[1][-1]
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [30, 31]]
+    alone = [recompute_greedy(model, [p], 6, stop_ids=[49])[0] for p in prompts]
+    assert recompute_greedy(model, prompts, 6, stop_ids=[49]) == alone  # the reference pads correctly
+    assert len({tuple(a) for a in alone}) == len(alone), "distinct answers make the comparison strong"
+    answers = [" ".join(map(str, ids)) for ids in alone]
+    examples = list(zip(prompts, answers))
+    assert exact_match_accuracy(model, _Ids(), examples, 6, batch_size=3) == 1.0  # padded batches of 3 and 1
+    assert model.training  # restored after evaluation
+    wrong = examples[:3] + [(prompts[3], answers[3] + " 0")]
+    assert exact_match_accuracy(model, _Ids(), wrong, 6) == 0.75
+    stop = alone[1][3]
     cut = alone[1][:alone[1].index(stop)]
-    assert greedy_generate(model, prompts[1:2], 6, stop_ids=[stop])[0] == cut  # cut before the stop id
+    assert recompute_greedy(model, prompts[1:2], 6, stop_ids=[stop])[0] == cut
+    assert exact_match_accuracy(model, _Ids((stop,)), [(prompts[1], " ".join(map(str, cut)))], 6) == 1.0
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

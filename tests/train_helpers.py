@@ -143,3 +143,32 @@ def run(cfg, logger: Optional[RecordingLogger] = None):
     state = setup(cfg)
     fit(state, logger)
     return state, logger
+
+
+@torch.no_grad()
+def recompute_greedy(model, prompts, max_new_tokens: int, stop_ids) -> list[list[int]]:
+    """Greedy decoding the simplest correct way, as a reference for the KV-cache generator:
+    no cache, the whole left-padded batch re-run for every new token. Padding is kept out
+    of attention with ``document_ids`` (padding is document 0, the prompt document 1), and
+    positions start at 0 on each prompt's first real token. Each row is cut before its
+    first stop id."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros((len(prompts), width), dtype=torch.long)
+    real = torch.zeros_like(tokens, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        real[row, width - len(prompt):] = True
+    stops = torch.tensor(list(stop_ids), dtype=torch.long)
+    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    generated = []
+    for _ in range(max_new_tokens):
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        next_token = model(tokens, position_ids=positions, document_ids=real.long())[:, -1].argmax(-1)
+        generated.append(next_token)
+        finished |= torch.isin(next_token, stops)
+        if bool(finished.all()):
+            break
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+    rows = torch.stack(generated, dim=1).tolist()
+    return [row[:next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]

@@ -6,7 +6,7 @@ run one real training step on it: forward and loss on a worst-case batch
 (``batch_size`` rows of ``max_seq_len`` tokens), backward, gradient clipping and
 the optimizer step, with the same builders the recipe uses (LoRA/DoRA/QLoRA,
 activation checkpointing, the loss, the optimizer). ``MemoryTracker``
-(``fastune.bench.memory``) follows every storage the step creates and frees, and
+(``fastune.training.memory_tracker``) follows every storage the step creates and frees, and
 reports the bytes live at the peak by category.
 
 For a GPU profile the trace takes the CUDA code paths where they change memory:
@@ -33,11 +33,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fastune.bench.memory import MemoryReport, MemoryTracker
 from fastune.bench.profiles import Profile
+from fastune.checkpoint.layout import CONFIG_NAME
 from fastune.errors import FastuneError
 from fastune.models.config import ModelConfig
 from fastune.models.spec import describe_kernels
+from fastune.training.memory_tracker import MemoryReport, MemoryTracker
 
 GIB = 1024**3
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this many bytes
@@ -395,8 +396,8 @@ def run_plan(config: str, overrides: tuple[str, ...], profile_key: Optional[str]
 
     cfg = load_config(config, overrides, check_paths=False)
     checkpoint = Path(cfg.model.checkpoint_dir)
-    if not (checkpoint / "config.json").is_file() and not checkpoint.is_file():
-        raise PlanError(f"model.checkpoint_dir: no config.json in {checkpoint}; the planner needs only that file "
+    if not (checkpoint / CONFIG_NAME).is_file() and not checkpoint.is_file():
+        raise PlanError(f"model.checkpoint_dir: no {CONFIG_NAME} in {checkpoint}; the planner needs only that file "
                         "(override model.checkpoint_dir with a folder that holds it, e.g. "
                         "'${asset:model_configs/llama3_1_8b}')")
     model_config = ModelConfig.from_json(checkpoint)

@@ -38,8 +38,8 @@ def environment() -> dict[str, Any]:
 
 def _command() -> str:
     """How this process was started, as a user would type it."""
-    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    if program in ("fastune", "cli.py"):  # the entry point, or python -m fastune.cli
+    program = Path(sys.argv[0]).parts[-2:] if sys.argv and sys.argv[0] else ()
+    if program[-1:] == ("fastune",) or program == ("cli", "__main__.py"):  # the entry point, or python -m fastune.cli
         return shlex.join(["fastune", *sys.argv[1:]])
     return shlex.join(["python", sys.argv[0], *sys.argv[1:]])
 

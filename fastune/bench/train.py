@@ -32,52 +32,33 @@ the model FLOPs of a step (see ``model_flops_per_step``).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
 import re
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
+from fastune.bench.train_report import ratios, summarize
+from fastune.bench.train_worker import MARK, Spec
 from fastune.errors import FastuneError
 
-MARK = "@@fastune-bench "  # protocol lines on a worker's stdout start with this
 COMPARE = {
     "eager": ["fastune eager"],
     "hf": ["hf+peft eager", "hf+peft compiled"],
     "hf-eager": ["hf+peft eager"],
     "hf-compiled": ["hf+peft compiled"],
 }
-PHASES = ("data", "forward", "backward", "optimizer", "other")
-
 
 class BenchError(FastuneError):
     """A benchmark that cannot run as asked (one line)."""
-
-
-@dataclasses.dataclass
-class Spec:
-    """One configuration, as a worker process gets it (JSON on its command line)."""
-
-    name: str
-    kind: str  # "fastune" or "hf"
-    config: str
-    overrides: list[str]
-    warmup: int
-    compile: bool = False  # hf only: torch.compile the whole model
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -103,233 +84,6 @@ def specs(config: str, overrides: list[str], compare: list[str], warmup: int,
     return out
 
 
-# ----------------------------------------------------------------------------- model FLOPs
-
-
-def model_flops_per_step(cfg, model_config, tokens_shape: tuple[int, int]) -> float:
-    """Model FLOPs of one optimizer step (all micro-batches), by the formula of the
-    model family's spec (``ModelSpec.model_flops``)."""
-    from fastune.models.spec import get_spec
-
-    rows, seq = tokens_shape
-    full = cfg.method == "full"
-    return get_spec(model_config.model_type).model_flops(
-        model_config, rows, seq, cfg.gradient_accumulation_steps, full=full,
-        lora_targets=() if full else list(cfg.lora.targets), lora_rank=0 if full else cfg.lora.rank)
-
-
-# ----------------------------------------------------------------------------- workers
-
-
-class PhaseClock:
-    """Wall-clock time between named marks: a phase lasts from its mark to the next.
-    On CUDA each mark synchronizes first, so that work is charged to its phase."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.marks: list[tuple[str, float]] = []
-
-    def mark(self, phase: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.marks.append((phase, time.perf_counter()))
-
-    def take(self) -> tuple[float, dict[str, float]]:
-        """(seconds from the first mark to the last, seconds per phase); then forget the marks."""
-        phases = dict.fromkeys(PHASES, 0.0)
-        for (name, start), (_, end) in zip(self.marks, self.marks[1:]):
-            phases[name] += end - start
-        total = self.marks[-1][1] - self.marks[0][1]
-        self.marks = []
-        return total, phases
-
-
-class MicroBatches:
-    """The optimizer steps' micro-batches from a loader, epoch after epoch."""
-
-    def __init__(self, loader, per_step: int):
-        self.loader, self.per_step = loader, per_step
-        self.epoch = 0
-        self._batches = self._new_epoch()
-
-    def _new_epoch(self) -> Iterator:
-        self.loader.set_epoch(self.epoch)
-        self.epoch += 1
-        return iter(self.loader)
-
-    def next(self) -> list[dict[str, torch.Tensor]]:
-        step = list(itertools.islice(self._batches, self.per_step))
-        if len(step) < self.per_step:
-            self._batches = self._new_epoch()
-            step = list(itertools.islice(self._batches, self.per_step))
-        return step
-
-
-def _token_counts(micro_batches) -> tuple[int, int]:
-    from fastune.data import IGNORE_INDEX
-
-    tokens = sum(int(b["num_tokens"]) for b in micro_batches)
-    supervised = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-    return tokens, supervised
-
-
-class FastuneRunner:
-    """The recipe's own ``setup`` and ``train_step``; hooks mark the phases: the model's
-    forward pre-hook (forward starts), the loss returning (backward starts) and the
-    optimizer's step pre-hook (optimizer starts)."""
-
-    def __init__(self, cfg):
-        from fastune.training import recipe
-
-        self.recipe = recipe
-        self.run = recipe.setup(cfg)
-        self.device = self.run.device
-        self.clock = PhaseClock(self.device)
-        self.run.model.register_forward_pre_hook(lambda *_: self.clock.mark("forward"))
-        self.run.optimizer.register_step_pre_hook(lambda *_: self.clock.mark("optimizer"))
-        loss_fn = self.run.loss_fn
-
-        def timed_loss(hidden, labels):
-            out = loss_fn(hidden, labels)
-            self.clock.mark("backward")
-            return out
-
-        self.run.loss_fn = timed_loss
-        self.batches = MicroBatches(self.run.train_loader, cfg.gradient_accumulation_steps)
-
-    def step(self) -> dict[str, Any]:
-        self.clock.mark("data")
-        micro_batches = self.batches.next()
-        self.clock.mark("other")
-        loss, _ = self.recipe.train_step(self.run, micro_batches)
-        self.clock.mark("end")
-        return _step_record(self.clock, micro_batches, loss)
-
-
-class HFRunner:
-    """transformers + PEFT on the same weights, batches, optimizer and clipping."""
-
-    def __init__(self, cfg, compile: bool):
-        import transformers
-
-        from fastune.checkpoint.hf import parse_dtype
-        from fastune.data import load_tokenizer
-        from fastune.training.optim import build_lr_scheduler, build_optimizer
-        from fastune.training.recipe import build_data, resolve_device, seed_everything
-
-        self.device = resolve_device(cfg.device)
-        seed_everything(cfg.seed)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            cfg.model.checkpoint_dir, dtype=parse_dtype(cfg.model.dtype)).to(self.device)
-        if cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.method != "full":
-            import peft
-
-            lora = cfg.lora
-            model = peft.get_peft_model(model, peft.LoraConfig(
-                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.targets), use_dora=cfg.method == "dora"))
-        model.train()
-        self.model = model
-        self.forward = torch.compile(model) if compile else model
-        container = _plain(cfg.optimizer)
-        self.optimizer = build_optimizer(container, model, self.device)
-        self.scheduler = build_lr_scheduler(_plain(cfg.lr_scheduler), self.optimizer, 10**6)
-        self.max_norm = cfg.clip_grad_norm
-        loader, _ = build_data(cfg, load_tokenizer(cfg.tokenizer), self.device)
-        self.batches = MicroBatches(loader, cfg.gradient_accumulation_steps)
-        self.clock = PhaseClock(self.device)
-
-    def step(self) -> dict[str, Any]:
-        from fastune.data import IGNORE_INDEX
-        from fastune.training.recipe import clip_gradients
-
-        self.clock.mark("data")
-        micro_batches = self.batches.next()
-        self.clock.mark("other")
-        supervised = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        count = torch.tensor(max(supervised, 1), device=self.device)  # a tensor: no recompile per value
-        step_loss = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            self.clock.mark("forward")
-            out = self.forward(input_ids=batch["tokens"], position_ids=batch.get("position_ids"),
-                               labels=batch["labels"], shift_labels=batch["labels"], num_items_in_batch=count)
-            self.clock.mark("backward")
-            out.loss.backward()
-            step_loss += out.loss.detach()
-        self.clock.mark("optimizer")
-        clip_gradients(self.model, self.max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.clock.mark("end")
-        return _step_record(self.clock, micro_batches, step_loss)
-
-
-def _plain(node) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True)
-
-
-def _step_record(clock: PhaseClock, micro_batches, loss: torch.Tensor) -> dict[str, Any]:
-    seconds, phases = clock.take()
-    tokens, supervised = _token_counts(micro_batches)
-    return {"seconds": seconds, "phases": phases, "tokens": tokens, "supervised": supervised,
-            "shape": list(micro_batches[0]["tokens"].shape), "loss": float(loss), "finished_at": time.time(),
-            "load_avg": os.getloadavg()[0]}
-
-
-def _memory(device: torch.device) -> dict[str, float]:
-    from fastune.bench.measure import peak_rss_mib
-
-    out = {"process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "steps_peak_rss_mib": peak_rss_mib()}
-    if device.type == "cuda":
-        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        out["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
-    return out
-
-
-def _reset_step_peaks(device: torch.device) -> None:
-    """Peaks of the timed steps only: reset the kernel's peak-RSS mark (and CUDA's)."""
-    Path("/proc/self/clear_refs").write_text("5")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _say(obj: dict) -> None:
-    sys.stdout.write(MARK + json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def worker(spec: Spec) -> None:
-    """A configuration's process: set up, warm up, say ready; then run steps when asked."""
-    import logging
-
-    from fastune.config import load_config
-
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    started = time.perf_counter()
-    cfg = load_config(spec.config, spec.overrides)
-    runner = FastuneRunner(cfg) if spec.kind == "fastune" else HFRunner(cfg, spec.compile)
-    warmup = [runner.step() for _ in range(spec.warmup)]
-    _reset_step_peaks(runner.device)
-    _say({"event": "ready", "setup_s": time.perf_counter() - started, "warmup": warmup})
-    for line in sys.stdin:
-        command = line.split()
-        if command[0] == "run":
-            _say({"event": "steps", "steps": [runner.step() for _ in range(int(command[1]))]})
-        elif command[0] == "done":
-            _say({"event": "done", "memory": _memory(runner.device)})
-            return
-
-
-# ----------------------------------------------------------------------------- the parent
-
-
 class _Process:
     """A worker process and its protocol lines."""
 
@@ -337,7 +91,7 @@ class _Process:
         self.spec = spec
         self.log = open(log_dir / f"{spec.name.replace(' ', '_').replace('+', '')}.log", "w")
         env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastune.bench.train", "--worker", spec.to_json()],
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastune.bench.train_worker", "--worker", spec.to_json()],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env=env)
 
@@ -466,116 +220,3 @@ def gpu_profile_for(name: str) -> str:
 
 def _local_gpu_profile() -> str:
     return gpu_profile_for(torch.cuda.get_device_name())
-
-
-def summarize(results: dict, cfg, model_config, profile) -> None:
-    """Medians and rates of each configuration, added to its entry."""
-    peak = profile.peak_flops(cfg.model.dtype)
-    for entry in results.values():
-        timed = entry["steps"]
-        median_s = statistics.median(s["seconds"] for s in timed)
-        # Rows of padded batches differ in length: FLOPs per step, averaged over the timed steps.
-        flops = statistics.mean(model_flops_per_step(cfg, model_config, tuple(s["shape"])) for s in timed)
-        entry.update(
-            median_step_s=median_s,
-            tokens_per_s=statistics.mean(s["tokens"] for s in timed) / median_s,
-            supervised_tokens_per_s=statistics.mean(s["supervised"] for s in timed) / median_s,
-            phases_median_ms={p: 1e3 * statistics.median(s["phases"][p] for s in timed) for p in PHASES},
-            model_flops_per_step=flops,
-            model_flops_per_s=flops / median_s,
-            fraction_of_peak_flops=None if not peak else flops / median_s / peak,
-        )
-
-
-def ratios(results: dict) -> dict[str, dict[str, float]]:
-    """fastune against each other configuration, from this run's numbers: tokens/s
-    ratio (> 1: fastune faster) and peak-memory ratio (< 1: fastune smaller)."""
-    base = results["fastune"]
-    out = {}
-    for name, other in results.items():
-        if name == "fastune":
-            continue
-        memory_key = "cuda_max_allocated_mib" if "cuda_max_allocated_mib" in base["memory"] else "process_peak_rss_mib"
-        out[name] = {"tokens_per_s": base["tokens_per_s"] / other["tokens_per_s"],
-                     "peak_memory": base["memory"][memory_key] / other["memory"][memory_key],
-                     "memory_measure": memory_key}
-    return out
-
-
-def render(report: dict) -> str:
-    """The report as markdown."""
-    from fastune.bench.report import table
-
-    profile, results = report["profile"], report["results"]
-    cuda = profile["kind"] == "cuda"
-    peak = profile.get(f"peak_{'bf16' if report['dtype'] in ('bf16', 'bfloat16') else 'fp32'}_flops")
-    shape = next(iter(results.values()))["steps"][0]["shape"]
-    lines = [
-        f"# Training benchmark: {report['config']}",
-        "",
-        f"{report['steps']} timed steps per configuration after {report['warmup']} warm-up steps, "
-        f"interleaved in {report['rounds']} rounds, each configuration in its own process; batch "
-        f"{shape[0]} x {shape[1]} tokens, {report['dtype']}"
-        f"{', random weights' if report['random_init'] else ''}. Run {report['run_id']}.",
-        "",
-        "tokens/s = mean tokens per step / median step time: `all` counts every non-padding token "
-        "(prompt included), `supervised` only tokens with a label (torchtune's tokens/s). Phases are "
-        "medians (ms): forward includes the loss, backward includes gradient clipping. "
-        + ("Peak memory: CUDA max allocated. " if cuda else
-           "Peak RSS: of the whole process (setup and compile included) / during the timed steps. ")
-        + f"Peak {report['dtype']} FLOP/s of {profile['name']}: "
-        + (f"{peak / 1e12:.3g} TFLOP/s ({profile['sources'].get('peak_bf16_flops' if report['dtype'] == 'bf16' else 'peak_fp32_flops', '')})"
-           if peak else "unknown") + "; model FLOPs per step as `fastune.bench.train.model_flops_per_step` counts them.",
-        "",
-    ]
-    header = ["configuration", "tok/s all", "tok/s supervised", "step ms", "data", "forward", "backward",
-              "optimizer", "peak MiB" if cuda else "peak RSS MiB (process / steps)", "% of peak FLOP/s",
-              "first loss", "fastune speedup", "fastune memory ratio"]
-    rows = []
-    for name, r in results.items():
-        ph, mem = r["phases_median_ms"], r["memory"]
-        memory = (f"{mem['cuda_max_allocated_mib']:.0f}" if cuda
-                  else f"{mem['process_peak_rss_mib']:.0f} / {mem['steps_peak_rss_mib']:.0f}")
-        ratio = report["ratios"].get(name)
-        rows.append([name, f"{r['tokens_per_s']:,.0f}", f"{r['supervised_tokens_per_s']:,.0f}",
-                     f"{1e3 * r['median_step_s']:.0f}", f"{ph['data']:.1f}", f"{ph['forward']:.0f}",
-                     f"{ph['backward']:.0f}", f"{ph['optimizer']:.1f}", memory,
-                     "-" if r["fraction_of_peak_flops"] is None else f"{100 * r['fraction_of_peak_flops']:.1f}%",
-                     "-" if r["first_loss"] is None else f"{r['first_loss']:.4f}",
-                     "-" if ratio is None else f"{ratio['tokens_per_s']:.2f}x",
-                     "-" if ratio is None else f"{ratio['peak_memory']:.2f}"])
-    lines.append(table(header, rows))
-    loads = [s["load_avg"] for r in results.values() for s in r["steps"]]
-    env = report["environment"]
-    lines += ["", "`fastune speedup` = fastune tok/s / that configuration's tok/s; `fastune memory ratio` = "
-              "fastune peak / that configuration's peak (process peak RSS on CPU), both from this run.",
-              "", f"Machine: {env['machine']}, torch {env['torch']}, {env['threads']} threads, {env['date']}; "
-              f"1-minute load average during the timed steps {min(loads):.1f} to {max(loads):.1f} "
-              "(above the core count, other processes shared the CPU; the interleaved "
-              "configurations wait in their own processes). "
-              f"Reproduce: `{env['command']}`"]
-    return "\n".join(lines) + "\n"
-
-
-def chart(report: dict, path: Path) -> Optional[Path]:
-    from fastune.bench.report import bar_chart
-
-    results = report["results"]
-    memory_key = "cuda_max_allocated_mib" if report["profile"]["kind"] == "cuda" else "process_peak_rss_mib"
-    return bar_chart(path, f"fastune bench train: {Path(report['config']).name}", list(results),
-                     {"tokens/s (all tokens)": {"tokens/s": [r["tokens_per_s"] for r in results.values()]},
-                      "peak memory, MiB": {memory_key: [r["memory"][memory_key] for r in results.values()]}})
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", required=True, help="the JSON of a Spec")
-    args = parser.parse_args(argv)
-    worker(Spec(**json.loads(args.worker)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

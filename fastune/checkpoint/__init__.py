@@ -1,23 +1,31 @@
-"""Checkpoint I/O: Hugging Face format (config.json + safetensors shards) and atomic writes."""
+"""Checkpoint I/O: the on-disk layout (``layout``), Hugging Face format (config.json +
+safetensors shards), PEFT adapters, quantized checkpoints and atomic writes.
 
-from fastune.checkpoint.atomic import atomic_directory, remove_directory, sweep_debris
-from fastune.checkpoint.hf import (
-    CheckpointError,
-    from_hf_key,
-    load_hf_checkpoint,
-    parse_dtype,
-    parse_size,
-    save_hf_checkpoint,
-    to_hf_key,
-)
+The names below are imported on first use (PEP 562), so that reading the layout
+(``fastune.checkpoint.layout``, used by the CLI and the Hub code) does not import torch.
+"""
 
-__all__ = [
-    "CheckpointError",
-    "atomic_directory",
-    "from_hf_key",
-    "load_hf_checkpoint",
-    "parse_dtype",
-    "parse_size",
-    "save_hf_checkpoint",
-    "to_hf_key",
-]
+import importlib
+from typing import Any
+
+# Public name -> module it lives in.
+_LAZY = {
+    "atomic_directory": "fastune.checkpoint.atomic",
+    "remove_directory": "fastune.checkpoint.atomic",
+    "sweep_debris": "fastune.checkpoint.atomic",
+    "CheckpointError": "fastune.checkpoint.hf",
+    "from_hf_key": "fastune.checkpoint.hf",
+    "load_hf_checkpoint": "fastune.checkpoint.hf",
+    "parse_dtype": "fastune.checkpoint.hf",
+    "parse_size": "fastune.checkpoint.hf",
+    "save_hf_checkpoint": "fastune.checkpoint.hf",
+    "to_hf_key": "fastune.checkpoint.hf",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastune.checkpoint' has no attribute {name!r}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Iterator, Mapping, Union
 
@@ -29,28 +28,13 @@ from torch import nn
 
 from fastune.checkpoint.atomic import atomic_directory
 from fastune.errors import FastuneError
+from fastune.checkpoint.layout import CONFIG_NAME, HF_INDEX, HF_WEIGHTS, copy_tokenizer_files
 from fastune.models.config import ModelConfig
 from fastune.models.spec import get_spec
 from fastune.models.transformer import Transformer
 from fastune.modules.kernels import apply_kernels
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-# Copied verbatim from the source checkpoint on save, when present.
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "generation_config.json",
-    "original_repo_id.json",
-)
 # Older Llama checkpoints stored RoPE's inverse frequencies as a persistent
 # buffer; fastune (like transformers) recomputes them from config.json.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -151,7 +135,7 @@ def _plan_load(path: Path, expected: dict[str, tuple[int, ...]], tied: bool) -> 
             present = set(f.keys())
             for key in keys:
                 if key not in present:
-                    raise CheckpointError(f"{file}: key {key!r} listed in {INDEX_NAME} is not in this shard")
+                    raise CheckpointError(f"{file}: key {key!r} listed in {HF_INDEX} is not in this shard")
                 if key.endswith(_IGNORED_SUFFIXES) or (tied and key == _LM_HEAD):
                     continue
                 if key not in expected:
@@ -174,7 +158,7 @@ def _plan_load(path: Path, expected: dict[str, tuple[int, ...]], tied: bool) -> 
 def _weight_files(path: Path) -> tuple[dict[Path, list[str]], Path]:
     """(shard file -> HF keys it should hold, the file that lists them) for a
     sharded or a single-file checkpoint."""
-    index, single = path / INDEX_NAME, path / WEIGHTS_NAME
+    index, single = path / HF_INDEX, path / HF_WEIGHTS
     if index.is_file():
         files: dict[Path, list[str]] = {}
         for key, name in _read_weight_map(index).items():
@@ -189,9 +173,9 @@ def _weight_files(path: Path) -> tuple[dict[Path, list[str]], Path]:
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise CheckpointError(
             f"{path}: only safetensors weights are loaded (found .bin/.pt files); "
-            f"convert them to {WEIGHTS_NAME} with transformers' save_pretrained"
+            f"convert them to {HF_WEIGHTS} with transformers' save_pretrained"
         )
-    raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME} in this directory")
+    raise CheckpointError(f"{path}: no {HF_WEIGHTS} or {HF_INDEX} in this directory")
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
@@ -270,10 +254,10 @@ def save_hf_checkpoint(
         for name, keys in zip(names, shards):
             write_safetensors(tmp / name, {k: tensors[k].detach().to("cpu", dtype).contiguous() for k in keys})
         if len(shards) > 1:
-            _write_index(tmp / INDEX_NAME, tensors, shards, names, dtype.itemsize)
+            _write_index(tmp / HF_INDEX, tensors, shards, names, dtype.itemsize)
         _write_json(tmp / CONFIG_NAME, _config_dict(config, dtype))
         if source_dir is not None:
-            _copy_tokenizer_files(Path(source_dir), tmp)
+            copy_tokenizer_files(Path(source_dir), tmp)
     return out_dir
 
 
@@ -318,7 +302,7 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int, itemsize: int
 
 def _shard_names(n: int) -> list[str]:
     if n == 1:
-        return [WEIGHTS_NAME]
+        return [HF_WEIGHTS]
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
@@ -354,8 +338,3 @@ def _config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
 def _write_json(file: Path, obj: dict) -> None:
     file.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
-
-def _copy_tokenizer_files(source_dir: Path, dest: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, dest / name)

@@ -41,14 +41,16 @@ from fastune.config.secrets import redact_secrets, resolve_env
 from fastune.config.schema import (
     COMPONENT, SCHEMA, Key, Mismatch, Section, closest, did_you_mean, require_path, show, walk_keys,
 )
+from fastune.data.datasets import FILE_TYPES
 from fastune.errors import ConfigError
 from fastune.models.spec import normalize_kernel_ops
 
 log = logging.getLogger(__name__)
 
-# `datasets.load_dataset` builders that read local `data_files`.
-FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
-_DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+# `datasets.load_dataset` builders that read local `data_files`, and their files' suffixes:
+# those the data pipeline reads.
+FILE_BUILDERS = tuple(dict.fromkeys(FILE_TYPES.values()))
+_DATA_EXTENSIONS = tuple(FILE_TYPES)
 
 
 def _asset_path(relative: str) -> str:

@@ -21,11 +21,12 @@ import difflib
 import glob
 import operator
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import MISSING
 
 from fastune.models.spec import KERNEL_OPS, all_lora_aliases, all_lora_targets
+from fastune.data.formats import FORMATS
 
 
 class Mismatch(Exception):
@@ -140,6 +141,19 @@ class Choice(Type):
             hint = did_you_mean(value, [*self.values, *self.aliases])
             raise Mismatch(f"expected {self}, got {value!r}{hint}", right_kind=True)
         raise Mismatch(f"expected {self}, got {show(value)}")
+
+
+class Registered(Choice):
+    """One of the names in a registry, read when a value is checked: a name registered
+    after this schema was built (by a plugin, or a test) is accepted too."""
+
+    def __init__(self, registry: Callable[[], Iterable[str]]):
+        self._registry = registry
+        self.aliases = {}
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        return tuple(self._registry())
 
 
 class ListOf(Type):
@@ -299,9 +313,9 @@ SCHEMA = Section({
     }, "used by method lora, dora and qlora"),
     "tokenizer": Key(PathTo("any"), "${model.checkpoint_dir}", "tokenizer folder or file; defaults to the checkpoint's"),
     "dataset": Section({
-        "source": Key(Str(), MISSING, "a hub dataset name, a local file or folder, or a builder (json, csv, parquet, text) with data_files"),
+        "source": Key(Str(), MISSING, "a hub dataset name, a local file or folder, or a builder (json, csv, parquet, text, arrow) with data_files"),
         "data_files": Key(Maybe(DATA_FILES), None, "files for a builder source: a path, a list, or {split: paths}"),
-        "format": Key(Choice("instruct", "chat", "text"), "instruct", "instruct (Alpaca columns), chat (messages / ShareGPT), or text"),
+        "format": Key(Registered(lambda: FORMATS), "instruct", "a format of fastune.data.formats: instruct (Alpaca columns), chat (messages / ShareGPT), text, or one added with register_format"),
         "column_map": Key(Maybe(MapOf(Str())), None, "expected column -> column in the data, e.g. {output: response}"),
         "split": Key(Str(), "train", "split to train on"),
         "train_on_input": Key(Bool(), False, "also train on prompt tokens"),

@@ -9,26 +9,40 @@ Typical use::
     loader = build_dataloader(train, batch_size=8, seed=0, rank=rank, world_size=world, packed=True)
     for batch in loader:  # tokens, labels [, position_ids, document_ids]
         ...
+
+The names below are imported on first use (PEP 562): the config schema reads the
+format registry and the file types without importing torch.
 """
 
-from fastune.data.collate import collate_packed, collate_padded
-from fastune.data.datasets import (
-    TokenizedDataset,
-    holdout_split,
-    load_rows,
-    load_sft_dataset,
-    prompt_answer_pairs,
-    tokenize_rows,
-)
-from fastune.data.errors import DataError, TokenizerError
-from fastune.data.formats import FORMATS, IGNORE_INDEX
-from fastune.data.loader import SFTDataLoader, build_dataloader
-from fastune.data.packing import greedy_pack
-from fastune.data.tokenizer import Message, Tokenizer, load_tokenizer
+import importlib
+from typing import Any
 
-__all__ = [
-    "DataError", "FORMATS", "IGNORE_INDEX", "Message", "SFTDataLoader", "TokenizedDataset",
-    "Tokenizer", "TokenizerError", "build_dataloader", "collate_packed", "collate_padded",
-    "greedy_pack", "holdout_split", "load_rows", "load_sft_dataset", "load_tokenizer",
-    "prompt_answer_pairs", "tokenize_rows",
-]
+# Public name -> module it lives in.
+_LAZY = {
+    "collate_packed": "fastune.data.collate",
+    "collate_padded": "fastune.data.collate",
+    "TokenizedDataset": "fastune.data.datasets",
+    "holdout_split": "fastune.data.datasets",
+    "load_rows": "fastune.data.datasets",
+    "load_sft_dataset": "fastune.data.datasets",
+    "prompt_answer_pairs": "fastune.data.datasets",
+    "tokenize_rows": "fastune.data.datasets",
+    "DataError": "fastune.data.errors",
+    "TokenizerError": "fastune.data.errors",
+    "FORMATS": "fastune.data.formats",
+    "IGNORE_INDEX": "fastune.data.formats",
+    "SFTDataLoader": "fastune.data.loader",
+    "build_dataloader": "fastune.data.loader",
+    "greedy_pack": "fastune.data.packing",
+    "load_tokenizer": "fastune.data.tokenizer",
+    "Message": "fastune.data.tokenizer_base",
+    "Tokenizer": "fastune.data.tokenizer_base",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastune.data' has no attribute {name!r}")

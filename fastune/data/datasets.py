@@ -1,7 +1,7 @@
 """Load a dataset (local file or Hugging Face Hub name) and tokenize it once, up front.
 
-``load_sft_dataset`` returns a ``TokenizedDataset``: every sample's tokens and
-shifted labels in two flat int32 arrays plus offsets, which is compact, fast to
+``load_sft_dataset`` returns a ``TokenizedDataset``: every sample's named fields
+(tokens and shifted labels) in flat int32 arrays plus offsets, which is compact, fast to
 slice, and shared copy-on-write with DataLoader workers. Tokenizing up front
 gives every sample's length before training, which packing, ``len()`` of the
 loader and the clear too-long error need; the packing itself happens per epoch.
@@ -33,37 +33,56 @@ from fastune.data.errors import DataError, TokenizerError
 from fastune.data.formats import (
     IGNORE_INDEX,
     RowError,
+    get_format,
     resolve_columns,
     row_to_sample,
     shift_labels,
     tokenize_sample,
 )
-from fastune.data.tokenizer import Tokenizer
+from fastune.data.tokenizer_base import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# Local data files ``load_rows`` reads: suffix -> ``datasets`` builder. The config
+# loader checks ``dataset.source``/``data_files`` against the same table.
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
+              ".arrow": "arrow"}
+_BINARY = ("parquet", "arrow")  # no text lines to check
 _Paths = Union[str, Path, Sequence[Union[str, Path]]]
 DataFiles = Union[None, _Paths, Mapping[str, _Paths]]  # paths, or {split: paths}
 
 
 class TokenizedDataset:
-    """Samples ``i`` = ``(tokens[offsets[i]:offsets[i+1]], labels[...])`` as int32 arrays;
-    ``pad_id`` is the tokenizer's, for collation."""
+    """Samples of named, token-aligned fields, each stored flat: sample ``i`` is
+    ``{name: fields[name][offsets[i]:offsets[i+1]]}``. A supervised fine-tuning
+    dataset has ``tokens`` and shifted ``labels`` (int32); the collators pad and pack
+    whatever fields a sample has (see ``fastune.data.collate``). ``pad_id`` is the
+    tokenizer's, for collation."""
 
-    def __init__(self, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *, source: str,
+    def __init__(self, fields: Mapping[str, np.ndarray], offsets: np.ndarray, *, source: str,
                  max_seq_len: int, pad_id: int):
-        self.tokens, self.labels, self.offsets = tokens, labels, offsets
+        if "tokens" not in fields or any(len(v) != offsets[-1] for v in fields.values()):
+            raise ValueError(f"{source}: fields need 'tokens', and all as long as the samples "
+                             f"({offsets[-1]} tokens): {', '.join(f'{k} {len(v)}' for k, v in fields.items())}")
+        self.fields, self.offsets = dict(fields), offsets
         self.source = source
         self.max_seq_len = max_seq_len
         self.pad_id = pad_id
 
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.fields["tokens"]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.fields["labels"]
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         start, end = self.offsets[i], self.offsets[i + 1]
-        return self.tokens[start:end], self.labels[start:end]
+        return {name: values[start:end] for name, values in self.fields.items()}
 
     @property
     def lengths(self) -> np.ndarray:
@@ -84,16 +103,16 @@ class TokenizedDataset:
         flat = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(indices) \
             else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(ends - starts)])
-        return TokenizedDataset(self.tokens[flat], self.labels[flat], offsets, source=self.source,
-                                max_seq_len=self.max_seq_len, pad_id=self.pad_id)
+        return TokenizedDataset({name: values[flat] for name, values in self.fields.items()}, offsets,
+                                source=self.source, max_seq_len=self.max_seq_len, pad_id=self.pad_id)
 
 
 def load_rows(source: Union[str, Path], split: str = "train", *, data_files: DataFiles = None,
               subset: Optional[str] = None, cache_dir: Optional[str] = None):
     """One split, as a ``datasets.Dataset``, of:
 
-    - a local json/jsonl/csv/parquet/txt file (its only split is "train");
-    - a builder name (json, csv, parquet, text) with ``data_files``: a path or a
+    - a local json/jsonl/csv/parquet/txt/arrow file (its only split is "train");
+    - a builder name (json, csv, parquet, text, arrow) with ``data_files``: a path or a
       list of paths (split "train"), or ``{split: path or paths}``;
     - a local folder of data files (splits named by file name, as ``datasets`` does);
     - a Hugging Face Hub dataset name (``subset`` is its configuration).
@@ -101,22 +120,22 @@ def load_rows(source: Union[str, Path], split: str = "train", *, data_files: Dat
     import datasets
 
     if data_files is not None:
-        if source not in _BUILDERS.values():
+        if source not in FILE_TYPES.values():
             raise DataError(f"dataset source {source!r}: data_files needs a builder source "
-                            f"({', '.join(sorted(set(_BUILDERS.values())))})")
+                            f"({', '.join(sorted(set(FILE_TYPES.values())))})")
         return _load_files(str(source), _split_files(data_files, split), cache_dir)
     path = Path(source)
     if path.is_file():
-        if path.suffix not in _BUILDERS:
+        if path.suffix not in FILE_TYPES:
             raise DataError(f"{path}: unknown data file type {path.suffix!r} "
-                            f"(expected one of {', '.join(_BUILDERS)})")
+                            f"(expected one of {', '.join(FILE_TYPES)})")
         if split != "train":
             raise DataError(f"{path}: a single file has one split, so split={split!r} cannot be read "
                             "from it; name the validation file itself, or hold out a fraction")
-        return _load_files(_BUILDERS[path.suffix], [path], cache_dir)
+        return _load_files(FILE_TYPES[path.suffix], [path], cache_dir)
     if path.is_dir():
         return _load_named(str(path), split, subset, cache_dir)
-    if path.suffix in _BUILDERS or str(source).startswith((".", "/", "~")):
+    if path.suffix in FILE_TYPES or str(source).startswith((".", "/", "~")):
         raise DataError(f"{source}: no such file")
     offline = datasets.config.HF_HUB_OFFLINE
     try:
@@ -159,9 +178,9 @@ def _load_files(builder: str, paths: list[Path], cache_dir: Optional[str]):
     import datasets
 
     where = ", ".join(map(str, paths))
-    if builder != "parquet" and not any(_has_content(p) for p in paths):
+    if builder not in _BINARY and not any(_has_content(p) for p in paths):
         raise DataError(f"{where}: the dataset is empty (0 rows)")
-    if builder != "parquet":
+    if builder not in _BINARY:
         for p in paths:
             _check_utf8(p)
     kwargs: dict[str, Any] = {}
@@ -335,8 +354,8 @@ def tokenize_rows(
     tokens = np.asarray(ids, dtype=np.int32)
     offsets_arr = np.asarray(offsets, dtype=np.int64)
     labels = shift_labels(tokens, np.asarray(mask), offsets_arr)
-    return TokenizedDataset(tokens, labels, offsets_arr, source=source, max_seq_len=max_seq_len,
-                            pad_id=tokenizer.pad_id)
+    return TokenizedDataset({"tokens": tokens, "labels": labels}, offsets_arr, source=source,
+                            max_seq_len=max_seq_len, pad_id=tokenizer.pad_id)
 
 
 def holdout_split(dataset: TokenizedDataset, fraction: float, seed: int = 0
@@ -372,8 +391,8 @@ def prompt_answer_pairs(
     else:
         name, rows = "<rows>", list(source)
         available = list(rows[0]) if rows else []
-    if format == "text":
-        raise DataError(f"{name}: exact-match pairs need a format with an answer, not 'text'")
+    if not get_format(format, name).messages:
+        raise DataError(f"{name}: exact-match pairs need a format with an answer, not {format!r}")
     if not rows:
         raise DataError(f"{name}: the dataset is empty (0 rows)")
     columns = resolve_columns(format, column_map, available, name)

@@ -1,6 +1,8 @@
 """Dataset rows to training samples: messages (or plain text), then ids and labels.
 
-Formats and the columns they read (rename with ``column_map={"field": "my_column"}``):
+Formats are a registry (``FORMATS``, filled by ``register_format``), which the
+config schema reads for ``dataset.format``. The built-in ones and the columns they
+read (rename with ``column_map={"field": "my_column"}``):
 
 - ``instruct`` (Alpaca): ``instruction``, optional ``input``, ``output``. Becomes a
   user message ``instruction`` (plus ``"\\n\\n" + input`` when there is one) and an
@@ -13,28 +15,22 @@ Formats and the columns they read (rename with ``column_map={"field": "my_column
 Masking: with ``train_on_input=False`` (the default) only assistant messages and
 the token closing each of them are trained on; ``True`` trains on every token.
 
-Labels are shifted here (DESIGN decision 2): ``labels[i]`` is the target for
+Labels are shifted here (docs/architecture.md): ``labels[i]`` is the target for
 ``tokens[i]``, i.e. ``tokens[i + 1]`` unless that token is masked, and -100 for
 the last token. Nothing ever predicts across the end of a sample.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from fastune.data.errors import DataError
-from fastune.data.tokenizer import Message, Tokenizer
+from fastune.data.tokenizer_base import Message, Tokenizer
 
 IGNORE_INDEX = -100
-FORMATS = ("instruct", "chat", "text")
-_REQUIRED = {
-    "instruct": ("instruction", "output"),
-    "chat": ("messages",),
-    "text": ("text",),
-}
-_OPTIONAL = {"instruct": ("input",)}
 CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
@@ -42,6 +38,42 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 _CHAT_ROLE_MAP = {r: r for r in CHAT_ROLES}
 
 Sample = Union[list[Message], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFormat:
+    """How a row becomes a sample: the fields (columns) the format reads, and
+    ``to_sample(row, columns)`` (``columns``: field -> the row's key for it), which
+    returns the chat messages, or for a plain-text format the text."""
+
+    name: str
+    required: tuple[str, ...]
+    to_sample: Callable[[Mapping[str, Any], Mapping[str, str]], Sample]
+    optional: tuple[str, ...] = ()
+    # field -> a column read when the field's own column is absent (ShareGPT's "conversations").
+    fallback_columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    messages: bool = True  # False: a plain-text format, with no assistant answer to score
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.required + self.optional
+
+
+FORMATS: dict[str, DatasetFormat] = {}
+
+
+def register_format(fmt: DatasetFormat) -> DatasetFormat:
+    """Make ``fmt`` a ``dataset.format`` choice; a name is registered once."""
+    if fmt.name in FORMATS:
+        raise ValueError(f"dataset format {fmt.name!r} is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str, source: str) -> DatasetFormat:
+    if name not in FORMATS:
+        raise DataError(f"{source}: unknown format {name!r} (expected one of {', '.join(FORMATS)})")
+    return FORMATS[name]
 
 
 class RowError(Exception):
@@ -56,23 +88,21 @@ def resolve_columns(
     fmt: str, column_map: Optional[Mapping[str, str]], available: Sequence[str], source: str
 ) -> dict[str, str]:
     """Field -> column name for ``fmt``, checked against the dataset's columns."""
-    if fmt not in FORMATS:
-        raise DataError(f"{source}: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    spec = get_format(fmt, source)
     column_map = dict(column_map or {})
-    fields = _REQUIRED[fmt] + _OPTIONAL.get(fmt, ())
     for field in column_map:
-        if field not in fields:
+        if field not in spec.fields:
             raise DataError(f"{source}: column_map key {field!r} is not a field of the {fmt} format "
-                            f"(fields: {', '.join(fields)})")
+                            f"(fields: {', '.join(spec.fields)})")
     columns = {}
-    for field in fields:
+    for field in spec.fields:
         column = column_map.get(field, field)
-        sharegpt = field == "messages" and field not in column_map and "conversations" in available
-        if sharegpt and column not in available:
-            column = "conversations"  # ShareGPT's name for it
+        fallback = spec.fallback_columns.get(field)
+        if field not in column_map and column not in available and fallback in available:
+            column = fallback
         if column in available:
             columns[field] = column
-        elif field in _REQUIRED[fmt] or field in column_map:
+        elif field in spec.required or field in column_map:
             raise DataError(
                 f"{source} row 1: missing column {column!r} for the {fmt} format's {field!r} field "
                 f"(columns: {', '.join(available)}); rename it with column_map={{{field!r}: ...}}"
@@ -84,13 +114,10 @@ def row_to_sample(
     fmt: str, row: Mapping[str, Any], columns: Mapping[str, str], system_prompt: Optional[str] = None
 ) -> Optional[Sample]:
     """The messages (or text) of one row; None for an empty sample, with nothing to train on."""
-    if fmt == "text":
-        text = _text(row, columns["text"])
-        return text if text.strip() else None
-    if fmt == "instruct":
-        messages = _instruct_messages(row, columns)
-    else:
-        messages = _chat_messages(row, columns["messages"])
+    sample = FORMATS[fmt].to_sample(row, columns)
+    if isinstance(sample, str):
+        return sample if sample.strip() else None
+    messages = sample
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return None
     if system_prompt is not None and messages[0]["role"] != "system":
@@ -118,7 +145,8 @@ def _instruct_messages(row: Mapping[str, Any], columns: Mapping[str, str]) -> li
             {"role": "assistant", "content": _text(row, columns["output"])}]
 
 
-def _chat_messages(row: Mapping[str, Any], column: str) -> list[Message]:
+def _chat_messages(row: Mapping[str, Any], columns: Mapping[str, str]) -> list[Message]:
+    column = columns["messages"]
     value = row.get(column)
     if value is None:
         return []
@@ -142,6 +170,11 @@ def _chat_messages(row: Mapping[str, Any], column: str) -> list[Message]:
             raise RowError(column, f"message {i} {content_key}: {e}") from None
         messages.append({"role": roles[role], "content": content})
     return messages
+
+
+register_format(DatasetFormat("instruct", ("instruction", "output"), _instruct_messages, optional=("input",)))
+register_format(DatasetFormat("chat", ("messages",), _chat_messages, fallback_columns={"messages": "conversations"}))
+register_format(DatasetFormat("text", ("text",), lambda row, columns: _text(row, columns["text"]), messages=False))
 
 
 def tokenize_sample(

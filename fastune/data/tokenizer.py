@@ -1,6 +1,6 @@
-"""The tokenizer interface, and ``load_tokenizer`` which finds the right one in a checkpoint.
+"""``load_tokenizer``, which finds the right tokenizer in a checkpoint.
 
-Three implementations share one interface:
+Three implementations share one interface (``fastune.data.tokenizer_base``):
 
 - ``Llama3Tokenizer``: Meta's tiktoken ``tokenizer.model`` (base64 rank lines).
 - ``Llama2Tokenizer``: Meta's sentencepiece ``tokenizer.model``.
@@ -20,31 +20,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Protocol, Sequence, TypedDict, Union
+from typing import Literal, Union
 
 from fastune.data.errors import TokenizerError
-
-
-class Message(TypedDict):
-    role: str
-    content: str
-
-
-class Tokenizer(Protocol):
-    bos_id: int | None
-    eos_id: int
-    pad_id: int
-    stop_ids: tuple[int, ...]
-    vocab_size: int
-
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
-
-    def tokenize_messages(
-        self, messages: Sequence[Message], add_generation_prompt: bool = False
-    ) -> tuple[list[int], list[bool]]: ...
-
+from fastune.data.tokenizer_base import Tokenizer
 
 TokenizerKind = Literal["auto", "hf", "llama3", "llama2"]
 
@@ -101,16 +80,3 @@ def _looks_like_tiktoken(path: Path) -> bool:
     with open(path, "rb") as f:
         first_line = f.readline(4096).rstrip(b"\n")
     return bool(_TIKTOKEN_LINE.match(first_line))
-
-
-def check_roles(messages: Sequence[Message], allowed: Sequence[str], source: str) -> None:
-    """Raise on a message without a string role/content, or with a role the format lacks."""
-    for i, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
-        if role not in allowed:
-            raise TokenizerError(
-                f"{source}: message {i} has unknown role {role!r} (expected one of {', '.join(allowed)})"
-            )
-        if not isinstance(content, str):
-            raise TokenizerError(f"{source}: message {i} ({role}) has content of type "
-                                 f"{type(content).__name__}, expected a string")

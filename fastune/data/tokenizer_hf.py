@@ -30,7 +30,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from fastune.data.errors import TokenizerError
-from fastune.data.tokenizer import Message
+from fastune.data.tokenizer_base import Message
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 

@@ -20,7 +20,7 @@ from typing import Sequence, Union
 import sentencepiece
 
 from fastune.data.errors import TokenizerError
-from fastune.data.tokenizer import Message, check_roles
+from fastune.data.tokenizer_base import Message, check_roles
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"

@@ -23,7 +23,7 @@ from typing import Sequence, Union
 import tiktoken
 
 from fastune.data.errors import TokenizerError
-from fastune.data.tokenizer import Message, check_roles
+from fastune.data.tokenizer_base import Message, check_roles
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"

@@ -6,6 +6,7 @@
 ``FastuneLM`` (in ``fastune.eval.lm``, which imports lm_eval) is the model class.
 """
 
-from fastune.eval.run import DEMO_TASKS, EvalError, demo_tasks_dir, evaluate, metric_table
+from fastune.eval.errors import EvalError
+from fastune.eval.run import DEMO_TASKS, demo_tasks_dir, evaluate, metric_table
 
 __all__ = ["DEMO_TASKS", "EvalError", "demo_tasks_dir", "evaluate", "metric_table"]

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastune.data import Tokenizer
-from fastune.eval.run import EvalError
+from fastune.eval.errors import EvalError
 from fastune.generation import Generator, SamplingParams
 
 # (request key for lm-eval's cache, context ids, continuation ids)

@@ -15,13 +15,9 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from fastune.errors import FastuneError
+from fastune.eval.errors import EvalError
 
 DEMO_TASKS = ("fastune_demo_choice", "fastune_demo_answer")
-
-
-class EvalError(FastuneError):
-    """An evaluation that cannot run as asked (lm-eval missing, unknown task, no chat template)."""
 
 
 def demo_tasks_dir() -> Path:

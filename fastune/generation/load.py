@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from fastune.checkpoint.hf import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from fastune.checkpoint.layout import ADAPTER_DIR, CONFIG_NAME, RUN_CONFIG, checkpoint_dirs, has_hf_weights
 from fastune.data import Tokenizer, load_tokenizer
 from fastune.errors import FastuneError
 
@@ -31,8 +31,6 @@ class CheckpointNotFound(FastuneError):
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
     """The checkpoint folder ``path`` names: itself, or a run's latest checkpoint."""
-    from fastune.training.checkpointer import checkpoint_dirs
-
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointNotFound(f"{path}: no such directory")
@@ -64,37 +62,30 @@ def load_model(
 ) -> tuple[nn.Module, Path]:
     """(model in eval mode, without gradients; the checkpoint folder used) for ``path``.
     A quantized checkpoint keeps the dtype it was quantized with."""
-    import fastune
-    from fastune.quantize import is_quantized, load_quantized
-    from fastune.training.recipe import ADAPTER_DIR
+    from fastune.checkpoint.hf import load_hf_checkpoint
+    from fastune.checkpoint.quantized import is_quantized, load_quantized
 
     ckpt = resolve_checkpoint(path)
     if is_quantized(ckpt):
         model = load_quantized(ckpt, device=device, use_kernels=use_kernels)
-    elif _has_weights(ckpt) or not (ckpt / ADAPTER_DIR).is_dir():
-        model = fastune.from_pretrained(ckpt, dtype=dtype, device=device, use_kernels=use_kernels)
+    elif has_hf_weights(ckpt) or not (ckpt / ADAPTER_DIR).is_dir():
+        model = load_hf_checkpoint(ckpt, dtype=dtype, device=device, use_kernels=use_kernels)
     else:
         model = _merged_adapter_model(ckpt, dtype, device, use_kernels)
     model.requires_grad_(False)
     return model.eval(), ckpt
 
 
-def _has_weights(ckpt: Path) -> bool:
-    return (ckpt / WEIGHTS_NAME).is_file() or (ckpt / INDEX_NAME).is_file()
-
-
 def _merged_adapter_model(ckpt: Path, dtype, device, use_kernels) -> nn.Module:
     """Base model + the checkpoint's adapter, merged into plain weights."""
-    import fastune
+    from fastune.checkpoint.hf import load_hf_checkpoint
     from fastune.checkpoint.peft import load_peft_adapter
     from fastune.models.transformer import Transformer
     from fastune.modules.kernels import apply_kernels, enabled_kernels
     from fastune.modules.peft import merge_lora
-    from fastune.training.recipe import ADAPTER_DIR
 
     adapter = ckpt / ADAPTER_DIR
-    model = fastune.from_pretrained(_local_base_model(ckpt, adapter), dtype=dtype, device=device,
-                                    use_kernels=use_kernels)
+    model = load_hf_checkpoint(_local_base_model(ckpt, adapter), dtype=dtype, device=device, use_kernels=use_kernels)
     load_peft_adapter(model, adapter)
     merged = merge_lora(model)
     with torch.device("meta"):
@@ -111,10 +102,12 @@ def _local_base_model(ckpt: Path, adapter: Path) -> Path:
     ``base_model_name_or_path`` when that is a folder here, else the
     ``model.checkpoint_dir`` of the run's config.yaml (an adapter trained on a
     downloaded model names its Hub repo instead)."""
-    config_file = adapter / "adapter_config.json"
+    from fastune.checkpoint.peft import ADAPTER_CONFIG
+
+    config_file = adapter / ADAPTER_CONFIG
     named = json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
     candidates = [Path(named)] if named else []
-    run_config = ckpt.parent / "config.yaml"
+    run_config = ckpt.parent / RUN_CONFIG
     if run_config.is_file():
         candidates.append(Path(yaml.safe_load(run_config.read_text())["model"]["checkpoint_dir"]))
     for candidate in candidates:

@@ -26,8 +26,9 @@ So nothing resume reads can run code: safetensors, JSON and ``weights_only`` pic
 Nor does resume build anything from a config found in output_dir: the components
 come from the config the run was started with.
 
-The recipe (``fastune.training.recipe.save_checkpoint``) decides what goes in;
-this module writes, finds and reads the folders.
+The file and folder names are ``fastune.checkpoint.layout``'s. The recipe
+(``fastune.training.recipe.save_checkpoint``) decides what goes in; this module
+writes the folders, prunes old ones and reads the state back for resume.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,40 +45,24 @@ import numpy as np
 import torch
 
 from fastune.checkpoint import atomic_directory, remove_directory, sweep_debris
-from fastune.errors import FastuneError
+from fastune.checkpoint.layout import (
+    TRAINER_STATE,
+    TRAINING_STATE,
+    ResumeError,
+    checkpoint_dirs,
+    is_checkpoint_name,
+    list_checkpoints,
+    read_trainer_state,
+)
 
 log = logging.getLogger(__name__)
-
-TRAINING_STATE = "training_state.pt"
-TRAINER_STATE = "trainer_state.json"
-_CHECKPOINT_NAME = re.compile(r"(epoch|step)_(\d+)")
-
-
-class ResumeError(FastuneError):
-    """A checkpoint that a run cannot resume from; the message names the path."""
-
-
-def _checkpoints(output_dir: Path) -> list[tuple[int, bool, Path]]:
-    """(global step, is an epoch checkpoint, folder) of the complete checkpoints in
-    ``output_dir``, oldest first (an epoch checkpoint after a step checkpoint of the same
-    step). Temporary folders are hidden (leading dot) and never match."""
-    found = []
-    for path in Path(output_dir).glob("*_*"):
-        if path.is_dir() and _CHECKPOINT_NAME.fullmatch(path.name) and (path / TRAINER_STATE).is_file():
-            try:
-                progress = read_trainer_state(path)
-            except ResumeError as e:  # one damaged folder must not hide the good ones
-                log.warning("%s; skipping it", e)
-                continue
-            found.append((progress["global_step"], path.name.startswith("epoch"), path))
-    return sorted(found)
 
 
 def damaged_checkpoint_dirs(output_dir: Path) -> list[Path]:
     """Folders named like checkpoints that resume cannot use (no or unreadable trainer_state.json)."""
     intact = set(checkpoint_dirs(output_dir))
     return sorted(p for p in Path(output_dir).glob("*_*")
-                  if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name) and p not in intact)
+                  if p.is_dir() and is_checkpoint_name(p.name) and p not in intact)
 
 
 def sweep_output_dir(output_dir: Path) -> None:
@@ -95,18 +79,6 @@ def sweep_output_dir(output_dir: Path) -> None:
     if removed:
         log.info("removed %d folder(s) left by an interrupted run in %s", len(removed), output_dir)
 
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first (see ``_checkpoints``)."""
-    return [path for *_, path in _checkpoints(output_dir)]
-
-
-def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
-    file = Path(ckpt_dir) / TRAINER_STATE
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ResumeError(f"{file}: cannot read training progress ({e})") from None
 
 
 def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Path]:
@@ -138,7 +110,7 @@ def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Pat
                 "it is not a fastune training checkpoint"
             )
     step = read_trainer_state(path)["global_step"]
-    later = [p for later_step, _, p in _checkpoints(output_dir) if later_step > step]
+    later = [p for later_step, _, p in list_checkpoints(output_dir) if later_step > step]
     if later:
         # Pruning (keep_last_n) would delete the new checkpoints first, and a later
         # resume_from_checkpoint=auto would pick the abandoned run's.

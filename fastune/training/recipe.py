@@ -7,7 +7,7 @@ Read it top to bottom: ``setup`` builds everything from the validated config
 optimizer, schedule, and the state of a resumed run); ``fit`` runs the loop;
 ``train_step`` is one optimizer step.
 
-Loss normalization (DESIGN decision 3): the loss of an optimizer step is the
+Loss normalization (docs/architecture.md): the loss of an optimizer step is the
 sum of token losses over all of its micro-batches divided by the number of
 supervised tokens in all of them, on all ranks. The step's micro-batches are
 fetched first, so that count is known before the first backward.
@@ -34,7 +34,6 @@ import itertools
 import logging
 import math
 import random
-import shutil
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -50,7 +49,8 @@ from tqdm import tqdm
 import fastune
 from fastune import distributed
 from fastune.checkpoint import save_hf_checkpoint
-from fastune.checkpoint.hf import TOKENIZER_FILES, parse_dtype
+from fastune.checkpoint.hf import parse_dtype
+from fastune.checkpoint.layout import ADAPTER_DIR, checkpoint_name, copy_tokenizer_files
 from fastune.checkpoint.peft import load_peft_adapter, save_peft_adapter
 from fastune.config import instantiate
 from fastune.config.schema import COMPONENT
@@ -80,8 +80,6 @@ from fastune.training.memory import (
 from fastune.training.optim import build_lr_scheduler, build_optimizer
 
 log = logging.getLogger(__name__)
-
-ADAPTER_DIR = "adapter"  # inside a checkpoint folder: the PEFT adapter of LoRA methods
 
 Batch = dict[str, torch.Tensor]
 
@@ -197,7 +195,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
         steps_per_epoch=steps_per_epoch,
         forward_context=offload_activations(device, cfg.activation_offloading, model=model),
         world=world,
-        saver=None if world is None else distributed.CheckpointSaver(world, cfg.distributed.async_save),
+        saver=None if world is None else distributed.CheckpointSaver(world, cfg.distributed.async_save,
+                                                                          commit=checkpointer.save_checkpoint),
     )
     if resume is not None:
         restore_training_state(run, resume, progress)
@@ -419,14 +418,14 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
                 if _every(cfg.eval_every_n_steps, run.global_step) and not last_step:  # evaluated below
                     evaluate(run, logger)
                 if _every(cfg.save_every_n_steps, run.global_step) and not end_of_epoch:
-                    save_checkpoint(run, logger, f"step_{run.global_step}")
+                    save_checkpoint(run, logger, checkpoint_name("step", run.global_step))
                 elif run.saver is not None:
                     run.saver.finish_if_done()
             run.epoch += 1
             run.step_in_epoch = 0
             if not cfg.eval_every_n_steps and run.epoch < cfg.epochs:
                 evaluate(run, logger)
-            save_checkpoint(run, logger, f"epoch_{run.epoch - 1}")
+            save_checkpoint(run, logger, checkpoint_name("epoch", run.epoch - 1))
         if run.saver is not None:
             run.saver.wait()  # an async save still in flight
     finally:
@@ -621,14 +620,9 @@ def write_model_files(run: TrainingRun, folder: Path, state_dict: Optional[dict[
         save_hf_checkpoint(model if state_dict is None else state_dict, model.config, folder, source_dir=source)
         return
     if cfg.save_adapter_weights_only:
-        _copy_tokenizer_files(Path(source), folder)
+        copy_tokenizer_files(Path(source), folder)
     else:
         save_hf_checkpoint(merge_lora(model, state_dict), model.config, folder, source_dir=source)
     save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=base_model_name(Path(source)),
                       state_dict=state_dict)
 
-
-def _copy_tokenizer_files(source: Path, folder: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)

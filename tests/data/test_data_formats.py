@@ -58,7 +58,7 @@ def test_labels_of_an_instruct_sample(hf_dir, train_on_input):
     tok = load_tokenizer(hf_dir)
     row = {"instruction": "Add.", "input": "2 + 3", "output": "five"}
     ds = tokenize_rows([row], tok, train_on_input=train_on_input)
-    tokens, labels = ds[0]
+    tokens, labels = ds[0]["tokens"], ds[0]["labels"]
     ids, mask = tok.tokenize_messages(_sample("instruct", row))
     assert tokens.tolist() == ids
     targets = [t for t, m in zip(ids[1:], mask[1:]) if train_on_input or not m]
@@ -74,6 +74,7 @@ def test_labels_of_an_instruct_sample(hf_dir, train_on_input):
 
 def test_text_format_trains_on_everything_between_bos_and_eos(hf_dir):
     tok = load_tokenizer(hf_dir)
-    tokens, labels = tokenize_rows([{"text": "The quick brown fox."}], tok, format="text")[0]
+    sample = tokenize_rows([{"text": "The quick brown fox."}], tok, format="text")[0]
+    tokens, labels = sample["tokens"], sample["labels"]
     assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
     assert labels.tolist() == [*tokens[1:].tolist(), IGNORE_INDEX]

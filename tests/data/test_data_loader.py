@@ -17,7 +17,7 @@ def _dataset(n=37, seed=0):
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     labels = np.where(np.arange(len(tokens)) + 1 < len(tokens), np.roll(tokens, -1), -100).astype(np.int32)
     labels[offsets[1:] - 1] = -100
-    return TokenizedDataset(tokens, labels, offsets, source="mem", max_seq_len=16, pad_id=0)
+    return TokenizedDataset({"tokens": tokens, "labels": labels}, offsets, source="mem", max_seq_len=16, pad_id=0)
 
 
 def _ids(batch, packed):

@@ -46,7 +46,26 @@ def test_jsonl_json_csv_parquet_give_the_same_samples(tmp_path, tok, hf_cache):
         assert len(ds) == len(rows)
         assert ds.tokens.tolist() == datasets[0].tokens.tolist()
         assert ds.labels.tolist() == datasets[0].labels.tolist()
-    assert tok.decode(datasets[2][5][0].tolist()).endswith("NA\nassistant\n7.50\n")
+    assert tok.decode(datasets[2][5]["tokens"].tolist()).endswith("NA\nassistant\n7.50\n")
+
+
+def test_every_file_type_the_config_accepts_loads(tmp_path, tok, hf_cache):
+    """The config loader's builders and suffixes are the data pipeline's (arrow included)."""
+    import pyarrow as pa
+
+    from fastune.config.loader import _DATA_EXTENSIONS, FILE_BUILDERS
+    from fastune.data.datasets import FILE_TYPES
+
+    assert set(FILE_BUILDERS) == set(FILE_TYPES.values()) and set(_DATA_EXTENSIONS) == set(FILE_TYPES)
+    table = pa.Table.from_pylist(ROWS)
+    arrow = tmp_path / "d.arrow"
+    with pa.ipc.new_stream(str(arrow), table.schema) as writer:  # the stream format `datasets` writes
+        writer.write_table(table)
+    reference = load_sft_dataset(_jsonl(tmp_path / "d.jsonl", ROWS), tok, cache_dir=hf_cache)
+    for ds in (load_sft_dataset(arrow, tok, cache_dir=hf_cache),
+               load_sft_dataset("arrow", tok, data_files=str(arrow), cache_dir=hf_cache)):
+        assert ds.tokens.tolist() == reference.tokens.tolist()
+        assert ds.labels.tolist() == reference.labels.tolist()
 
 
 def test_builder_with_data_files_per_split(tmp_path, tok, hf_cache):
@@ -67,9 +86,9 @@ def test_truncation_keeps_the_start_without_adding_eos(tmp_path, tok, hf_cache):
     path = _jsonl(tmp_path / "d.jsonl", [{"instruction": "Say it.", "output": "the quick brown fox " * 5}])
     full = load_sft_dataset(path, tok, max_seq_len=512, cache_dir=hf_cache)
     cut = load_sft_dataset(path, tok, max_seq_len=20, cache_dir=hf_cache)
-    tokens, labels = cut[0]
-    assert len(tokens) == 20 and tokens.tolist() == full[0][0][:20].tolist()  # nothing (no eos) added
-    assert labels[:-1].tolist() == full[0][1][:19].tolist() and labels[-1] == IGNORE_INDEX
+    tokens, labels = cut[0]["tokens"], cut[0]["labels"]
+    assert len(tokens) == 20 and tokens.tolist() == full[0]["tokens"][:20].tolist()  # nothing (no eos) added
+    assert labels[:-1].tolist() == full[0]["labels"][:19].tolist() and labels[-1] == IGNORE_INDEX
 
 
 def test_empty_and_unsupervised_samples_are_dropped_and_counted(tmp_path, tok, hf_cache, caplog):
@@ -91,7 +110,7 @@ def test_holdout_split_is_deterministic_and_disjoint(tmp_path, tok, hf_cache):
     assert (len(train), len(val)) == (30, 10)
     assert val.tokens.tolist() == again_val.tokens.tolist()
     assert train.tokens.tolist() == again_train.tokens.tolist()
-    seen = {tuple(train[i][0].tolist()) for i in range(30)} | {tuple(val[i][0].tolist()) for i in range(10)}
+    seen = {tuple(d[i]["tokens"].tolist()) for d, n in ((train, 30), (val, 10)) for i in range(n)}
     assert len(seen) == 40
     assert holdout_split(ds, 0.25, seed=4)[1].tokens.tolist() != val.tokens.tolist()
     assert train.num_tokens + val.num_tokens == ds.num_tokens

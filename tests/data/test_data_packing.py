@@ -13,7 +13,7 @@ from fastune.data.formats import shift_labels
 def _doc(tokens, first_trained=0):
     tokens = np.asarray(tokens, dtype=np.int32)
     mask = np.arange(len(tokens)) < first_trained
-    return tokens, shift_labels(tokens, mask, np.array([0, len(tokens)]))
+    return {"tokens": tokens, "labels": shift_labels(tokens, mask, np.array([0, len(tokens)]))}
 
 
 def test_greedy_pack_keeps_order_and_fits():
@@ -74,7 +74,7 @@ def test_no_leakage_between_packed_documents():
     torch.testing.assert_close(logits2[0, b], logits[0, b], atol=1e-6, rtol=0)  # ...B did not
     torch.testing.assert_close(losses2[0, b], losses[0, b], atol=1e-6, rtol=0)
     # And B packed after A computes what B computes alone, from position 0.
-    alone = model(torch.as_tensor(doc_b[0], dtype=torch.long)[None])
+    alone = model(torch.as_tensor(doc_b["tokens"], dtype=torch.long)[None])
     torch.testing.assert_close(logits[0, b], alone[0], atol=1e-5, rtol=1e-5)
     # A's last token has no target: B's first token is never predicted from A.
     assert int(collate_packed([[doc_a, doc_b]], 0, seq_len)["labels"][0, 8]) == IGNORE_INDEX
@@ -89,3 +89,28 @@ def test_batches_feed_the_model(packed):
     keys = ("position_ids", "document_ids") if packed else ()
     logits = model(batch["tokens"], **{k: batch[k] for k in keys})
     assert logits.shape[:2] == batch["labels"].shape and torch.isfinite(logits).all()
+
+
+def test_samples_carry_named_fields_through_dataset_loader_and_collators():
+    """A field besides tokens and labels (here a second label row, as another objective
+    might carry) is sliced, subset, padded and packed like them."""
+    from fastune.data import TokenizedDataset, build_dataloader
+
+    tokens = np.array([5, 6, 7, 8, 9], dtype=np.int32)
+    labels = np.array([6, 7, -100, 9, -100], dtype=np.int32)
+    ref = np.array([1, 2, -100, 3, -100], dtype=np.int32)
+    ds = TokenizedDataset({"tokens": tokens, "labels": labels, "ref_labels": ref}, np.array([0, 3, 5]),
+                          source="mem", max_seq_len=8, pad_id=0)
+    assert ds[1]["ref_labels"].tolist() == [3, -100]
+    assert ds.subset([1])[0]["ref_labels"].tolist() == [3, -100]
+    padded = collate_padded([ds[0], ds[1]], pad_id=0)
+    assert padded["ref_labels"].tolist() == [[1, 2, -100], [3, -100, -100]]  # *_labels pad with -100
+    assert padded["tokens"].tolist() == [[5, 6, 7], [8, 9, 0]] and int(padded["num_tokens"]) == 5
+    packed = collate_packed([[ds[0], ds[1]]], pad_id=0, seq_len=6)
+    assert packed["ref_labels"].tolist() == [[1, 2, -100, 3, -100, -100]]
+    assert packed["document_ids"].tolist() == [[0, 0, 0, 1, 1, 2]]
+    batch = next(iter(build_dataloader(ds, batch_size=2, seed=0)))
+    assert set(batch) == {"tokens", "labels", "ref_labels", "num_tokens"}
+    with pytest.raises(ValueError, match="as long as the samples"):
+        TokenizedDataset({"tokens": tokens, "labels": labels[:4]}, np.array([0, 5]), source="mem",
+                         max_seq_len=8, pad_id=0)

@@ -10,7 +10,7 @@ How to use it for a new op (see tests/kernels/test_swiglu.py for a short example
 
 ``fwd_bwd`` draws the upstream gradients from a fixed seed and rounds them to
 ``grad_dtype`` first, so a float64 run sees exactly the values the low-precision
-run saw. The bound in ``assert_bf16_close`` is the project's bf16 rule (DESIGN.md):
+run saw. The bound in ``assert_bf16_close`` is the project's bf16 rule (docs/architecture.md):
 a kernel may be at most 2x as far from the float64 truth as eager PyTorch is in the
 same dtype, plus 1e-6. It holds for fp32 too, where it is just tighter.
 """
