@@ -34,7 +34,7 @@ LAYERS = [
     ("distributed", ["fastune.distributed"]),
     ("generation", ["fastune.generation"]),
     ("training", ["fastune.training"]),  # uses generation for exact-match evaluation
-    ("tools", ["fastune.quantize", "fastune.eval", "fastune.assets"]),
+    ("tools", ["fastune.quantize", "fastune.eval", "fastune.export", "fastune.assets"]),
     ("bench", ["fastune.bench"]),
     ("cli", ["fastune.cli"]),
 ]
@@ -73,6 +73,16 @@ def _resolve(name: str, mods: dict[str, Path]) -> str | None:
     return name or None
 
 
+def _type_checking_nodes(tree: ast.AST) -> set[ast.AST]:
+    """Nodes under ``if TYPE_CHECKING:``: annotations only, never imported at run time."""
+    skip: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            for child in node.body:
+                skip.update(ast.walk(child))
+    return skip
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports."""
     mods = _modules()
@@ -80,7 +90,11 @@ def import_graph() -> dict[str, set[str]]:
     for module, file in mods.items():
         is_package = file.name == "__init__.py"
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        tree = ast.parse(file.read_text(), str(file))
+        typing_only = _type_checking_nodes(tree)
+        for node in ast.walk(tree):
+            if node in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 names = [_canonical(alias.name) for alias in node.names]
             elif isinstance(node, ast.ImportFrom):

@@ -7,6 +7,10 @@ the config schema) does not import torch.
 import importlib
 from typing import Any
 
+# The built-in families register their specs on import (no torch at module level); any
+# import of a ``fastune.models`` module runs this first, so the registry is never empty.
+import fastune.models.families  # noqa: F401,E402
+
 _LAZY = {
     "ConfigError": "fastune.models.config",
     "ModelConfig": "fastune.models.config",

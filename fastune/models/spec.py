@@ -134,8 +134,8 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def _registry() -> dict[str, ModelSpec]:
-    import fastune.models.families  # noqa: F401  (registers the built-in families)
-
+    # The built-in families are registered by ``fastune.models``' __init__, which runs
+    # before this module.
     return _REGISTRY
 
 
