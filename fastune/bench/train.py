@@ -122,21 +122,24 @@ def model_flops_per_step(cfg, model_config, tokens_shape: tuple[int, int]) -> fl
               "v_proj": (c.hidden_size, kv_out), "o_proj": (q_out, c.hidden_size),
               "gate_proj": (c.hidden_size, c.intermediate_size), "up_proj": (c.hidden_size, c.intermediate_size),
               "down_proj": (c.intermediate_size, c.hidden_size)}
-    full = cfg.method == "full"
-    targets = set() if full else set(cfg.lora.targets)
+    from fastune.training.method import method_from_config
+
+    lora = method_from_config(cfg).lora
+    full = lora is None  # the base weights train
+    targets = set() if full else set(lora.targets)
     frozen = trained = 0
     for name, (fan_in, fan_out) in shapes.items():
         weight = fan_in * fan_out * c.num_hidden_layers
         trained += weight if full else 0
         frozen += 0 if full else weight
         if name in targets:
-            trained += cfg.lora.rank * (fan_in + fan_out) * c.num_hidden_layers
+            trained += lora.rank * (fan_in + fan_out) * c.num_hidden_layers
     head = c.hidden_size * c.vocab_size
     head_trained = full and not c.tie_word_embeddings or "lm_head" in targets
     trained += head if head_trained else 0
     frozen += 0 if head_trained else head
     if "lm_head" in targets:
-        trained += cfg.lora.rank * (c.hidden_size + c.vocab_size)
+        trained += lora.rank * (c.hidden_size + c.vocab_size)
     matmuls = tokens * (2 * 2 * frozen + 2 * 3 * trained)
     attention_forward = 2 * 2 * (seq * seq / 2) * q_out * c.num_hidden_layers * rows * cfg.gradient_accumulation_steps
     return matmuls + 3 * attention_forward
@@ -225,7 +228,7 @@ class FastuneRunner:
         self.clock.mark("data")
         micro_batches = self.batches.next()
         self.clock.mark("other")
-        loss, _ = self.recipe.train_step(self.run, micro_batches)
+        loss, _, _ = self.recipe.train_step(self.run, micro_batches)
         self.clock.mark("end")
         return _step_record(self.clock, micro_batches, loss)
 
@@ -238,6 +241,7 @@ class HFRunner:
 
         from fastune.checkpoint.hf import parse_dtype
         from fastune.data import load_tokenizer
+        from fastune.training.method import method_from_config
         from fastune.training.optim import build_lr_scheduler, build_optimizer
         from fastune.training.recipe import build_data, resolve_device, seed_everything
 
@@ -247,13 +251,14 @@ class HFRunner:
             cfg.model.checkpoint_dir, dtype=parse_dtype(cfg.model.dtype)).to(self.device)
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.method != "full":
+        method = method_from_config(cfg)
+        if method.lora is not None:
             import peft
 
-            lora = cfg.lora
+            lora = method.lora
             model = peft.get_peft_model(model, peft.LoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.targets), use_dora=cfg.method == "dora"))
+                target_modules=list(lora.targets), use_dora=method.use_dora))
         model.train()
         self.model = model
         self.forward = torch.compile(model) if compile else model
@@ -422,7 +427,9 @@ def bench_train(config: str, overrides: list[str], compare: list[str], steps: in
     if steps < 1 or rounds < 1 or warmup < 0:
         raise BenchError("--steps and --rounds must be at least 1, --warmup at least 0")
     cfg = load_config(config, overrides, check_paths=not random_init)
-    if cfg.method == "qlora" and any(c.startswith("hf") for c in compare):
+    from fastune.training.method import method_from_config
+
+    if method_from_config(cfg).nf4_base and any(c.startswith("hf") for c in compare):
         raise BenchError("--compare hf: QLoRA in HF needs bitsandbytes on CUDA; compare a lora config")
     model_config = ModelConfig.from_json(cfg.model.checkpoint_dir)
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
