@@ -65,7 +65,8 @@ def test_train_step_normalizes_loss_gradients_and_metrics_over_the_step():
         model=model, cfg=types.SimpleNamespace(clip_grad_norm=None), objective=objective, world=None,
         device=torch.device("cpu"), forward_context=contextlib.nullcontext(), optimizer=optimizer,
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
-    optimizer.step = lambda: grads.update({k: p.grad.clone() for k, p in model.named_parameters()})
+    optimizer.register_step_pre_hook(
+        lambda *_: grads.update({k: p.grad.clone() for k, p in model.named_parameters()}))
     loss, grad_norm, metrics = train_step(run, micro)
     torch.testing.assert_close(loss, total.detach() / 16)
     torch.testing.assert_close(metrics["again"].float(), loss)

@@ -197,7 +197,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _step(model, loss_fn: Callable, optimizer, batch, max_norm, tracker: MemoryTracker, forward_context):
-    """The memory-relevant part of ``fastune.training.recipe.train_step`` for one
+    """The memory-relevant part of ``fastune.training.loop.train_step`` for one
     micro-batch, in phases; returns the gradients (before ``zero_grad`` drops them)."""
     from fastune.training.recipe import clip_gradients
 

@@ -200,6 +200,19 @@ def _token_counts(micro_batches) -> tuple[int, int]:
     return tokens, supervised
 
 
+class _TimedObjective:
+    """The run's objective, calling ``done()`` when the loss is computed (backward starts)."""
+
+    def __init__(self, objective, done: Callable[[], None]):
+        self.objective, self.done = objective, done
+        self.normalizer = objective.normalizer
+
+    def __call__(self, *args, **kwargs):
+        out = self.objective(*args, **kwargs)
+        self.done()
+        return out
+
+
 class FastuneRunner:
     """The recipe's own ``setup`` and ``train_step``; hooks mark the phases: the model's
     forward pre-hook (forward starts), the loss returning (backward starts) and the
@@ -214,14 +227,7 @@ class FastuneRunner:
         self.clock = PhaseClock(self.device)
         self.run.model.register_forward_pre_hook(lambda *_: self.clock.mark("forward"))
         self.run.optimizer.register_step_pre_hook(lambda *_: self.clock.mark("optimizer"))
-        loss_fn = self.run.loss_fn
-
-        def timed_loss(hidden, labels):
-            out = loss_fn(hidden, labels)
-            self.clock.mark("backward")
-            return out
-
-        self.run.loss_fn = timed_loss
+        self.run.objective = _TimedObjective(self.run.objective, lambda: self.clock.mark("backward"))
         self.batches = MicroBatches(self.run.train_loader, cfg.gradient_accumulation_steps)
 
     def step(self) -> dict[str, Any]:
@@ -240,6 +246,7 @@ class HFRunner:
         import transformers
 
         from fastune.checkpoint.hf import parse_dtype
+        from fastune.config.sections import DataSection
         from fastune.data import load_tokenizer
         from fastune.training.method import method_from_config
         from fastune.training.optim import build_lr_scheduler, build_optimizer
@@ -266,7 +273,7 @@ class HFRunner:
         self.optimizer = build_optimizer(container, model, self.device)
         self.scheduler = build_lr_scheduler(_plain(cfg.lr_scheduler), self.optimizer, 10**6)
         self.max_norm = cfg.clip_grad_norm
-        loader, _ = build_data(cfg, load_tokenizer(cfg.tokenizer), self.device)
+        loader, _ = build_data(DataSection.from_config(cfg), load_tokenizer(cfg.tokenizer), self.device)
         self.batches = MicroBatches(loader, cfg.gradient_accumulation_steps)
         self.clock = PhaseClock(self.device)
 

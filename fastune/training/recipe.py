@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastune import distributed
-from fastune.config.sections import DistributedSection
+from fastune.config.sections import DataSection, DistributedSection
 from fastune.data import IGNORE_INDEX, load_tokenizer
 from fastune.modules.peft import count_parameters
 from fastune.training import checkpointer
@@ -121,8 +121,9 @@ def setup(cfg: DictConfig) -> TrainingRun:
 
     # Data first: a bad dataset fails in seconds, before a model is loaded.
     tokenizer = load_tokenizer(cfg.tokenizer)
-    train_loader, val_loader = build_data(cfg, tokenizer, device, world)
-    exact_match_examples = build_exact_match_examples(cfg, tokenizer)
+    data = DataSection.from_config(cfg)
+    train_loader, val_loader = build_data(data, tokenizer, device, world)
+    exact_match_examples = build_exact_match_examples(data, tokenizer)
     steps_per_epoch = steps_in_epoch(train_loader, cfg)
 
     # One process: the base weights (a resumed full run: its own), adapted by the method,
