@@ -333,13 +333,14 @@ def test_a_finished_background_save_is_put_in_place_before_the_next_save(monkeyp
     from concurrent.futures import Future
 
     from fastune import distributed
+    from fastune.distributed import saver as saver_module
 
     barriers, finished = [], []
-    monkeypatch.setattr(distributed.dist, "barrier", lambda group=None: barriers.append(group))
+    monkeypatch.setattr(saver_module.dist, "barrier", lambda group=None: barriers.append(group))
     saver = distributed.CheckpointSaver(distributed.World(0, 2, 0, torch.device("cpu")), async_save=True,
                                         commit=None)  # finish is replaced below
     future = Future()
-    saver._pending = distributed._Pending(future, lambda: finished.append("step_2"))
+    saver._pending = saver_module._Pending(future, lambda: finished.append("step_2"))
     saver.finish_if_done()
     assert finished == []  # DCP still writing
     future.set_result(None)

@@ -367,3 +367,29 @@ def test_compiled_layers_match_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_disable_adapters_gives_the_base_model(method):
+    """Under ``disable_adapters`` the adapted model's logits equal the base model's (its
+    NF4 base for QLoRA), bit for bit; afterwards the adapters are on again."""
+    from fastune.modules.lora import disable_adapters
+    from fastune.modules.peft import quantize_base_weights
+
+    base = tiny_model(**NF4_TINY)
+    adapted = copy.deepcopy(base)
+    apply_lora(adapted, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8.0,
+               use_dora=method == "dora", quantize_base=method == "qlora")
+    if method == "qlora":
+        quantize_base_weights(base)  # the same NF4 weights, without adapters
+    randomize_adapters(adapted)
+    x = tokens()
+    with torch.no_grad():
+        expected, adapted_logits = base(x), adapted(x)
+        assert not torch.equal(adapted_logits, expected)  # the adapters do change the output
+        with disable_adapters(adapted):
+            assert torch.equal(adapted(x), expected)
+        assert torch.equal(adapted(x), adapted_logits)
+    with pytest.raises(RuntimeError), disable_adapters(adapted):
+        raise RuntimeError("back on even after an error")
+    assert all(m.adapter_enabled for m in adapted.modules() if isinstance(m, LoRALinear))

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastune.config.sections import DataSection
 from fastune.training.recipe import build_data, fit, setup
 from train_helpers import single_thread  # noqa: F401 (autouse fixture)
 from train_helpers import RecordingLogger, hf_llama, make_config, save_base
@@ -58,7 +59,7 @@ def fastune_run_and_batches(tmp_path, base, **values):
     loader built the same way yields the same epoch), then train."""
     cfg = make_config(tmp_path, base, max_steps_per_epoch=STEPS, **values)
     state = setup(cfg)
-    loader, _ = build_data(cfg, state.tokenizer, torch.device("cpu"))
+    loader, _ = build_data(DataSection.from_config(cfg), state.tokenizer, torch.device("cpu"))
     loader.set_epoch(0)
     batches = list(loader)[: STEPS * cfg.gradient_accumulation_steps]
     return cfg, state, batches

@@ -104,26 +104,13 @@ class Target:
 
 
 def build_model(cfg: DictConfig, model_config: ModelConfig) -> nn.Module:
-    """The config's model with random weights (on fake tensors: none at all), adapted
-    as ``fastune.training.recipe.load_model`` adapts the loaded one."""
-    from fastune.checkpoint.hf import parse_dtype
-    from fastune.models.spec import get_spec
-    from fastune.modules.kernels import apply_kernels
-    from fastune.modules.peft import apply_lora
+    """The config's model with random weights (on fake tensors: none at all), built and
+    adapted by ``fastune.training.build.build_model`` as training builds the loaded one."""
+    from fastune.training.build import build_model as build
+    from fastune.training.method import method_from_config
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(parse_dtype(cfg.model.dtype))  # built in the training dtype, like a load
-    try:
-        model = get_spec(model_config.model_type).build(model_config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.reset_buffers()  # the RoPE frequencies stay fp32
-    apply_kernels(model, list(cfg.model.kernels))
-    if cfg.method != "full":
-        lora = cfg.lora
-        apply_lora(model, list(lora.targets), lora.rank, lora.alpha, lora.dropout,
-                   use_dora=cfg.method == "dora", quantize_base=cfg.method == "qlora")
-    return model
+    return build(cfg.model.checkpoint_dir, method_from_config(cfg), cfg.model.dtype,
+                 kernels=list(cfg.model.kernels), weights="random", model_config=model_config)
 
 
 def worst_case_batch(cfg: DictConfig, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -212,7 +199,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _step(model, loss_fn: Callable, optimizer, batch, max_norm, tracker: MemoryTracker, forward_context):
-    """The memory-relevant part of ``fastune.training.recipe.train_step`` for one
+    """The memory-relevant part of ``fastune.training.loop.train_step`` for one
     micro-batch, in phases; returns the gradients (before ``zero_grad`` drops them)."""
     from fastune.training.recipe import clip_gradients
 
@@ -284,9 +271,12 @@ def candidates(cfg: DictConfig, profile: Profile) -> list[Candidate]:
         out.append(Candidate(dict(ac), list(ac_features)))
     if profile.kind == "cuda" and not cfg.activation_offloading:
         out.append(Candidate({**ac, "activation_offloading": True}, ac_features + ["activation_offloading"]))
+    from fastune.training.method import method_from_config
+
     methods = [({}, [])]
-    if cfg.method == "lora":
-        methods.append(({"method": "qlora"}, ["qlora"]))
+    lighter = method_from_config(cfg).lighter_variant()
+    if lighter is not None:
+        methods.append(({"method": lighter}, [lighter]))
     accumulation = cfg.gradient_accumulation_steps
     for method, method_features in methods:
         if method:
@@ -335,6 +325,9 @@ def plan(cfg: DictConfig, model_config: ModelConfig, profile: Profile,
 
 
 def _settings(cfg: DictConfig) -> dict[str, Any]:
+    from fastune.training.method import method_from_config
+
+    lora = method_from_config(cfg).lora
     return {
         "method": cfg.method, "dtype": cfg.model.dtype, "kernels": list(cfg.model.kernels),
         "batch_size": cfg.batch_size, "max_seq_len": cfg.dataset.get("max_seq_len"),
@@ -342,7 +335,7 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "activation_checkpointing": cfg.activation_checkpointing,
         "activation_offloading": cfg.activation_offloading,
-        "lora": None if cfg.method == "full" else OmegaConf.to_container(cfg.lora),
+        "lora": None if lora is None else OmegaConf.to_container(cfg.lora),
         "optimizer": cfg.optimizer.get("_component_"),
     }
 

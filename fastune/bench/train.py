@@ -152,7 +152,9 @@ def bench_train(config: str, overrides: list[str], compare: list[str], steps: in
     if steps < 1 or rounds < 1 or warmup < 0:
         raise BenchError("--steps and --rounds must be at least 1, --warmup at least 0")
     cfg = load_config(config, overrides, check_paths=not random_init)
-    if cfg.method == "qlora" and any(c.startswith("hf") for c in compare):
+    from fastune.training.method import method_from_config
+
+    if method_from_config(cfg).nf4_base and any(c.startswith("hf") for c in compare):
         raise BenchError("--compare hf: QLoRA in HF needs bitsandbytes on CUDA; compare a lora config")
     model_config = ModelConfig.from_json(cfg.model.checkpoint_dir)
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"

@@ -15,11 +15,13 @@ def model_flops_per_step(cfg, model_config, tokens_shape: tuple[int, int]) -> fl
     model family's spec (``ModelSpec.model_flops``)."""
     from fastune.models.spec import get_spec
 
+    from fastune.training.method import method_from_config
+
     rows, seq = tokens_shape
-    full = cfg.method == "full"
+    lora = method_from_config(cfg).lora  # None: full fine-tuning, the base weights train
     return get_spec(model_config.model_type).model_flops(
-        model_config, rows, seq, cfg.gradient_accumulation_steps, full=full,
-        lora_targets=() if full else list(cfg.lora.targets), lora_rank=0 if full else cfg.lora.rank)
+        model_config, rows, seq, cfg.gradient_accumulation_steps, full=lora is None,
+        lora_targets=() if lora is None else list(lora.targets), lora_rank=0 if lora is None else lora.rank)
 
 
 def summarize(results: dict, cfg, model_config, profile) -> None:

@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -89,6 +89,19 @@ def _token_counts(micro_batches) -> tuple[int, int]:
     return tokens, supervised
 
 
+class _TimedObjective:
+    """The run's objective, calling ``done()`` when the loss is computed (backward starts)."""
+
+    def __init__(self, objective, done: Callable[[], None]):
+        self.objective, self.done = objective, done
+        self.normalizer = objective.normalizer
+
+    def __call__(self, *args, **kwargs):
+        out = self.objective(*args, **kwargs)
+        self.done()
+        return out
+
+
 class FastuneRunner:
     """The recipe's own ``setup`` and ``train_step``; hooks mark the phases: the model's
     forward pre-hook (forward starts), the loss returning (backward starts) and the
@@ -103,21 +116,14 @@ class FastuneRunner:
         self.clock = PhaseClock(self.device)
         self.run.model.register_forward_pre_hook(lambda *_: self.clock.mark("forward"))
         self.run.optimizer.register_step_pre_hook(lambda *_: self.clock.mark("optimizer"))
-        loss_fn = self.run.loss_fn
-
-        def timed_loss(hidden, labels):
-            out = loss_fn(hidden, labels)
-            self.clock.mark("backward")
-            return out
-
-        self.run.loss_fn = timed_loss
+        self.run.objective = _TimedObjective(self.run.objective, lambda: self.clock.mark("backward"))
         self.batches = MicroBatches(self.run.train_loader, cfg.gradient_accumulation_steps)
 
     def step(self) -> dict[str, Any]:
         self.clock.mark("data")
         micro_batches = self.batches.next()
         self.clock.mark("other")
-        loss, _ = self.recipe.train_step(self.run, micro_batches)
+        loss, _, _ = self.recipe.train_step(self.run, micro_batches)
         self.clock.mark("end")
         return _step_record(self.clock, micro_batches, loss)
 
@@ -129,7 +135,9 @@ class HFRunner:
         import transformers
 
         from fastune.checkpoint.hf import parse_dtype
+        from fastune.config.sections import DataSection
         from fastune.data import load_tokenizer
+        from fastune.training.method import method_from_config
         from fastune.training.optim import build_lr_scheduler, build_optimizer
         from fastune.training.recipe import build_data, resolve_device, seed_everything
 
@@ -139,13 +147,14 @@ class HFRunner:
             cfg.model.checkpoint_dir, dtype=parse_dtype(cfg.model.dtype)).to(self.device)
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.method != "full":
+        method = method_from_config(cfg)
+        if method.lora is not None:
             import peft
 
-            lora = cfg.lora
+            lora = method.lora
             model = peft.get_peft_model(model, peft.LoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.targets), use_dora=cfg.method == "dora"))
+                target_modules=list(lora.targets), use_dora=method.use_dora))
         model.train()
         self.model = model
         self.forward = torch.compile(model) if compile else model
@@ -153,7 +162,7 @@ class HFRunner:
         self.optimizer = build_optimizer(container, model, self.device)
         self.scheduler = build_lr_scheduler(_plain(cfg.lr_scheduler), self.optimizer, 10**6)
         self.max_norm = cfg.clip_grad_norm
-        loader, _ = build_data(cfg, load_tokenizer(cfg.tokenizer), self.device)
+        loader, _ = build_data(DataSection.from_config(cfg), load_tokenizer(cfg.tokenizer), self.device)
         self.batches = MicroBatches(loader, cfg.gradient_accumulation_steps)
         self.clock = PhaseClock(self.device)
 

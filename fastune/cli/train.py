@@ -113,9 +113,9 @@ def _summary(cfg, model) -> str:
                       f"{data.val_fraction:.1%} held out" if data.val_fraction is not None else "none")
         dataset = (f"{data.source} [{data.split}], {data.format}, max_seq_len {data.max_seq_len}"
                    f"{', packed' if data.packed else ''}; validation: {validation}")
-    method = cfg.method
-    if method != "full":
-        method += f" (rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, on {', '.join(cfg.lora.targets)})"
+    from fastune.training.method import method_from_config
+
+    method = method_from_config(cfg).describe()
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     epochs = f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
     if cfg.max_steps_per_epoch is not None:

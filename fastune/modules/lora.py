@@ -24,6 +24,9 @@ QLoRA: the frozen W may be a torchao ``NF4Tensor``. ``F.linear`` dispatches to
 torchao's NF4 linear (dequantize, matmul; the backward gives only dx), and
 ``W.to(dtype)`` dequantizes where DoRA and merging need the dense weight.
 
+``disable_adapters(model)`` (and ``LoRALinear.disable_adapter()``) switches the
+adapters off for a block: the layers compute their frozen base alone.
+
 With ``fused`` (set by ``apply_kernels``'s ``lora`` op; no dropout, no DoRA) the LoRA forward is the fused op
 ``fastune.kernels.lora.lora_linear`` (custom ops that never form dW and keep the
 intermediates at rank r on CUDA; the same formula in plain torch elsewhere).
@@ -31,8 +34,9 @@ intermediates at rank r on CUDA; the same formula in plain torch elsewhere).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +97,7 @@ class LoRALinear(nn.Module):
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.ones(self.out_features, **factory))
         self.fused = fused
+        self.adapter_enabled = True  # False inside disable_adapters(): the frozen layer alone
         if not self.weight.is_meta:
             self.reset_lora_parameters()
             if use_dora:
@@ -118,7 +123,19 @@ class LoRALinear(nn.Module):
         delta = self.lora_B.weight.to(weight.dtype) @ self.lora_A.weight.to(weight.dtype)
         return weight + self.scale * delta
 
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the layer is its frozen base (NF4 included), as if LoRA had
+        never been applied; the adapter is back on afterwards, even on error."""
+        previous, self.adapter_enabled = self.adapter_enabled, False
+        try:
+            yield
+        finally:
+            self.adapter_enabled = previous
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return F.linear(x, self.weight, self.bias)
         if self.use_dora:
             return self._dora_forward(x)
         if self.fused and self.dropout == 0:  # the fused op has no dropout
@@ -153,6 +170,18 @@ class LoRALinear(nn.Module):
             f"alpha={self.alpha}, dropout={self.dropout}, use_dora={self.use_dora}, "
             f"quantized={self.quantized}"
         )
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Turn off every LoRA/DoRA adapter of ``model`` for the block: the model then
+    computes its frozen base (a preference objective's reference pass runs the
+    policy model this way, with no second copy in memory)."""
+    with contextlib.ExitStack() as stack:
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                stack.enter_context(m.disable_adapter())
+        yield
 
 
 class NF4Linear(nn.Module):

@@ -1,0 +1,75 @@
+"""Training objectives: what a micro-batch's loss is.
+
+The loop (``fastune.training.loop.train_step``) and the validation loss
+(``fastune.training.evaluation.validation_loss``) know nothing of the loss itself;
+they ask an ``Objective``:
+
+- ``normalizer(batch)``: the count the step's loss is divided by, read from the batch
+  before any forward pass (the loop sums it over the step's micro-batches and over
+  ranks first, so every micro-batch's backward already divides by the step's total:
+  docs/architecture.md);
+- ``objective(model, batch, forward_context)``: the micro-batch's summed loss, its
+  normalizer count (a tensor) and metric sums, each divided by the same step total.
+
+``SFTObjective`` is next-token cross-entropy on the supervised tokens. A preference
+objective (DPO and its kin) fits the same shape: its normalizer is the number of
+pairs; it runs the model once for chosen and rejected, takes per-sequence
+log-probs from the fused loss, and gets the reference log-probs from the same model
+under ``fastune.modules.lora.disable_adapters`` (LoRA methods) and ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fastune.data import IGNORE_INDEX
+from fastune.training.loss import LossFn
+
+Batch = dict[str, torch.Tensor]
+ObjectiveResult = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+class Objective(Protocol):
+    def normalizer(self, batch: Batch) -> int:
+        """What this micro-batch adds to the step's divisor, counted without a forward."""
+        ...
+
+    def __call__(self, model: nn.Module, batch: Batch,
+                 forward_context: contextlib.AbstractContextManager = contextlib.nullcontext()
+                 ) -> ObjectiveResult:
+        """(summed loss, normalizer count, metric sums) of ``batch`` (on the model's
+        device). ``forward_context`` wraps the model's forward passes that backward
+        goes through (activation offloading)."""
+        ...
+
+
+def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The final hidden states of ``batch`` (packed batches carry positions and documents)."""
+    return model(batch["tokens"], position_ids=batch.get("position_ids"),
+                 document_ids=batch.get("document_ids"), return_hidden=True)
+
+
+class SFTObjective:
+    """Summed cross-entropy over the supervised tokens, normalized by their count.
+
+    ``loss_fn(hidden, labels) -> (summed loss, supervised tokens)``: the fused or eager
+    loss of ``fastune.training.recipe.build_loss``.
+    """
+
+    def __init__(self, loss_fn: LossFn):
+        self.loss_fn = loss_fn
+
+    def normalizer(self, batch: Batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def __call__(self, model: nn.Module, batch: Batch,
+                 forward_context: contextlib.AbstractContextManager = contextlib.nullcontext()
+                 ) -> ObjectiveResult:
+        with forward_context:
+            hidden = hidden_states(model, batch)
+        loss_sum, count = self.loss_fn(hidden, batch["labels"])
+        return loss_sum, count, {}
