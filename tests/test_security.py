@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastune.checkpoint.dcp_safe import UnsafeCheckpointError, read_dcp_metadata
-from fastune.distributed import DCP_DIR, _resume_state, load_resume_state
+from fastune.distributed.resume import DCP_DIR, _resume_state, load_resume_state
 from fastune.errors import FastuneError
 
 
