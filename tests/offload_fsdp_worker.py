@@ -13,16 +13,18 @@ import torch.distributed as dist
 import fastune.training.memory as memory
 from fastune.distributed import apply_fsdp
 from fastune.models import ModelConfig, Transformer
+from fastune.modules.kernels import apply_kernels
 from fastune.modules.peft import apply_lora, quantize_base_weights
 
 # NF4 shards over 2 ranks need every projection to hold a multiple of 2 * 64 * 256 elements.
 CONFIG = dict(vocab_size=67, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=64, use_kernels=True)
+              num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
 
 def qlora_model():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**CONFIG)).to(torch.bfloat16)
+    apply_kernels(model, "all")
     apply_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8.0)
     quantize_base_weights(model)
     return model

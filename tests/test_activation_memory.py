@@ -16,6 +16,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 import fastune.training.memory as memory
 from fastune.kernels.dispatch import force_triton
 from fastune.models import ModelConfig, Transformer
+from fastune.modules.kernels import apply_kernels
 from fastune.modules.peft import apply_lora
 from train_helpers import single_thread  # noqa: F401 (autouse fixture)
 
@@ -25,8 +26,8 @@ CONFIG = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_la
 
 def _lora_model(use_kernels=True, layers=3):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{**CONFIG, "num_hidden_layers": layers},
-                                    use_kernels=use_kernels))
+    model = Transformer(ModelConfig(**{**CONFIG, "num_hidden_layers": layers}))
+    apply_kernels(model, use_kernels)
     apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                        "down_proj"], rank=4, alpha=8.0)
     return model

@@ -131,7 +131,8 @@ class _Weights:
 
 def _open_checkpoint(path: Union[str, Path]):
     """(checkpoint folder, its ModelConfig, its weights), merging an adapter-only checkpoint."""
-    from fastune.checkpoint.hf import INDEX_NAME, WEIGHTS_NAME, CheckpointError
+    from fastune.checkpoint.hf import CheckpointError
+    from fastune.checkpoint.layout import HF_INDEX as INDEX_NAME, HF_WEIGHTS as WEIGHTS_NAME
     from fastune.generation import resolve_checkpoint
     from fastune.models.config import ModelConfig
 
@@ -171,7 +172,7 @@ def _safetensors_weights(ckpt: Path, config) -> _Weights:
     every key and shape against config.json."""
     from safetensors import SafetensorError, safe_open
 
-    from fastune.checkpoint.hf import INDEX_NAME, WEIGHTS_NAME
+    from fastune.checkpoint.layout import HF_INDEX as INDEX_NAME, HF_WEIGHTS as WEIGHTS_NAME
 
     index = ckpt / INDEX_NAME
     try:

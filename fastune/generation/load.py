@@ -66,30 +66,31 @@ def load_model(
     from fastune.checkpoint.quantized import is_quantized, load_quantized
 
     ckpt = resolve_checkpoint(path)
+    kernels = "all" if use_kernels is None else use_kernels
     if is_quantized(ckpt):
-        model = load_quantized(ckpt, device=device, use_kernels=use_kernels)
+        model = load_quantized(ckpt, device=device, kernels=kernels)
     elif has_hf_weights(ckpt) or not (ckpt / ADAPTER_DIR).is_dir():
-        model = load_hf_checkpoint(ckpt, dtype=dtype, device=device, use_kernels=use_kernels)
+        model = load_hf_checkpoint(ckpt, dtype=dtype, device=device, kernels=kernels)
     else:
-        model = _merged_adapter_model(ckpt, dtype, device, use_kernels)
+        model = _merged_adapter_model(ckpt, dtype, device, kernels)
     model.requires_grad_(False)
     return model.eval(), ckpt
 
 
-def _merged_adapter_model(ckpt: Path, dtype, device, use_kernels) -> nn.Module:
+def _merged_adapter_model(ckpt: Path, dtype, device, kernels) -> nn.Module:
     """Base model + the checkpoint's adapter, merged into plain weights."""
     from fastune.checkpoint.hf import load_hf_checkpoint
     from fastune.checkpoint.peft import load_peft_adapter
-    from fastune.models.transformer import Transformer
+    from fastune.models.spec import get_spec
     from fastune.modules.kernels import apply_kernels, enabled_kernels
     from fastune.modules.peft import merge_lora
 
     adapter = ckpt / ADAPTER_DIR
-    model = load_hf_checkpoint(_local_base_model(ckpt, adapter), dtype=dtype, device=device, use_kernels=use_kernels)
+    model = load_hf_checkpoint(_local_base_model(ckpt, adapter), dtype=dtype, device=device, kernels=kernels)
     load_peft_adapter(model, adapter)
     merged = merge_lora(model)
     with torch.device("meta"):
-        plain = Transformer(model.config)
+        plain = get_spec(model.config.model_type).build(model.config)
     plain.load_state_dict(merged, assign=True)
     plain.reset_buffers(torch.device(device))
     plain.tie_weights()

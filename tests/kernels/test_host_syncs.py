@@ -8,6 +8,7 @@ from fastune.bench.counting import HostSyncs
 from fastune.kernels import linear_cross_entropy
 from fastune.kernels.dispatch import force_triton
 from fastune.models import ModelConfig, Transformer
+from fastune.modules.kernels import apply_kernels
 from fastune.modules.peft import apply_lora
 
 
@@ -15,8 +16,9 @@ def _step_syncs(num_supervised):
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=67, hidden_size=32, intermediate_size=48,
                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=8, use_kernels=True)
+                         head_dim=8)
     model = Transformer(config)
+    apply_kernels(model, "all")
     apply_lora(model, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8.0)
     tokens = torch.randint(0, 67, (2, 9))
     labels = torch.randint(0, 67, (2, 9))
