@@ -6,9 +6,10 @@ the model code are imported on first use of the names below.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
+
+from fastune.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -30,10 +31,7 @@ __all__ = ["CheckpointError", "ConfigError", "ModelConfig", "Transformer",
            "from_pretrained", "save_pretrained", "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fastune' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def from_pretrained(

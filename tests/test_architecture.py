@@ -25,7 +25,7 @@ SOURCES = {"fastune": ROOT / "fastune", "fastune.kernels": ROOT / "kernels"}
 # root package, a lazy facade over models and checkpoint).
 LAYERS = [
     ("kernels", ["fastune.kernels"]),  # torch and triton only
-    ("errors", ["fastune.errors"]),
+    ("errors", ["fastune.errors", "fastune.lazy"]),  # the base: error types, lazy package exports
     ("models", ["fastune.models"]),  # the plain model, no transformations
     ("modules", ["fastune.modules"]),  # transformations applied from outside (LoRA)
     ("checkpoint", ["fastune.checkpoint", "fastune.hub", "fastune"]),  # on-disk formats, Hub I/O

@@ -5,8 +5,7 @@ The names below are imported on first use (PEP 562), so that reading the layout
 (``fastune.checkpoint.layout``, used by the CLI and the Hub code) does not import torch.
 """
 
-import importlib
-from typing import Any
+from fastune.lazy import lazy_attributes
 
 # Public name -> module it lives in.
 _LAZY = {
@@ -25,7 +24,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fastune.checkpoint' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -14,8 +14,7 @@ The names below are imported on first use (PEP 562): the config schema reads the
 format registry and the file types without importing torch.
 """
 
-import importlib
-from typing import Any
+from fastune.lazy import lazy_attributes
 
 # Public name -> module it lives in.
 _LAZY = {
@@ -42,7 +41,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fastune.data' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

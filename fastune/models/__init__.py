@@ -4,8 +4,7 @@ Names are imported on first use (PEP 562), so ``fastune.models.spec`` (read by
 the config schema) does not import torch.
 """
 
-import importlib
-from typing import Any
+from fastune.lazy import lazy_attributes
 
 # The built-in families register their specs on import (no torch at module level); any
 # import of a ``fastune.models`` module runs this first, so the registry is never empty.
@@ -22,7 +21,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fastune.models' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

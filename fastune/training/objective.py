@@ -57,7 +57,7 @@ class SFTObjective:
     """Summed cross-entropy over the supervised tokens, normalized by their count.
 
     ``loss_fn(hidden, labels) -> (summed loss, supervised tokens)``: the fused or eager
-    loss of ``fastune.training.recipe.build_loss``.
+    loss of ``fastune.training.loss.build_loss``.
     """
 
     def __init__(self, loss_fn: LossFn):
