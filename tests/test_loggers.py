@@ -28,6 +28,10 @@ def cfg_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _build(cfg):
+    return build_metric_logger(cfg.metric_logger, cfg)
+
+
 def test_disk_logger_writes_one_json_object_per_call(tmp_path):
     with DiskLogger(tmp_path / "logs") as logger:
         logger.log_dict({"loss": torch.tensor(2.5), "lr": 1e-4}, step=1)
@@ -45,7 +49,7 @@ def test_stdout_logger(capsys):
 
 
 def test_build_metric_logger_default_is_jsonl_in_output_dir(cfg_dir):
-    with build_metric_logger(load_config("config.yaml")) as logger:
+    with _build(load_config("config.yaml")) as logger:
         assert isinstance(logger, DiskLogger)
         logger.log_dict({"loss": 1.0}, step=1)
     assert json.loads((cfg_dir / "out" / "logs" / "metrics.jsonl").read_text()) == {"step": 1, "loss": 1.0}
@@ -53,7 +57,7 @@ def test_build_metric_logger_default_is_jsonl_in_output_dir(cfg_dir):
 
 def test_only_rank_zero_logs(cfg_dir, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    logger = build_metric_logger(load_config("config.yaml"))
+    logger = _build(load_config("config.yaml"))
     assert type(logger) is MetricLogger
     logger.log_dict({"loss": 1.0}, step=1)
     logger.close()
@@ -147,7 +151,7 @@ def test_wandb_logs_config_metrics_checkpoint_and_finishes(cfg_dir, wandb_offlin
     (ckpt / "adapter_config.json").write_text("{}")
     with_secret = OmegaConf.to_container(cfg)
     with_secret["metric_logger"]["hf_token"] = HF_TOKEN
-    with build_metric_logger(cfg) as logger:
+    with build_metric_logger(cfg.metric_logger, cfg) as logger:
         logger.log_config(with_secret)
         logger.log_dict({"loss": torch.tensor(1.5), "lr": 2e-4}, step=1)
         logger.log_dict({"loss": 1.25}, step=2)
@@ -187,7 +191,7 @@ def test_wandb_logs_config_metrics_checkpoint_and_finishes(cfg_dir, wandb_offlin
 def test_wandb_finishes_as_failed_on_an_exception(cfg_dir, wandb_offline):
     cfg = load_config("config.yaml", ["metric_logger=wandb"])
     with pytest.raises(RuntimeError, match="boom"):
-        with build_metric_logger(cfg) as logger:
+        with build_metric_logger(cfg.metric_logger, cfg) as logger:
             logger.log_dict({"loss": 3.0}, step=1)
             logger.log_checkpoint(cfg_dir, {"global_step": 1})  # log_checkpoints is off: ignored
             raise RuntimeError("boom")
@@ -206,7 +210,7 @@ def test_wandb_finishes_as_failed_when_the_config_cannot_be_logged(cfg_dir, wand
     monkeypatch.setattr(WandBLogger, "log_config", broken)
     cfg = load_config("config.yaml", ["metric_logger=wandb"])
     with pytest.raises(OSError, match="disk full"):
-        build_metric_logger(cfg)
+        build_metric_logger(cfg.metric_logger, cfg)
     wait_for_exit_record(wandb_offline)
     (exit_record,) = records_of(wandb_offline, "exit")
     assert exit_record.exit_code == 1
@@ -216,5 +220,5 @@ def test_wandb_unknown_init_keyword(cfg_dir, wandb_offline):
     cfg = load_config("config.yaml", ["metric_logger=wandb", "metric_logger.projetc=x"])
     with pytest.raises(ConfigError, match=r"metric_logger.projetc: not a parameter of wandb.init "
                                           r"\(did you mean 'project'\?\)"):
-        build_metric_logger(cfg)
+        build_metric_logger(cfg.metric_logger, cfg)
     assert not (wandb_offline / "wandb").exists()  # checked before wandb.init

@@ -9,10 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 
 import fastune
-from fastune.training.method import METHODS, LoRAMethod, Method, method_from_config
+from fastune.methods.method import METHODS, LoRAMethod, Method, method_from_config
 
 PACKAGE = Path(fastune.__file__).parent
-METHOD_MODULE = PACKAGE / "training" / "method.py"
+METHOD_MODULE = PACKAGE / "methods" / "method.py"
 # The validator checks, with file:line, that a LoRA method has targets; it sits below
 # the Method objects (config is imported by training, not the other way round).
 ALLOWED = {(PACKAGE / "config" / "loader.py", "_check_lora")}

@@ -55,7 +55,7 @@ def test_environment_values_never_reach_config_yaml_or_wandb(cfg_dir, wandb_offl
         return real_init(**kw)
 
     monkeypatch.setattr(wandb, "init", init)
-    with build_metric_logger(cfg):
+    with build_metric_logger(cfg.metric_logger, cfg):
         pass
     wait_for_exit_record(wandb_offline)
     assert not any(s in repr(seen) for s in (ENV_SECRET, WANDB_KEY, HF)), seen

@@ -102,7 +102,7 @@ def test_adapter_only_checkpoint_and_keep_last_n(tmp_path, base):
 def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, base, monkeypatch):
     """Ctrl-C while the adapter of step_2 is written: no step_2 (nor a temporary folder)
     appears, the logger is closed, and auto-resume then starts from step_1."""
-    import fastune.training.method as method
+    import fastune.methods.method as method
     import fastune.training.recipe as recipe
 
     cfg = make_config(tmp_path, base, max_steps_per_epoch=4, save_every_n_steps=1)
@@ -118,7 +118,7 @@ def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, base, monkeypat
 
     monkeypatch.setattr(method, "save_peft_adapter", interrupted)
     logger = RecordingLogger()
-    monkeypatch.setattr(recipe, "build_metric_logger", lambda cfg: logger)
+    monkeypatch.setattr(recipe, "build_metric_logger", lambda section, run_config: logger)
     with pytest.raises(KeyboardInterrupt):
         recipe.train(cfg)
     assert logger.closed  # wandb.finish would have run

@@ -105,9 +105,9 @@ class Target:
 
 def build_model(cfg: DictConfig, model_config: ModelConfig) -> nn.Module:
     """The config's model with random weights (on fake tensors: none at all), built and
-    adapted by ``fastune.training.build.build_model`` as training builds the loaded one."""
-    from fastune.training.build import build_model as build
-    from fastune.training.method import method_from_config
+    adapted by ``fastune.methods.build.build_model`` as training builds the loaded one."""
+    from fastune.methods.build import build_model as build
+    from fastune.methods.method import method_from_config
 
     return build(cfg.model.checkpoint_dir, method_from_config(cfg), cfg.model.dtype,
                  kernels=list(cfg.model.kernels), weights="random", model_config=model_config)
@@ -271,7 +271,7 @@ def candidates(cfg: DictConfig, profile: Profile) -> list[Candidate]:
         out.append(Candidate(dict(ac), list(ac_features)))
     if profile.kind == "cuda" and not cfg.activation_offloading:
         out.append(Candidate({**ac, "activation_offloading": True}, ac_features + ["activation_offloading"]))
-    from fastune.training.method import method_from_config
+    from fastune.methods.method import method_from_config
 
     methods = [({}, [])]
     lighter = method_from_config(cfg).lighter_variant()
@@ -325,7 +325,7 @@ def plan(cfg: DictConfig, model_config: ModelConfig, profile: Profile,
 
 
 def _settings(cfg: DictConfig) -> dict[str, Any]:
-    from fastune.training.method import method_from_config
+    from fastune.methods.method import method_from_config
 
     lora = method_from_config(cfg).lora
     return {

@@ -152,7 +152,7 @@ def bench_train(config: str, overrides: list[str], compare: list[str], steps: in
     if steps < 1 or rounds < 1 or warmup < 0:
         raise BenchError("--steps and --rounds must be at least 1, --warmup at least 0")
     cfg = load_config(config, overrides, check_paths=not random_init)
-    from fastune.training.method import method_from_config
+    from fastune.methods.method import method_from_config
 
     if method_from_config(cfg).nf4_base and any(c.startswith("hf") for c in compare):
         raise BenchError("--compare hf: QLoRA in HF needs bitsandbytes on CUDA; compare a lora config")

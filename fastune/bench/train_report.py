@@ -15,7 +15,7 @@ def model_flops_per_step(cfg, model_config, tokens_shape: tuple[int, int]) -> fl
     model family's spec (``ModelSpec.model_flops``)."""
     from fastune.models.spec import get_spec
 
-    from fastune.training.method import method_from_config
+    from fastune.methods.method import method_from_config
 
     rows, seq = tokens_shape
     lora = method_from_config(cfg).lora  # None: full fine-tuning, the base weights train

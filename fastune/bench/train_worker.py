@@ -137,7 +137,7 @@ class HFRunner:
         from fastune.checkpoint.hf import parse_dtype
         from fastune.config.sections import DataSection
         from fastune.data import load_tokenizer
-        from fastune.training.method import method_from_config
+        from fastune.methods.method import method_from_config
         from fastune.training.optim import build_lr_scheduler, build_optimizer
         from fastune.training.recipe import build_data, resolve_device, seed_everything
 

@@ -113,7 +113,7 @@ def _summary(cfg, model) -> str:
                       f"{data.val_fraction:.1%} held out" if data.val_fraction is not None else "none")
         dataset = (f"{data.source} [{data.split}], {data.format}, max_seq_len {data.max_seq_len}"
                    f"{', packed' if data.packed else ''}; validation: {validation}")
-    from fastune.training.method import method_from_config
+    from fastune.methods.method import method_from_config
 
     method = method_from_config(cfg).describe()
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps

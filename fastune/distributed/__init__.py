@@ -5,7 +5,7 @@ One concern per module: ``world`` (process group, this rank, collectives),
 export), ``loading`` (HF weights into shards), ``resume`` (the DCP resume state),
 ``saver`` (``CheckpointSaver``), ``launch`` (torchrun). The layers get their
 settings as a ``fastune.config.sections.DistributedSection`` and the
-``fastune.training.method.Method``, never the whole config.
+``fastune.methods.method.Method``, never the whole config.
 
 ``train(cfg)`` is the same function on one process and on N ranks. Launched by
 torchrun (``fastune train CONFIG --nproc-per-node N``, which calls
@@ -16,7 +16,7 @@ recipe goes through these steps:
    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). NCCL with one GPU per local rank on
    CUDA, gloo on CPU, and a collective timeout, so a rank left waiting for a
    dead peer fails instead of hanging (torchrun stops the job when a rank dies).
-2. ``fastune.training.build.build_model(..., weights="meta")``: the model and its
+2. ``fastune.methods.build.build_model(..., weights="meta")``: the model and its
    adapters on the meta device, in the training dtype. Nothing is allocated.
 3. (recipe) activation checkpointing, then compile: both wrap each layer's
    ``forward`` and must be in place before the layer is sharded.

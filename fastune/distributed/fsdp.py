@@ -58,7 +58,7 @@ def shard_and_load(model: nn.Module, method, section, world: World, weights_dir:
     read the base weights from the HF checkpoint ``weights_dir`` (None: they come from
     the resume state instead) and initialize the adapters.
 
-    ``method``: the ``fastune.training.method.Method`` (an NF4 base is read, quantized
+    ``method``: the ``fastune.methods.method.Method`` (an NF4 base is read, quantized
     and sharded layer by layer); ``section``: the config's ``DistributedSection``.
     """
     from fastune.checkpoint.hf import parse_dtype

@@ -62,15 +62,16 @@ def load_model(
 ) -> tuple[nn.Module, Path]:
     """(model in eval mode, without gradients; the checkpoint folder used) for ``path``.
     A quantized checkpoint keeps the dtype it was quantized with."""
-    from fastune.checkpoint.hf import load_hf_checkpoint
     from fastune.checkpoint.quantized import is_quantized, load_quantized
+    from fastune.methods.build import build_model
+    from fastune.methods.method import Method
 
     ckpt = resolve_checkpoint(path)
     kernels = "all" if use_kernels is None else use_kernels
     if is_quantized(ckpt):
         model = load_quantized(ckpt, device=device, kernels=kernels)
     elif has_hf_weights(ckpt) or not (ckpt / ADAPTER_DIR).is_dir():
-        model = load_hf_checkpoint(ckpt, dtype=dtype, device=device, kernels=kernels)
+        model = build_model(ckpt, Method(), dtype, device, kernels)
     else:
         model = _merged_adapter_model(ckpt, dtype, device, kernels)
     model.requires_grad_(False)
@@ -79,14 +80,15 @@ def load_model(
 
 def _merged_adapter_model(ckpt: Path, dtype, device, kernels) -> nn.Module:
     """Base model + the checkpoint's adapter, merged into plain weights."""
-    from fastune.checkpoint.hf import load_hf_checkpoint
     from fastune.checkpoint.peft import load_peft_adapter
+    from fastune.methods.build import build_model
+    from fastune.methods.method import Method
     from fastune.models.spec import get_spec
     from fastune.modules.kernels import apply_kernels, enabled_kernels
     from fastune.modules.peft import merge_lora
 
     adapter = ckpt / ADAPTER_DIR
-    model = load_hf_checkpoint(_local_base_model(ckpt, adapter), dtype=dtype, device=device, kernels=kernels)
+    model = build_model(_local_base_model(ckpt, adapter), Method(), dtype, device, kernels)
     load_peft_adapter(model, adapter)
     merged = merge_lora(model)
     with torch.device("meta"):

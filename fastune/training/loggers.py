@@ -2,7 +2,7 @@
 
 One small interface for all of them::
 
-    with build_metric_logger(cfg) as logger:    # also logs the config
+    with build_metric_logger(cfg.metric_logger, cfg) as logger:    # also logs the config
         logger.log_dict({"loss": 1.23, "lr": 2e-4}, step=global_step)
         logger.log_checkpoint(ckpt_dir, {"global_step": global_step, ...})
     # leaving the block closes the logger, also on an exception
@@ -204,24 +204,25 @@ def check_wandb_login(mode: str | None = None) -> None:
                        "or set WANDB_MODE=offline (or metric_logger.mode=offline) to log locally")
 
 
-def check_metric_logger(cfg: DictConfig) -> None:
-    """What a logger needs that can be checked before heavy work: the W&B login."""
-    logger = cfg.metric_logger
+def check_metric_logger(logger: Mapping[str, Any]) -> None:
+    """What the logger of the config's ``metric_logger`` section needs that can be
+    checked before heavy work: the W&B login."""
     if int(os.environ.get("RANK", "0")) == 0 and str(logger.get("_component_", "")).endswith(".WandBLogger"):
         check_wandb_login(logger.get("mode"))
 
 
-def build_metric_logger(cfg: DictConfig) -> MetricLogger:
-    """The logger named by ``cfg.metric_logger``, with the config already logged.
+def build_metric_logger(section: Mapping[str, Any], run_config: Mapping[str, Any]) -> MetricLogger:
+    """The logger named by the config's ``metric_logger`` section, with ``run_config``
+    (the whole run's settings, as values to record) already logged.
 
     Under torchrun only rank 0 (env ``RANK``) logs; other ranks get the base
     ``MetricLogger``, which drops everything.
     """
     if int(os.environ.get("RANK", "0")) != 0:
         return MetricLogger()
-    logger = instantiate(cfg.metric_logger)
+    logger = instantiate(section)
     try:
-        logger.log_config(cfg)
+        logger.log_config(run_config)
     except BaseException as e:
         logger.__exit__(type(e), e, e.__traceback__)  # a W&B run then ends as failed
         raise

@@ -46,14 +46,14 @@ from fastune.checkpoint.layout import ADAPTER_DIR
 from fastune.data import load_tokenizer
 from fastune.modules.peft import count_parameters
 from fastune.training import checkpointer
-from fastune.training.build import build_model
+from fastune.methods.build import build_model
 from fastune.training.compile import apply_compile
 from fastune.training.data import build_data, build_exact_match_examples
 from fastune.training.loggers import build_metric_logger, check_metric_logger
 from fastune.training.loop import clip_gradients, fit, steps_in_epoch, train_step
 from fastune.training.memory import apply_activation_checkpointing, offload_activations
 from fastune.training.loss import build_loss
-from fastune.training.method import method_from_config
+from fastune.methods.method import method_from_config
 from fastune.training.objective import SFTObjective
 from fastune.training.optim import build_lr_scheduler, build_optimizer
 from fastune.training.run import TrainingError, TrainingRun
@@ -74,12 +74,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``eval_exact_match``, ``exact_match_before``/``exact_match_after``.
     """
     _show_info_logs()
-    check_metric_logger(cfg)  # a missing W&B login fails now, not after loading the model
+    check_metric_logger(cfg.metric_logger)  # a missing W&B login fails now, not after loading the model
     with distributed.process_group(cfg.device, cfg.distributed.timeout_s) as world:  # None: one process
         if world is not None and not world.is_main:
             logging.getLogger("fastune").setLevel(logging.WARNING)  # INFO lines from rank 0 only
         run = setup(cfg)
-        with build_metric_logger(cfg) as logger:  # closed (wandb.finish) on any exit
+        with build_metric_logger(cfg.metric_logger, cfg) as logger:  # closed (wandb.finish) on any exit
             return fit(run, logger)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from fastune import distributed
 from fastune.data import SFTDataLoader
 from fastune.errors import FastuneError
-from fastune.training.method import Method
+from fastune.methods.method import Method
 from fastune.training.objective import Objective
 
 

@@ -15,7 +15,7 @@ from fastune import distributed
 from fastune.config.sections import DistributedSection
 from fastune.training import checkpointer
 from fastune.training.loggers import MetricLogger
-from fastune.training.method import Method
+from fastune.methods.method import Method
 from fastune.training.run import TrainingRun
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
-from fastune.training.method import Method
+from fastune.methods.method import Method
 
 
 def build_model(
