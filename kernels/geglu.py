@@ -29,8 +29,9 @@ from fastune.kernels.interpreter import cast
 
 BLOCK = 1024
 NUM_WARPS = 4
-K = math.sqrt(2.0 / math.pi)
-C = 0.044715
+# constexpr: a jit function may read only constexpr globals.
+K = tl.constexpr(math.sqrt(2.0 / math.pi))
+C = tl.constexpr(0.044715)
 
 
 @triton.jit

@@ -36,6 +36,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has a bias
     model_type: str = "llama"  # the key of its ModelSpec (fastune.models.spec)
+    # Gemma 2: logits = cap * tanh(logits / cap) (forward, generation, and the losses).
+    final_logit_softcapping: Optional[float] = None
     # Everything else from config.json, written back unchanged on save.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
