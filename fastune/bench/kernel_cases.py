@@ -96,6 +96,19 @@ def _gelu_tanh64(g):
     return 0.5 * g * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (g + 0.044715 * g**3)))
 
 
+def _case_add_rms_norm_gemma(dtype) -> Case:
+    """Gemma 2 2B's residual add + norm: scale (1 + w), the product in fp32."""
+    from fastune.kernels.rms_norm import add_rms_norm, add_rms_norm_reference
+
+    x = _randn(2, TOKENS // 2, GEMMA_HIDDEN, dtype=dtype)
+    r = _randn(2, TOKENS // 2, GEMMA_HIDDEN, dtype=dtype, seed=2)
+    w = _randn(GEMMA_HIDDEN, dtype=dtype, scale=0.1, seed=1)  # Gemma stores the scale minus 1
+    return Case(f"{TOKENS} x {GEMMA_HIDDEN}", [x, r, w, 1e-6],
+                lambda x, r, w, eps: add_rms_norm(x, r, w, eps, 1.0, True),
+                lambda x, r, w, eps: add_rms_norm_reference(x, r, w, eps, 1.0, True),
+                lambda x, r, w, eps: (x + r, _rms64(x + r, 1 + w, eps)))
+
+
 def _case_geglu(dtype) -> Case:
     """Gemma 2 2B's MLP gate: gelu_tanh(gate) * up over 4096 tokens x 9216."""
     from fastune.kernels.geglu import geglu, geglu_reference
@@ -109,30 +122,37 @@ def _case_geglu(dtype) -> Case:
 VOCAB = 128256
 
 
-def _case_linear_cross_entropy(dtype, weight_trains: bool = True) -> Case:
+def _case_linear_cross_entropy(dtype, weight_trains: bool = True, gemma: bool = False) -> Case:
     """The loss of a Llama 3 head: 4096 tokens, a quarter of them ignored (prompt tokens).
-    Eager baseline: F.linear then F.cross_entropy on fp32 logits. Errors: on 256 tokens."""
+    Eager baseline: F.linear then F.cross_entropy on fp32 logits. Errors: on 256 tokens.
+    ``gemma``: Gemma 2 2B's head (vocab 256000) with final-logit softcapping at 30, on
+    logits of std ~10 so that the cap bites; eager caps the fp32 logits first."""
     from torch.nn.functional import cross_entropy, linear
 
     from fastune.kernels.linear_cross_entropy import linear_cross_entropy
 
+    hidden_size, vocab = (GEMMA_HIDDEN, GEMMA_VOCAB) if gemma else (HIDDEN, VOCAB)
+    softcap = GEMMA_SOFTCAP if gemma else None
+
     def make(tokens, seed):
-        hidden = _randn(1, tokens, HIDDEN, dtype=dtype, seed=seed)
-        labels = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(seed))
+        hidden = _randn(1, tokens, hidden_size, dtype=dtype, seed=seed)
+        labels = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
         labels[:, : tokens // 4] = -100
         return hidden, labels
 
-    weight = _randn(VOCAB, HIDDEN, dtype=dtype, scale=0.02, seed=1)
+    weight = _randn(vocab, hidden_size, dtype=dtype, scale=0.2 if gemma else 0.02, seed=1)
     hidden, labels = make(TOKENS, 0)
     small_hidden, small_labels = make(256, 2)
 
-    def eager(h, w, y):
-        return cross_entropy(linear(h, w).float().flatten(0, 1), y.flatten(), reduction="sum")
+    def loss(logits, y):
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
 
     return Case(
-        f"{TOKENS} x {HIDDEN} -> {VOCAB}", [hidden, weight, labels],
-        lambda h, w, y: linear_cross_entropy(h, w, y)[0], eager,
-        lambda h, w, y: cross_entropy(linear(h, w).flatten(0, 1), y.flatten(), reduction="sum"),
+        f"{TOKENS} x {hidden_size} -> {vocab}" + (f", softcap {softcap:g}" if gemma else ""),
+        [hidden, weight, labels], lambda h, w, y: linear_cross_entropy(h, w, y, softcap=softcap)[0],
+        lambda h, w, y: loss(linear(h, w).float(), y), lambda h, w, y: loss(linear(h, w), y),
         frozen=() if weight_trains else (1,), error_inputs=[small_hidden, weight, small_labels])
 
 
@@ -212,8 +232,10 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "apply_rope": _case_apply_rope,
     "swiglu": _case_swiglu,
     "geglu": _case_geglu,
+    "add_rms_norm_gemma": _case_add_rms_norm_gemma,
     "linear_cross_entropy": _case_linear_cross_entropy,
     "linear_cross_entropy_frozen_w": lambda dtype: _case_linear_cross_entropy(dtype, False),
+    "linear_cross_entropy_softcap": lambda dtype: _case_linear_cross_entropy(dtype, gemma=True),
     "lora_linear": _case_lora_linear,
     "lora_linear_nf4": lambda dtype: _case_lora_linear(dtype, quantized=True),
     "lora_linear_ops": _case_lora_linear_ops,
