@@ -10,6 +10,10 @@ all in fp32 whatever the dtype of z:
            = (1 - e) NLL + e mean_j(-log p_ij) + k lse_i^2     (PyTorch's label smoothing)
     dloss_i/dz_ij = p_ij (1 + 2 k lse_i) - e / V - (1 - e) [j == y],  p_ij = exp(z_ij - lse_i)
 
+With final-logit softcapping c (Gemma 2), z_ij is first replaced by c tanh(z_ij / c),
+in fp32 wherever it is read, and the gradient is multiplied by the cap's derivative
+1 - tanh(z_ij / c)^2, so it is w.r.t. the uncapped logits in the buffer.
+
 Rows whose target is ``ignore_index`` have loss 0 and gradient 0. A target outside
 [0, V) that is not ``ignore_index`` makes that row's loss NaN: checking it on the host
 would cost a device sync, and a NaN loss is caught by the training loop at once.

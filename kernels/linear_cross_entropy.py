@@ -4,7 +4,8 @@ Math, for hidden states h [N, H], the output projection W [V, H] and targets y [
 
     z = h W^T                         (the logits; GEMM with fp32 accumulation,
                                        stored in the input dtype like F.linear's)
-    loss_sum = sum_i loss_i(z_i, y_i)  (per-token loss as in ``cross_entropy``, fp32)
+    loss_sum = sum_i loss_i(z_i, y_i)  (per-token loss as in ``cross_entropy``, fp32, with
+                                       its optional final-logit softcapping)
     G = dloss_sum/dz                  (see cross_entropy.py)
     dloss_sum/dh = G W,   dloss_sum/dW = G^T h
 

@@ -116,3 +116,13 @@ def test_bf16_kernels_on_within_bf16_rule_of_kernels_off():
     assert_bf16_close(got[:1] + [got_grads[n] for n in truth_grads],
                       eager[:1] + [eager_grads[n] for n in truth_grads],
                       truth[:1] + [truth_grads[n] for n in truth_grads], names[:1] + names[2:])
+
+
+def test_final_logit_softcapping_round_trips_through_config_json():
+    hf = {"vocab_size": 37, "hidden_size": 40, "intermediate_size": 56, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "model_type": "toy_gemma"}
+    assert ModelConfig.from_hf_dict(hf).final_logit_softcapping is None
+    assert "final_logit_softcapping" not in ModelConfig.from_hf_dict(hf).to_hf_dict()
+    config = ModelConfig.from_hf_dict({**hf, "final_logit_softcapping": 30.0})
+    assert config.final_logit_softcapping == 30.0 and "final_logit_softcapping" not in config.extra
+    assert config.to_hf_dict()["final_logit_softcapping"] == 30.0
