@@ -7,6 +7,7 @@ Add an op's public functions below, one import line per op file.
 """
 
 from fastune.kernels.cross_entropy import cross_entropy
+from fastune.kernels.geglu import geglu
 from fastune.kernels.linear_cross_entropy import linear_cross_entropy
 from fastune.kernels.lora import lora_linear
 from fastune.kernels.lora_mlp import lora_mlp
@@ -15,5 +16,5 @@ from fastune.kernels.rms_norm import add_rms_norm, rms_norm
 from fastune.kernels.rope import apply_rope
 from fastune.kernels.swiglu import swiglu
 
-__all__ = ["add_rms_norm", "apply_rope", "cross_entropy", "linear_cross_entropy", "lora_linear",
-           "lora_mlp", "nf4_dequantize", "rms_norm", "swiglu"]
+__all__ = ["add_rms_norm", "apply_rope", "cross_entropy", "geglu", "linear_cross_entropy",
+           "lora_linear", "lora_mlp", "nf4_dequantize", "rms_norm", "swiglu"]

@@ -10,6 +10,10 @@ all in fp32 whatever the dtype of z:
            = (1 - e) NLL + e mean_j(-log p_ij) + k lse_i^2     (PyTorch's label smoothing)
     dloss_i/dz_ij = p_ij (1 + 2 k lse_i) - e / V - (1 - e) [j == y],  p_ij = exp(z_ij - lse_i)
 
+With final-logit softcapping c (Gemma 2), z_ij is first replaced by c tanh(z_ij / c),
+in fp32 wherever it is read, and the gradient is multiplied by the cap's derivative
+1 - tanh(z_ij / c)^2, so it is w.r.t. the uncapped logits in the buffer.
+
 Rows whose target is ``ignore_index`` have loss 0 and gradient 0. A target outside
 [0, V) that is not ``ignore_index`` makes that row's loss NaN: checking it on the host
 would cost a device sync, and a NaN loss is caught by the training loop at once.
@@ -37,13 +41,14 @@ point, ``cross_entropy_rows_``, on chunks of logits it computes itself.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from fastune.kernels.dispatch import use_triton
-from fastune.kernels.interpreter import cast
+from fastune.kernels.interpreter import cast, tanh
 
 # Widest vocabulary block a program loads at once: 4096 fp32 values over 8 warps are 16
 # registers per thread, so the loop over a 128k vocabulary stays spill-free.
@@ -57,11 +62,13 @@ REFERENCE_BLOCK = 1 << 24
 @triton.jit
 def _cross_entropy_kernel(
     logits_ptr, row_stride, labels_ptr, loss_ptr,
-    vocab, ignore_index, z_loss, label_smoothing,
+    vocab, ignore_index, z_loss, label_smoothing, softcap,
     COMPUTE_GRAD: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """loss_ptr[row] = loss of one row; with COMPUTE_GRAD the row becomes dloss/dlogits.
-    SMOOTHING: label_smoothing is not 0 (otherwise the row sum is not formed)."""
+    SMOOTHING: label_smoothing is not 0 (otherwise the row sum is not formed).
+    SOFTCAP: every logit read is first capped, z := softcap * tanh(z / softcap)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
     label = tl.load(labels_ptr + row)
@@ -79,6 +86,8 @@ def _cross_entropy_kernel(
         # write column `label` there are ordered after this load only by the barriers of
         # pass 1's reductions (a load after them could race with pass 2's stores).
         target = tl.load(row_ptr + label, mask=in_range, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            target = softcap * tanh(target / softcap)
 
         # Pass 1: online logsumexp, and the row sum that label smoothing needs.
         m = float("-inf")
@@ -88,6 +97,8 @@ def _cross_entropy_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < vocab
             x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if SOFTCAP:
+                x = tl.where(mask, softcap * tanh(x / softcap), float("-inf"))
             m_new = tl.maximum(m, tl.max(x, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             if SMOOTHING:
@@ -110,9 +121,14 @@ def _cross_entropy_kernel(
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = cols < vocab
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                if SOFTCAP:
+                    t = tanh(x / softcap)
+                    x = softcap * t
                 grad = tl.exp(x - lse) * p_scale - tl.where(cols == label, target_coef, 0.0)
                 if SMOOTHING:
                     grad -= label_smoothing / vocab
+                if SOFTCAP:
+                    grad *= 1.0 - t * t  # d(cap * tanh(z / cap))/dz
                 tl.store(row_ptr + cols, cast(grad, logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -124,7 +140,7 @@ def _launch_config(vocab: int) -> tuple[int, int]:
 
 def _cross_entropy_rows_triton(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                                z_loss: float, label_smoothing: float,
-                               compute_grad: bool) -> torch.Tensor:
+                               compute_grad: bool, softcap: float) -> torch.Tensor:
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
@@ -132,8 +148,8 @@ def _cross_entropy_rows_triton(logits: torch.Tensor, labels: torch.Tensor, ignor
     block_v, num_warps = _launch_config(vocab)
     _cross_entropy_kernel[(rows,)](
         logits, logits.stride(0), labels.contiguous(), loss, vocab, ignore_index, z_loss,
-        label_smoothing, COMPUTE_GRAD=compute_grad, SMOOTHING=label_smoothing != 0.0,
-        BLOCK_V=block_v, num_warps=num_warps,
+        label_smoothing, softcap, COMPUTE_GRAD=compute_grad, SMOOTHING=label_smoothing != 0.0,
+        BLOCK_V=block_v, SOFTCAP=softcap != 0.0, num_warps=num_warps,
     )
     return loss
 
@@ -143,25 +159,27 @@ def _cross_entropy_rows_triton(logits: torch.Tensor, labels: torch.Tensor, ignor
 @torch.library.custom_op("fastune::cross_entropy_rows_", mutates_args={"logits"})
 def _cross_entropy_rows_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                            z_loss: float, label_smoothing: float,
-                           compute_grad: bool) -> torch.Tensor:
+                           compute_grad: bool, softcap: float) -> torch.Tensor:
     return _cross_entropy_rows_triton(logits, labels, ignore_index, z_loss, label_smoothing,
-                                      compute_grad)
+                                      compute_grad, softcap)
 
 
 @_cross_entropy_rows_op.register_fake
-def _(logits, labels, ignore_index, z_loss, label_smoothing, compute_grad):
+def _(logits, labels, ignore_index, z_loss, label_smoothing, compute_grad, softcap):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
 def _cross_entropy_rows_math(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                              z_loss: float, label_smoothing: float,
-                             compute_grad: bool) -> torch.Tensor:
+                             compute_grad: bool, softcap: float = 0.0) -> torch.Tensor:
     """The kernel's math in plain torch, on logits shifted by the row max m. Written as
     row reductions plus one elementwise pass, so that inductor reads the row a few times
     and keeps no [rows, V] fp32 temporary (log_softmax would be one); in eager mode the
-    in-place ops keep two."""
+    in-place ops keep two. ``softcap`` (0: off) caps the logits first."""
     vocab = logits.shape[-1]
     z = logits.float()
+    if softcap:
+        z = (z / softcap).tanh_().mul_(softcap)
     m = z.amax(dim=-1, keepdim=True)
     log_d = (z - m).exp_().sum(dim=-1, keepdim=True).log()
     lse = (m + log_d).squeeze(-1)
@@ -184,9 +202,13 @@ def _cross_entropy_rows_math(logits: torch.Tensor, labels: torch.Tensor, ignore_
             # Inductor makes one pass of this comparison with an iota; a scatter would
             # first materialize the [rows, V] fp32 gradient.
             columns = torch.arange(vocab, device=logits.device)
-            logits.copy_(grad + torch.where(columns == safe_labels, target_coef, 0.0))
+            grad = grad + torch.where(columns == safe_labels, target_coef, 0.0)
         else:
-            logits.copy_(grad.scatter_add_(-1, safe_labels, target_coef))
+            grad = grad.scatter_add_(-1, safe_labels, target_coef)
+        if softcap:
+            # d(cap * tanh(z / cap))/dz = 1 - (capped / cap)^2, formed in z's buffer.
+            grad = grad.mul_(z.div_(softcap).square_().neg_().add_(1.0))
+        logits.copy_(grad)
     return loss
 
 
@@ -198,7 +220,7 @@ def _fused_rows_math():
 
 def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                                   z_loss: float, label_smoothing: float, compute_grad: bool,
-                                  fused: bool = False) -> torch.Tensor:
+                                  fused: bool = False, softcap: float = 0.0) -> torch.Tensor:
     """``_cross_entropy_rows_math`` over the whole buffer when torch.compile traces it
     or ``fused`` asks for inductor's version (it fuses the math, with no [rows, V]
     temporaries), and over blocks of rows in eager mode, where ops make temporaries:
@@ -206,31 +228,34 @@ def _cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ig
     kernel keeps none)."""
     if torch.compiler.is_compiling():
         return _cross_entropy_rows_math(logits, labels, ignore_index, z_loss, label_smoothing,
-                                        compute_grad)
+                                        compute_grad, softcap)
     if fused:
         return _fused_rows_math()(logits, labels, ignore_index, z_loss, label_smoothing,
-                                  compute_grad)
+                                  compute_grad, softcap)
     block_rows = max(1, REFERENCE_BLOCK // logits.shape[-1])
     return torch.cat([
-        _cross_entropy_rows_math(x, y, ignore_index, z_loss, label_smoothing, compute_grad)
+        _cross_entropy_rows_math(x, y, ignore_index, z_loss, label_smoothing, compute_grad,
+                                 softcap)
         for x, y in zip(logits.split(block_rows), labels.split(block_rows))
     ])
 
 
 def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                         z_loss: float, label_smoothing: float, compute_grad: bool,
-                        fused_reference: bool = False) -> torch.Tensor:
+                        fused_reference: bool = False, softcap: float = 0.0) -> torch.Tensor:
     """Per-row fp32 loss of a [rows, V] logits buffer (last dim contiguous).
 
     With ``compute_grad`` the buffer is overwritten with dloss_i/dlogits_i (see the module
     docstring); without it the buffer is left as it is. ``fused_reference``: off the
     Triton path, run the reference compiled by inductor (for callers inside an opaque
-    custom op of a compiled graph, where inductor cannot reach it)."""
+    custom op of a compiled graph, where inductor cannot reach it). ``softcap`` (0: off):
+    the loss is of softcap * tanh(logits / softcap), and the gradient is w.r.t. the
+    uncapped logits in the buffer."""
     if use_triton(logits):
         return _cross_entropy_rows_op(logits, labels, ignore_index, z_loss, label_smoothing,
-                                      compute_grad)
+                                      compute_grad, softcap)
     return _cross_entropy_rows_reference(logits, labels, ignore_index, z_loss, label_smoothing,
-                                         compute_grad, fused_reference)
+                                         compute_grad, fused_reference, softcap)
 
 
 def check_labels(labels: torch.Tensor, leading_shape: torch.Size, what: str) -> None:
@@ -251,9 +276,10 @@ class _CrossEntropy(torch.autograd.Function):
     """Loss and gradient in forward; backward scales the saved gradient."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, z_loss, label_smoothing, compute_grad):
+    def forward(ctx, logits, labels, ignore_index, z_loss, label_smoothing, compute_grad,
+                softcap):
         loss = cross_entropy_rows_(logits, labels, ignore_index, z_loss, label_smoothing,
-                                   compute_grad).sum()
+                                   compute_grad, softcap=softcap).sum()
         # The buffer now holds dloss/dlogits. Saving a detached alias keeps autograd's
         # version check for any other user of the logits that saved them.
         ctx.save_for_backward(logits.detach() if compute_grad else None)
@@ -263,15 +289,16 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad_logits,) = ctx.saved_tensors
         if grad_logits is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         # In place: the buffer is this op's alone since forward consumed the logits; a
         # product out of place would be a second [T, V] buffer at the peak of backward.
-        return grad_logits.mul_(grad_loss), None, None, None, None, None
+        return grad_logits.mul_(grad_loss), None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                   z_loss: float = 0.0,
-                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  label_smoothing: float = 0.0,
+                  softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``logits`` [..., V] against ``labels`` [...].
 
     Returns ``(loss_sum, n_tokens)``: the fp32 sum over supervised tokens (labels not
@@ -282,6 +309,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     When a gradient is needed, ``logits`` is CONSUMED: its storage is overwritten with
     dloss/dlogits during the forward (that buffer is what backward returns, scaled), so
     do not read the logits after this call. Without a gradient they are left untouched.
+
+    ``softcap`` (Gemma 2's ``final_logit_softcapping``; None or 0: off): the loss is
+    taken of ``softcap * tanh(logits / softcap)``, capped inside the kernel in fp32, and
+    the gradient is w.r.t. the uncapped ``logits``.
     """
     check_labels(labels, logits.shape[:-1], f"logits of shape {tuple(logits.shape)}")
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
@@ -290,29 +321,32 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         rows = rows.contiguous()
     flat_labels = labels.reshape(-1)
     loss = _CrossEntropy.apply(rows, flat_labels, ignore_index, float(z_loss),
-                               float(label_smoothing), compute_grad)
+                               float(label_smoothing), compute_grad, float(softcap or 0.0))
     return loss, supervised_count(flat_labels, ignore_index)
 
 
 def aot_specs() -> list[dict]:
     """Representative launches for kernels/aot.py: the Llama 3 vocabulary (128256), bf16
-    training chunks (gradient written in place) and fp32 evaluation (loss only)."""
-    vocab = 128256
-    block_v, num_warps = _launch_config(vocab)
+    training chunks (gradient written in place) and fp32 evaluation (loss only); and
+    Gemma 2's softcapped logits over its 256000 vocabulary."""
     specs = []
-    for dtype, compute_grad, smoothing in (("bf16", True, False), ("bf16", True, True),
-                                           ("fp32", False, False)):
+    for vocab, dtype, compute_grad, smoothing, softcap in (
+            (128256, "bf16", True, False, False), (128256, "bf16", True, True, False),
+            (128256, "fp32", False, False, False), (256000, "bf16", True, False, True),
+            (256000, "fp32", False, False, True)):
+        block_v, num_warps = _launch_config(vocab)
         signature = {"logits_ptr": f"*{dtype}", "row_stride": "i32", "labels_ptr": "*i64",
                      "loss_ptr": "*fp32", "vocab": "i32", "ignore_index": "i32",
-                     "z_loss": "fp32", "label_smoothing": "fp32",
+                     "z_loss": "fp32", "label_smoothing": "fp32", "softcap": "fp32",
                      "COMPUTE_GRAD": "constexpr", "SMOOTHING": "constexpr",
-                     "BLOCK_V": "constexpr"}
+                     "BLOCK_V": "constexpr", "SOFTCAP": "constexpr"}
         specs.append(dict(
             name=(f"cross_entropy{'+grad' if compute_grad else ''}"
-                  f"{'+smooth' if smoothing else ''} V={vocab} {dtype}"),
+                  f"{'+smooth' if smoothing else ''}{'+softcap' if softcap else ''} "
+                  f"V={vocab} {dtype}"),
             kernel=_cross_entropy_kernel, signature=signature, num_warps=num_warps,
             constexprs={"COMPUTE_GRAD": compute_grad, "SMOOTHING": smoothing,
-                        "BLOCK_V": block_v},
+                        "BLOCK_V": block_v, "SOFTCAP": softcap},
             # 128256 and a contiguous buffer's row stride (= vocab) are multiples of 16:
             # the launcher specializes them so, and so must the AOT compile.
             multiple_of_16=["row_stride", "vocab"]))

@@ -4,7 +4,8 @@ Math, for hidden states h [N, H], the output projection W [V, H] and targets y [
 
     z = h W^T                         (the logits; GEMM with fp32 accumulation,
                                        stored in the input dtype like F.linear's)
-    loss_sum = sum_i loss_i(z_i, y_i)  (per-token loss as in ``cross_entropy``, fp32)
+    loss_sum = sum_i loss_i(z_i, y_i)  (per-token loss as in ``cross_entropy``, fp32, with
+                                       its optional final-logit softcapping)
     G = dloss_sum/dz                  (see cross_entropy.py)
     dloss_sum/dh = G W,   dloss_sum/dW = G^T h
 
@@ -107,7 +108,8 @@ def _single_chunk(n_tokens: int, chunk_size: int) -> bool:
 def _supervised_rows_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              ignore_index: int, z_loss: float, label_smoothing: float,
                              chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
-                             fused_reference: bool, num_supervised: int = -1):
+                             fused_reference: bool, num_supervised: int = -1,
+                             softcap: float = 0.0):
     """``_chunked_forward`` on the supervised rows only, gathered first.
 
     An ignored row has loss 0 and gradient 0, so its logits are wasted work: in
@@ -131,12 +133,12 @@ def _supervised_rows_forward(hidden: torch.Tensor, weight: torch.Tensor, labels:
     if n_kept == n_rows:
         return _chunked_forward(hidden, weight, labels, ignore_index, z_loss, label_smoothing,
                                 chunk_size, need_grad_hidden, need_grad_weight, accumulate,
-                                fused_reference)
+                                fused_reference, softcap)
     rows = torch.argsort(ignored.to(torch.uint8), stable=True)[:n_kept]  # supervised first
     loss, grad_rows, grad_weight = _chunked_forward(
         hidden.index_select(0, rows), weight, labels.index_select(0, rows), ignore_index,
         z_loss, label_smoothing, chunk_size, need_grad_hidden, need_grad_weight, accumulate,
-        fused_reference)
+        fused_reference, softcap)
     grad_hidden = hidden.new_empty(0)
     if need_grad_hidden:
         grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_rows)
@@ -146,7 +148,7 @@ def _supervised_rows_forward(hidden: torch.Tensor, weight: torch.Tensor, labels:
 def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                      ignore_index: int, z_loss: float, label_smoothing: float, chunk_size: int,
                      need_grad_hidden: bool, need_grad_weight: bool, accumulate: bool,
-                     fused_reference: bool):
+                     fused_reference: bool, softcap: float = 0.0):
     """(loss_sum, dloss/dhidden, dloss/dweight), chunk by chunk; a gradient that is not
     needed comes back as an empty placeholder (custom ops return tensors only). With
     ``accumulate``, dW is summed over chunks in fp32; without, the rows make one chunk
@@ -176,7 +178,7 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         logits = torch.mm(h, weight.t(), out=logits_buffer[: h.shape[0]])
         loss += cross_entropy_rows_(logits, labels[rows], ignore_index, z_loss,
                                     label_smoothing, need_grad_hidden or need_grad_weight,
-                                    fused_reference).sum()
+                                    fused_reference, softcap).sum()
         # `logits` now holds dloss/dlogits for this chunk.
         if need_grad_hidden:
             torch.mm(logits, weight, out=grad_hidden[rows])
@@ -190,7 +192,8 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     ignore_index: int, z_loss: float, label_smoothing: float, chunk_size: int,
                     need_grad_hidden: bool, need_grad_weight: bool,
-                    fused_reference: bool, num_supervised: int = -1) -> int:
+                    fused_reference: bool, num_supervised: int = -1,
+                    softcap: float = 0.0) -> int:
     """Most bytes the op holds inside beyond its inputs and outputs (memory trackers see
     only those): the chunk's logits, the gathered rows, dW's slice buffers, and the
     eager reference cross-entropy's two fp32 blocks. Takes the op's arguments; the bound
@@ -212,16 +215,16 @@ def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              ignore_index: int, z_loss: float, label_smoothing: float,
                              chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
-                             fused_reference: bool, num_supervised: int
+                             fused_reference: bool, num_supervised: int, softcap: float
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _supervised_rows_forward(hidden, weight, labels, ignore_index, z_loss,
                                     label_smoothing, chunk_size, need_grad_hidden,
-                                    need_grad_weight, fused_reference, num_supervised)
+                                    need_grad_weight, fused_reference, num_supervised, softcap)
 
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, ignore_index, z_loss, label_smoothing, chunk_size,
-      need_grad_hidden, need_grad_weight, fused_reference, num_supervised):
+      need_grad_hidden, need_grad_weight, fused_reference, num_supervised, softcap):
     loss = hidden.new_empty((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
     grad_weight = weight.new_empty(0)
@@ -260,7 +263,7 @@ def _backward(ctx, grad_loss, _grad_hidden_out, _grad_weight_out):
     return (grad_hidden * grad_loss if ctx.need_grad_hidden else None,
             _scaled_grad_weight(grad_weight, grad_loss, ctx.weight_dtype)
             if ctx.need_grad_weight else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -270,7 +273,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          ignore_index: int = -100, z_loss: float = 0.0,
                          label_smoothing: float = 0.0,
                          chunk_size: Optional[int] = None,
-                         num_supervised: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         num_supervised: Optional[int] = None,
+                         softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``labels``, chunked.
 
     hidden [..., H], weight [V, H] (the lm_head, possibly tied to the embedding, trained
@@ -285,6 +289,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     ``num_supervised``: the number of labels here that are not ``ignore_index``, when the
     caller knows it on the host (the data loader counted it); the op then never syncs
     with the device. It must be exact: a smaller count drops supervised rows.
+
+    ``softcap`` (Gemma 2's ``final_logit_softcapping``; None or 0: off): the loss is of
+    ``softcap * tanh(logits / softcap)``, capped per chunk inside the cross-entropy, so
+    no capped [tokens, vocab] tensor exists either.
     """
     hidden_size = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != hidden_size:
@@ -310,5 +318,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         # into the opaque op, so the op compiles its per-chunk reference itself.
         torch.compiler.is_compiling(),
         -1 if num_supervised is None else num_supervised,
+        float(softcap or 0.0),
     )
     return loss, supervised_count(labels, ignore_index)

@@ -137,9 +137,9 @@ def test_unknown_op_is_a_one_line_error():
         apply_kernels(Transformer(ModelConfig(**TINY)), ["swiglue"])
 
 
-def test_fused_norm_only_where_the_family_numerics_are_the_kernels(monkeypatch):
-    """A family with Gemma's norm, (1 + w) * xhat in fp32, keeps the plain RMSNorm
-    (its numerics) under apply_kernels; the other ops are swapped in."""
+def test_fused_norm_computes_the_family_numerics(monkeypatch):
+    """A family with Gemma's norm, (1 + w) * xhat in fp32, gets the fused RMSNorm with
+    those numerics under apply_kernels (the kernel's constexpr variant)."""
     gemma_norm = Numerics(norm_weight_offset=1.0, norm_weight_in_fp32=True)
     monkeypatch.setattr(spec_module, "_REGISTRY", dict(spec_module._registry()))
     register(dataclasses.replace(get_spec("llama"), model_type="toy_gemma_norm", numerics=gemma_norm))
@@ -151,9 +151,10 @@ def test_fused_norm_only_where_the_family_numerics_are_the_kernels(monkeypatch):
         model.norm.weight.normal_()
     want = ((1 + model.norm.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     torch.testing.assert_close(model.norm(x), want)
-    assert apply_kernels(model, "all") == ("rope", "swiglu", "lora", "loss")
-    assert type(model.norm) is RMSNorm and type(model.layers[0].post_attention_layernorm) is RMSNorm
+    assert apply_kernels(model, "all") == KERNEL_OPS
+    assert type(model.norm) is FusedRMSNorm and type(model.layers[0].post_attention_layernorm) is FusedRMSNorm
     assert type(model.layers[0].mlp) is FusedSwiGLUMLP
+    torch.testing.assert_close(model.norm(x), want)
 
 
 def _kernel_choice_writes(path: Path) -> list[int]:

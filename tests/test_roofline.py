@@ -35,7 +35,7 @@ def test_linear_cross_entropy_accounting_matches_its_counted_loop(weight_trains)
 def test_roofline_cli_prints_every_kernel():
     result = CliRunner().invoke(main, ["bench", "kernels", "--roofline", "rtx4090"])
     assert result.exit_code == 0, result.output
-    for op in ("rms_norm", "apply_rope", "swiglu", "lora_linear", "| cross_entropy",
+    for op in ("rms_norm", "apply_rope", "swiglu", "geglu", "lora_linear", "| cross_entropy",
                "linear_cross_entropy (W trained)"):
         assert op in result.output
     assert "1008 GB/s" in result.output

@@ -100,8 +100,8 @@ def _lora_inside(n: int, d_in: int, d_out: int) -> tuple[int, int]:
 def _rows() -> list[Row]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fastune.kernels import (add_rms_norm, apply_rope, cross_entropy, linear_cross_entropy,
-                                 rms_norm, swiglu)
+    from fastune.kernels import (add_rms_norm, apply_rope, cross_entropy, geglu,
+                                 linear_cross_entropy, rms_norm, swiglu)
     from fastune.kernels.dispatch import force_triton
     from fastune.kernels.linear_cross_entropy import default_chunk_size
 
@@ -131,6 +131,7 @@ def _rows() -> list[Row]:
         g, u = _fake(T, I), _fake(T, I)
         ti = T * I * 2
         add("swiglu", f"{T} x {I}", lambda: swiglu(g, u), [g, u], 3 * ti + 5 * ti)
+        add("geglu", f"{T} x {I}", lambda: geglu(g, u), [g, u], 3 * ti + 5 * ti)
         wq, a, b = _fake(H, H, grad=False), _fake(RANK, H), _fake(H, RANK)
         # fwd: x, W, A, B in, y, xa out; bwd: dy, x, xa, W, A, B in, dx, dA, dB out
         lora_floor = (th + H * H * 2 + th) + (3 * th + H * H * 2) + 4 * T * RANK * 2

@@ -130,7 +130,7 @@ class FastuneLM(TemplateLM):
         for row, (ids, target) in enumerate(zip(inputs, targets)):
             # The continuation's tokens are predicted by the positions just before them.
             positions = hidden[row, len(ids) - len(target):len(ids)]
-            logprobs = F.log_softmax(self.model.lm_head(positions).float(), dim=-1)
+            logprobs = F.log_softmax(self.model.logits(positions).float(), dim=-1)
             target_ids = torch.tensor(target, device=logprobs.device)
             total = logprobs.gather(-1, target_ids[:, None]).sum().item()
             greedy = bool((logprobs.argmax(-1) == target_ids).all())

@@ -211,7 +211,7 @@ def _forward_last(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tenso
     prefill, one token per row in decode); fp32 logits [B, V] of the last position."""
     hidden = model(tokens, position_ids=_positions(input_pos, offsets), mask=cache_mask(valid, input_pos),
                    input_pos=input_pos, return_hidden=True)
-    return model.lm_head(hidden[:, -1]).float()
+    return model.logits(hidden[:, -1]).float()
 
 
 def _cut_at_stop(ids: list[int], stop_set: set[int]) -> list[int]:

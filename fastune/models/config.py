@@ -33,6 +33,8 @@ class ModelConfig:
     # None, or a dict with "rope_type" ("linear" | "llama3") and its parameters.
     rope_scaling: Optional[dict[str, Any]] = None
     max_position_embeddings: int = 2048
+    # Gemma 2: logits = cap * tanh(logits / cap) (forward, generation, and the losses).
+    final_logit_softcapping: Optional[float] = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has a bias
     model_type: str = "llama"  # the key of its ModelSpec (fastune.models.spec)

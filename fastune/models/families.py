@@ -53,6 +53,7 @@ def parse_decoder_config(d: dict[str, Any], source: str, attention_bias: bool = 
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", attention_bias)),
         model_type=d.get("model_type", "llama"),
+        final_logit_softcapping=d.get("final_logit_softcapping"),
         extra={k: v for k, v in d.items() if k not in known},
     )
 
@@ -78,6 +79,8 @@ def decoder_hf_config(config: ModelConfig, architecture: str, activation: str,
         tie_word_embeddings=config.tie_word_embeddings,
         hidden_act=activation,
     )
+    if config.final_logit_softcapping is not None:
+        d["final_logit_softcapping"] = config.final_logit_softcapping
     if write_attention_bias:
         d["attention_bias"] = config.attention_bias
     return d

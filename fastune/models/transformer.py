@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastune.errors import ConfigError
+from fastune.kernels.geglu import geglu_reference
 from fastune.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
 from fastune.kernels.rope import apply_rope_reference
 from fastune.kernels.swiglu import swiglu_reference
@@ -27,7 +28,7 @@ from fastune.models.rope import rope_cos_sin, rope_inv_freq
 from fastune.models.spec import LLAMA_NUMERICS, Numerics, get_spec
 
 # The MLP's gated activations, act(gate) * up, by config.json's hidden_act name.
-GATED_ACTIVATIONS = {"silu": swiglu_reference}
+GATED_ACTIVATIONS = {"silu": swiglu_reference, "gelu_pytorch_tanh": geglu_reference}
 
 
 class RMSNorm(nn.Module):
@@ -184,7 +185,12 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if return_hidden:
             return h
-        return self.lm_head(h)
+        return self.logits(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head, then the config's final-logit softcapping (Gemma 2), as HF computes it."""
+        logits, cap = self.lm_head(hidden), self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,12 @@ layers, ``fastune.training.loss.build_loss`` for the loss) reads that record wit
 ``enabled_kernels(model)``.
 
 Ops (``KERNEL_OPS``):
-- ``rms_norm``: RMSNorm and the residual add + RMSNorm of each decoder layer;
-  only for families whose norm numerics are the kernel's (Llama's);
+- ``rms_norm``: RMSNorm and the residual add + RMSNorm of each decoder layer, with
+  the family's norm numerics (Llama's, or Gemma's weight offset and fp32 product);
 - ``rope``: rotary embedding of q and k in one op;
-- ``swiglu``: silu(gate) * up; only for families whose activation is SiLU;
+- ``swiglu``: the gated MLP activation, by the family's: silu(gate) * up (SwiGLU) or
+  gelu_tanh(gate) * up (GeGLU, Gemma's ``gelu_pytorch_tanh``); the op keeps its
+  first name, which configs spell;
 - ``lora``: the LoRA linear forward (no dropout, no DoRA) as one op;
 - ``loss``: output projection + cross-entropy fused (read by ``build_loss``).
 
@@ -39,10 +41,13 @@ _RECORD = "fastune_kernels"
 
 class FusedRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        n = self.numerics
+        return kernels.rms_norm(x, self.weight, self.eps, n.norm_weight_offset, n.norm_weight_in_fp32)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        n = self.numerics
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps, n.norm_weight_offset,
+                                    n.norm_weight_in_fp32)
 
 
 class FusedRoPEAttention(Attention):
@@ -55,9 +60,24 @@ class FusedSwiGLUMLP(MLP):
         return kernels.swiglu(gate, up)
 
 
+class FusedGeGLUMLP(MLP):
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return kernels.geglu(gate, up)
+
+
 # op -> (plain class, fused class)
-_SWAPS = {"rms_norm": (RMSNorm, FusedRMSNorm), "rope": (Attention, FusedRoPEAttention),
-          "swiglu": (MLP, FusedSwiGLUMLP)}
+_SWAPS = {"rms_norm": (RMSNorm, FusedRMSNorm), "rope": (Attention, FusedRoPEAttention)}
+# The "swiglu" op's fused MLP, by the MLP's activation.
+_FUSED_MLPS = {"silu": FusedSwiGLUMLP, "gelu_pytorch_tanh": FusedGeGLUMLP}
+
+
+def _fused_class(op: str, module: nn.Module):
+    """The class ``op`` swaps ``module`` to, or None."""
+    if op == "swiglu" and type(module) is MLP:
+        return _FUSED_MLPS[module.activation]
+    if op in _SWAPS and type(module) is _SWAPS[op][0]:
+        return _SWAPS[op][1]
+    return None
 
 
 def supported_ops(model: nn.Module) -> tuple[str, ...]:
@@ -65,9 +85,7 @@ def supported_ops(model: nn.Module) -> tuple[str, ...]:
     config = getattr(model, "config", None)
     numerics = get_spec(config.model_type).numerics if config is not None else LLAMA_NUMERICS
     unsupported = set()
-    if (numerics.norm_weight_offset, numerics.norm_weight_in_fp32) != (0.0, False):
-        unsupported.add("rms_norm")  # the kernel computes w * cast(xhat): no offset, no fp32 product
-    if numerics.activation != "silu":
+    if numerics.activation not in _FUSED_MLPS:
         unsupported.add("swiglu")
     return tuple(op for op in KERNEL_OPS if op not in unsupported)
 
@@ -80,8 +98,9 @@ def apply_kernels(model: nn.Module, ops: Union[str, bool, None, Iterable[str]] =
     wanted = set(normalize_kernel_ops(ops)) & set(supported_ops(model))
     for module in model.modules():
         for op in wanted:
-            if op in _SWAPS and type(module) is _SWAPS[op][0]:
-                module.__class__ = _SWAPS[op][1]
+            fused = _fused_class(op, module)
+            if fused is not None:
+                module.__class__ = fused
         if "lora" in wanted and isinstance(module, LoRALinear):
             module.fused = True
     applied = tuple(op for op in KERNEL_OPS if op in wanted or op in enabled_kernels(model))

@@ -28,6 +28,8 @@ def build_loss(model: nn.Module, loss_cfg: Mapping[str, Any]) -> LossFn:
     ``F.linear`` + ``F.cross_entropy`` (the baseline the kernels are measured against).
     """
     head = model.lm_head
+    # Gemma 2's final-logit softcapping: the fused losses cap inside the kernel.
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     # Plain Python values: the closures below get compiled, and reading a DictConfig
     # inside a compiled function would break the graph.
     options = dict(ignore_index=IGNORE_INDEX, label_smoothing=float(loss_cfg["label_smoothing"]))
@@ -38,6 +40,8 @@ def build_loss(model: nn.Module, loss_cfg: Mapping[str, Any]) -> LossFn:
 
         def eager_loss(hidden, labels):
             logits = head(hidden).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
             loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum", **options)
             return loss, (labels != IGNORE_INDEX).sum()
 
@@ -45,7 +49,7 @@ def build_loss(model: nn.Module, loss_cfg: Mapping[str, Any]) -> LossFn:
 
     from fastune.kernels import cross_entropy, linear_cross_entropy
 
-    options["z_loss"] = float(loss_cfg["z_loss"])
+    options.update(z_loss=float(loss_cfg["z_loss"]), softcap=softcap)
     if type(head) is nn.Linear:
         def fused_loss(hidden, labels):
             return linear_cross_entropy(hidden, head.weight, labels, chunk_size=chunk_size, **options)

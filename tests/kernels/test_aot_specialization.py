@@ -40,8 +40,13 @@ def test_cross_entropy_launches_match_the_aot_specs(monkeypatch):
         linear_cross_entropy(hidden, torch.zeros(VOCAB, 16, dtype=torch.bfloat16), labels)
         with torch.no_grad():  # evaluation: fp32, loss only
             cross_entropy(torch.zeros(3, VOCAB), labels)
+        # Gemma 2: softcapped logits, training and evaluation
+        logits = torch.zeros(3, 256000, dtype=torch.bfloat16, requires_grad=True)
+        cross_entropy(logits * 1, labels, softcap=30.0)
+        with torch.no_grad():
+            cross_entropy(torch.zeros(3, 256000), labels, softcap=30.0)
     launched = set(recorder.keys)
-    assert len(launched) == 3
+    assert len(launched) == 5
     assert launched <= specs, f"launches with no AOT spec: {launched - specs}"
 
 
@@ -57,6 +62,7 @@ def test_a_spec_without_divisibility_does_not_match():
 def test_launch_key_follows_the_launcher(value, expected):
     labels = torch.zeros(1, dtype=torch.int64)
     key = aot.launch_key(ce_module._cross_entropy_kernel,
-                         (labels, value, labels, labels, value, -100, 0.0, 0.0),
-                         dict(COMPUTE_GRAD=True, SMOOTHING=False, BLOCK_V=4096, num_warps=8))
+                         (labels, value, labels, labels, value, -100, 0.0, 0.0, 0.0),
+                         dict(COMPUTE_GRAD=True, SMOOTHING=False, BLOCK_V=4096, SOFTCAP=False,
+                              num_warps=8))
     assert key[1] == expected and key[6] == ("fp32", None)
