@@ -129,7 +129,7 @@ def test_train_step_forward_and_backward_make_no_host_sync(monkeypatch):
 def test_compiled_loss_compiles_twice_over_changing_supervised_counts():
     """The count the loop hands the fused loss changes every micro-batch. Compiled (as
     ``apply_compile`` does), the first count is traced as a constant, the second makes
-    Dynamo mark it dynamic: two graphs for any number of counts (0 and 1 included),
+    Dynamo mark it dynamic: at most two graphs for any number of counts (0 and 1 included),
     not one per count up to the recompile limit and then eager."""
     from fastune.modules.kernels import apply_kernels
     from fastune.training.loss import build_loss
@@ -154,4 +154,6 @@ def test_compiled_loss_compiles_twice_over_changing_supervised_counts():
         torch.testing.assert_close(loss, loss_fn(hidden, labels)[0])
         loss.backward()
     print(f"\ngraphs compiled for {len(counts)} supervised counts: {len(graphs)}")
-    assert len(graphs) == 2
+    # One when an earlier test compiled the same loss code and Dynamo already knows the
+    # count as dynamic.
+    assert 1 <= len(graphs) <= 2
