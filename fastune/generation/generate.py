@@ -144,7 +144,7 @@ class Generator:
             if on_token is not None:
                 on_token(new)
             input_pos = torch.tensor([prompt_len], device=device)
-            for step in range(1, max_new_tokens):
+            for _ in range(1, max_new_tokens):
                 if all(finished):
                     break
                 start = time.perf_counter()
