@@ -233,3 +233,65 @@ def test_cli_generate_on_a_missing_checkpoint_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["generate", str(tmp_path / "nope"), "hi"])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: no such directory"
+
+
+def tiny_model():
+    from fastune.models import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=128, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8)).eval()
+
+
+def test_the_generator_keeps_one_kv_cache_across_calls():
+    """Item 8 of the GPU-path review: the cache memory is allocated once per generator,
+    so a CUDA-graphed decode step replays on the same addresses call after call."""
+    model = tiny_model()
+    generator = Generator(model)
+    seen = []
+
+    def record(_tokens):
+        cache = model.layers[0].self_attn.kv_cache
+        # The tensors themselves are held, so that a fresh allocation cannot reuse the address.
+        seen.append((cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape, cache.k, cache.v))
+
+    for prompts in ([list(range(1, 40))], PROMPTS, PROMPTS[1:]):  # the largest cache first
+        generator.generate(prompts, max_new_tokens=3, on_token=record)
+    assert len({ptrs[:2] for ptrs in seen}) == 1
+    assert {ptrs[2][:1] + ptrs[2][2:3] for ptrs in seen} == {(3, 10), (2, 7), (1, 42)}
+    assert model.layers[0].self_attn.kv_cache is None  # the model is left as it was found
+
+
+def test_one_host_sync_per_generated_token():
+    """One read of the device per step (the new tokens), streaming and stop_fn included."""
+    from fastune.bench.counting import HostSyncs
+
+    model = tiny_model()
+    with HostSyncs() as syncs:
+        out = Generator(model).generate(PROMPTS, max_new_tokens=6, on_token=lambda t: None,
+                                        stop_fn=lambda row, ids: False)
+    steps = 1 + len(out.step_seconds)  # prefill's token, then one per decode step
+    print(f"\nhost syncs: {len(syncs.calls)} for {steps} tokens per row ({syncs.calls})")
+    assert steps == 6 and len(syncs.calls) == steps
+
+
+def test_compiled_decode_compiles_once_per_power_of_two_cache_length(monkeypatch):
+    """Prompts over 10 multiples of 128 (the old buckets: 10 compiles, and past Dynamo's
+    limit of 8 the step ran eager) take 5 cache lengths: 128 to 2048."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": counting_backend}))
+    model = tiny_model()
+    model.requires_grad_(True)  # the plain compile (no inductor freezing options)
+    generator = Generator(model, compile=True)
+    lengths = [128 * k - 10 for k in range(1, 11)]
+    for length in lengths:
+        generator.generate([[1 + i % 60 for i in range(length)]], max_new_tokens=2)
+    assert sorted({generate_module.cache_length(n + 2) for n in lengths}) == [128, 256, 512, 1024, 2048]
+    print(f"\ndecode graphs for prompts of {lengths[0]} to {lengths[-1]} tokens: {len(graphs)}")
+    assert len(graphs) == 5

@@ -117,3 +117,96 @@ def test_ops_compile_fullgraph_and_match_eager(triton_path):
             assert a is None
             continue
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def lora_mlp_model():
+    """Kernels on, LoRA on every MLP projection (and q/v), adapters away from their no-op init."""
+    from fastune.modules.peft import apply_lora
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    apply_kernels(model, "all")
+    apply_lora(model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def saved_intermediate_tensors(model, monkeypatch, fused: bool) -> int:
+    """Distinct storages of [tokens, intermediate] tensors saved for backward, per layer."""
+    from fastune.modules import kernels as module_kernels
+
+    if not fused:
+        monkeypatch.setattr(module_kernels, "fused_lora_projections", lambda mlp: None)
+    tokens, _, position_ids, document_ids = batch()
+    inter = tiny_config().intermediate_size
+    saved = {}
+
+    def pack(t):
+        if t.numel() == BSZ * SEQLEN * inter and t.shape[-1] == inter:
+            saved[t.untyped_storage().data_ptr()] = t  # held: addresses stay unique
+        return t
+
+    with force_triton(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, position_ids=position_ids, document_ids=document_ids)
+    monkeypatch.undo()
+    return len(saved) // tiny_config().num_hidden_layers
+
+
+def test_lora_mlp_saves_two_intermediate_tensors_per_layer(monkeypatch):
+    """Item 4 of the GPU-path review: with gate, up and down all LoRA on the lora kernel
+    (and swiglu on), the MLP is the fused LoRA MLP op, which saves gate and up; three ops
+    in a row (lora_linear, swiglu, lora_linear) also save silu(gate) * up."""
+    model = lora_mlp_model()
+    unfused = saved_intermediate_tensors(model, monkeypatch, fused=False)
+    fused = saved_intermediate_tensors(model, monkeypatch, fused=True)
+    print(f"\nsaved [tokens, intermediate] tensors per layer: {unfused} unfused, {fused} fused")
+    assert (unfused, fused) == (3, 2)
+
+
+@pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
+def test_lora_mlp_matches_the_unfused_path(monkeypatch, triton_path):
+    from fastune.modules import kernels as module_kernels
+
+    model = lora_mlp_model()
+    mlp = model.layers[0].mlp
+    assert module_kernels.fused_lora_projections(mlp) is not None
+    x = torch.randn(BSZ, SEQLEN, tiny_config().hidden_size, requires_grad=True)
+    trained = [x] + [p for p in mlp.parameters() if p.requires_grad]
+
+    def run():
+        with force_triton(triton_path):
+            out = mlp(x)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), trained)
+        return out.detach(), grads
+
+    fused_out, fused_grads = run()
+    monkeypatch.setattr(module_kernels, "fused_lora_projections", lambda mlp: None)
+    want_out, want_grads = run()
+    torch.testing.assert_close(fused_out, want_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fused_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_mlp_rule():
+    """Not fused with an adapter off, DoRA, dropout, a projection without LoRA, or without
+    the lora kernel."""
+    from fastune.modules.kernels import fused_lora_projections
+    from fastune.modules.lora import disable_adapters
+    from fastune.modules.peft import apply_lora
+
+    mlp = lora_mlp_model().layers[0].mlp
+    assert fused_lora_projections(mlp) is not None
+    with disable_adapters(mlp):
+        assert fused_lora_projections(mlp) is None
+    for change in ({"use_dora": True}, {"dropout": 0.1}, {"fused": False}):
+        mlp = lora_mlp_model().layers[0].mlp
+        for name, value in change.items():
+            setattr(mlp.down_proj, name, value)
+        assert fused_lora_projections(mlp) is None, change
+    model = Transformer(tiny_config())
+    apply_kernels(model, "all")
+    apply_lora(model, ["gate_proj", "up_proj"], rank=4, alpha=8.0)
+    assert fused_lora_projections(model.layers[0].mlp) is None

@@ -244,3 +244,42 @@ def test_plan_command_bad_profile_is_one_line(tiny, tmp_path):
 def test_plan_command_needs_a_profile_for_a_gpu_config(tiny, tmp_path):
     result = CliRunner().invoke(main, ["plan", str(tiny), "device=cuda", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--profile" in result.output
+
+
+def test_planned_offloading_brings_each_storage_back_once():
+    """As the real offloading hooks (tests/test_activation_memory.py), the planner's copy
+    one back per storage: two consumers of one input unpack views of one allocation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastune.bench.plan import _offloading_hooks
+
+    with FakeTensorMode():
+        x = torch.randn(512, 1024)  # 2 MiB: above offloading's minimum
+        w1, w2 = (torch.randn(1024, 8, requires_grad=True) for _ in range(2))
+        with _offloading_hooks(None):
+            loss = (x @ w1).sum() + (x @ w2).sum()  # mm saves x for each weight's grad
+        nodes = [n for n, _ in loss.grad_fn.next_functions]
+        saved = [n.next_functions[0][0]._saved_self for n in nodes]  # unpacks
+        assert saved[0].shape == saved[1].shape == x.shape
+        assert saved[0].untyped_storage() is saved[1].untyped_storage()
+        assert saved[0].untyped_storage() is not x.untyped_storage()
+
+
+def test_storages_of_a_dtensor_are_its_local_shard(tmp_path):
+    """DTensor lists its device mesh among its inner names: only its shard holds storage."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fastune.training.memory_tracker import storages
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                                rank=0, world_size=1)
+    try:
+        shard = distribute_tensor(torch.randn(4, 6), init_device_mesh("cpu", (1,)), [Shard(0)])
+        assert storages(shard) == [shard._local_tensor.untyped_storage()]
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -95,28 +95,35 @@ class OpCounter(TorchDispatchMode):
 
 class HostSyncs:
     """Counts the Tensor methods that read a value back to the host (each a device sync
-    on CUDA), also inside opaque custom ops, where dispatch modes cannot see:
-    ``with HostSyncs() as syncs: ...; syncs.calls`` lists them by method name."""
+    on CUDA), also inside opaque custom ops, where dispatch modes cannot see, and the
+    explicit waits for the device (``torch.cuda.synchronize``, a stream's or an event's
+    ``synchronize``): ``with HostSyncs() as syncs: ...; syncs.calls`` lists them by name."""
 
     METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+    # (owner, attribute, name in ``calls``) of the explicit device waits.
+    WAITS = ((torch.cuda, "synchronize", "cuda.synchronize"),
+             (torch.cuda.Stream, "synchronize", "Stream.synchronize"),
+             (torch.cuda.Event, "synchronize", "Event.synchronize"))
 
     def __init__(self):
         self.calls: list[str] = []
-        self._saved: dict[str, object] = {}
+        self._saved: list[tuple[object, str, object]] = []
 
     def __enter__(self):
-        for name in self.METHODS:
-            original = getattr(torch.Tensor, name)
-            self._saved[name] = original
+        targets = [(torch.Tensor, name, name) for name in self.METHODS] + list(self.WAITS)
+        for owner, attribute, label in targets:
+            original = getattr(owner, attribute)
+            self._saved.append((owner, attribute, original))
 
-            def counted(t, *args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(t, *args, **kwargs)
+            def counted(*args, _label=label, _original=original, **kwargs):
+                self.calls.append(_label)
+                return _original(*args, **kwargs)
 
-            setattr(torch.Tensor, name, counted)
+            setattr(owner, attribute, counted)
         return self
 
     def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
+        for owner, attribute, original in reversed(self._saved):
+            setattr(owner, attribute, original)
+        self._saved.clear()
         return False

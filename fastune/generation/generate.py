@@ -27,13 +27,21 @@ import torch
 from torch import nn
 
 from fastune.errors import FastuneError
-from fastune.generation.kv_cache import cache_mask, clear_kv_caches, setup_kv_caches
+from fastune.generation.kv_cache import KVCache, cache_mask, clear_kv_caches
 from fastune.generation.sampling import SamplingParams, sample
 
 
-# Cache lengths are multiples of this: attention over a few unused (masked) positions
-# costs less than compiling the decode step again for every prompt length.
+# Cache lengths are powers of two from this: attention over unused (masked) positions
+# (at most as many as used) costs less than compiling the decode step again for every
+# prompt length. Multiples of 128 made prompts of 100 to 2000 tokens 16 compiles, past
+# Dynamo's recompile limit (8), after which the step silently ran eager; powers of two
+# make them 5.
 CACHE_BLOCK = 128
+
+
+def cache_length(tokens: int) -> int:
+    """The cache length for ``tokens`` positions: the next power of two, at least CACHE_BLOCK."""
+    return max(CACHE_BLOCK, 1 << (tokens - 1).bit_length())
 
 
 class GenerationError(FastuneError, ValueError):
@@ -71,7 +79,11 @@ class Generator:
 
     Keep one ``Generator`` for many calls: with ``compile=True`` the decode step is
     compiled on the first call and reused as long as batch size and cache length
-    stay the same (a new shape compiles once more).
+    (``cache_length``: a power of two) stay the same (a new shape compiles once more);
+    eager decoding sizes the cache exactly.
+    The KV caches are allocated once and kept: every call that fits reuses the same
+    memory, so CUDA graphs replay instead of recording again. They are held until the
+    generator is dropped (a larger call grows them).
 
     On CPU, a model whose parameters need no gradient (an inference model, as
     ``load_for_inference`` returns it) is compiled with inductor's *freezing*: the
@@ -85,6 +97,8 @@ class Generator:
     def __init__(self, model: nn.Module, compile: bool = False):
         self.model = model
         self._decode = _compile_decode(model) if compile else _forward_last
+        self._bucketed = compile  # eager decoding compiles nothing: its cache is as long as needed
+        self._caches: list[KVCache] = []  # one per layer, kept across calls
 
     @torch.no_grad()
     def generate(
@@ -107,43 +121,45 @@ class Generator:
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
         model = self.model
-        device = model.embed_tokens.weight.device
+        weight = model.embed_tokens.weight
+        device = weight.device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        tokens, valid, offsets = _left_pad(prompts, max_new_tokens, device)
+        tokens, valid, offsets = _left_pad(prompts, max_new_tokens, device, self._bucketed)
         prompt_len = tokens.shape[1]
-        stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+        stop_set = set(stop_ids)
 
-        setup_kv_caches(model, len(prompts), valid.shape[1])
+        self._attach_caches(len(prompts), valid.shape[1], weight)
         try:
+            # One read of the device per token: the new tokens, on which the host decides
+            # which rows are done (a second read, e.g. of `finished.all()`, would stall the
+            # queue again). It also waits for the step, so the times are the device's.
             start = time.perf_counter()
             logits = _forward_last(model, tokens, torch.arange(prompt_len, device=device), offsets, valid)
             next_token = sample(logits, sampling, generator)
-            if next_token.is_cuda:
-                torch.cuda.synchronize(device)
+            new = next_token.tolist()
             prefill_seconds = time.perf_counter() - start
-            generated = [next_token]
+            rows = [[t] for t in new]
             step_seconds = []
-            finished = self._finished(next_token, stops, generated, stop_fn)
+            finished = self._finished(new, stop_set, rows, stop_fn, [False] * len(rows))
             if on_token is not None:
-                on_token(next_token.tolist())
-            for step in range(1, max_new_tokens):
-                if bool(finished.all()):
+                on_token(new)
+            input_pos = torch.tensor([prompt_len], device=device)
+            for _ in range(1, max_new_tokens):
+                if all(finished):
                     break
                 start = time.perf_counter()
-                input_pos = torch.tensor([prompt_len + step - 1], device=device)
                 logits = self._decode(model, next_token[:, None], input_pos, offsets, valid)
                 next_token = sample(logits, sampling, generator)
-                if next_token.is_cuda:  # time the GPU's work, not only its launch
-                    torch.cuda.synchronize(device)
+                new = next_token.tolist()
                 step_seconds.append(time.perf_counter() - start)
-                generated.append(next_token)
-                finished |= self._finished(next_token, stops, generated, stop_fn)
+                for row, t in zip(rows, new):
+                    row.append(t)
+                finished = self._finished(new, stop_set, rows, stop_fn, finished)
                 if on_token is not None:
-                    on_token(next_token.tolist())
+                    on_token(new)
+                input_pos = input_pos + 1  # on the device: no copy from the host per step
         finally:
-            clear_kv_caches(model)
-        rows = torch.stack(generated, dim=1).tolist()
-        stop_set = set(stop_ids)
+            clear_kv_caches(model)  # the generator keeps the buffers for its next call
         return GenerationOutput(
             tokens=[_cut_at_stop(row, stop_set) for row in rows],
             prompt_tokens=sum(len(p) for p in prompts),
@@ -151,15 +167,23 @@ class Generator:
             step_seconds=step_seconds,
         )
 
+    def _attach_caches(self, batch_size: int, length: int, weight: torch.Tensor) -> None:
+        """Give the model's attention layers this generator's caches, sized for the call:
+        allocated on the first call and reused (same memory) by every call that fits."""
+        layers = [layer.self_attn for layer in self.model.layers]
+        if len(self._caches) != len(layers):
+            self._caches = [KVCache(batch_size, attn.num_kv_heads, length, attn.head_dim,
+                                    weight.dtype, weight.device) for attn in layers]
+        for attn, cache in zip(layers, self._caches):
+            cache.resize(batch_size, length, weight.dtype, weight.device)
+            attn.kv_cache = cache
+
     @staticmethod
-    def _finished(next_token: torch.Tensor, stops: torch.Tensor, generated: list[torch.Tensor],
-                  stop_fn: Optional[StopFn]) -> torch.Tensor:
-        done = torch.isin(next_token, stops)
-        if stop_fn is not None:
-            rows = torch.stack(generated, dim=1).tolist()
-            extra = [stop_fn(i, row) for i, row in enumerate(rows)]
-            done |= torch.tensor(extra, device=done.device)
-        return done
+    def _finished(new: list[int], stop_set: set[int], rows: list[list[int]],
+                  stop_fn: Optional[StopFn], finished: list[bool]) -> list[bool]:
+        """Rows done after this step's tokens ``new`` (on the host): a stop id, or ``stop_fn``."""
+        return [done or t in stop_set or (stop_fn is not None and stop_fn(i, row))
+                for i, (done, t, row) in enumerate(zip(finished, new, rows))]
 
 
 def _compile_decode(model: nn.Module) -> Callable:
@@ -186,16 +210,18 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     return Generator(model).generate(prompts, max_new_tokens, **kwargs)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], max_new_tokens: int, device: torch.device):
+def _left_pad(prompts: Sequence[Sequence[int]], max_new_tokens: int, device: torch.device,
+              bucketed: bool):
     """(tokens [B, P] left-padded with 0, valid [B, L] False on padding, offsets [B] =
-    padding length of each row). The cache length L is P + max_new_tokens rounded up to
-    a multiple of CACHE_BLOCK, so that calls with similar lengths share one compiled step."""
+    padding length of each row). The cache length L is P + max_new_tokens, or with
+    ``bucketed`` (compiled decoding) ``cache_length`` of it, so that calls with similar
+    lengths share one compiled step."""
     width = max(len(p) for p in prompts)
     tokens = torch.zeros((len(prompts), width), dtype=torch.long)
     offsets = torch.tensor([width - len(p) for p in prompts])
     for row, prompt in enumerate(prompts):
         tokens[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-    length = -(-(width + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+    length = cache_length(width + max_new_tokens) if bucketed else width + max_new_tokens
     valid = torch.arange(length)[None, :] >= offsets[:, None]
     return tokens.to(device), valid.to(device), offsets.to(device)
 

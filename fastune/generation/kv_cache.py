@@ -10,6 +10,7 @@ step therefore sees tensors of the same shapes, which is what lets
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,12 +18,34 @@ from torch import nn
 
 
 class KVCache(nn.Module):
+    """One layer's ``k`` and ``v`` [batch, kv_heads, max_seq_len, head_dim]: contiguous
+    views at the start of flat buffers, which ``resize`` reuses for any cache that fits
+    (a ``Generator`` keeps its caches across calls, so a compiled or CUDA-graphed decode
+    step always sees the same memory) and grows, never shrinks, for a larger one."""
+
     def __init__(self, batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype, device: Optional[torch.device] = None):
         super().__init__()
-        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self._flat: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.register_buffer("k", None, persistent=False)
+        self.register_buffer("v", None, persistent=False)
+        self.resize(batch_size, max_seq_len, dtype, device)
+
+    def resize(self, batch_size: int, max_seq_len: int, dtype: torch.dtype,
+               device: Optional[torch.device] = None) -> None:
+        shape = (batch_size, self.num_kv_heads, max_seq_len, self.head_dim)
+        numel = math.prod(shape)
+        flat = self._flat
+        if flat is None or flat[0].numel() < numel or flat[0].dtype != dtype \
+                or flat[0].device != torch.device(device or "cpu"):
+            self._flat = flat = None  # the old buffers go before the new ones come
+            self.k = self.v = None
+            # Zeros, not empty: masked positions still enter attention's product with
+            # weight 0, and 0 * NaN from uninitialized memory would be NaN.
+            flat = self._flat = tuple(torch.zeros(numel, dtype=dtype, device=device) for _ in "kv")
+        self.k = flat[0][:numel].view(shape)
+        self.v = flat[1][:numel].view(shape)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``/``v`` ([B, Hk, S, D]) at positions ``input_pos`` ([S]); return the whole buffers."""

@@ -15,7 +15,9 @@ Ops (``KERNEL_OPS``):
 - ``swiglu``: the gated MLP activation, by the family's: silu(gate) * up (SwiGLU) or
   gelu_tanh(gate) * up (GeGLU, Gemma's ``gelu_pytorch_tanh``); the op keeps its
   first name, which configs spell;
-- ``lora``: the LoRA linear forward (no dropout, no DoRA) as one op;
+- ``lora``: the LoRA linear forward (no dropout, no DoRA) as one op; with ``swiglu``
+  also on, a SiLU MLP whose gate, up and down are all such LoRA layers (one scale, no
+  bias) runs as the fused LoRA MLP op (``fused_lora_projections``);
 - ``loss``: output projection + cross-entropy fused (read by ``build_loss``).
 
 Call it before ``fully_shard`` and ``torch.compile``: both see the swapped classes.
@@ -23,7 +25,7 @@ Call it before ``fully_shard`` and ``torch.compile``: both see the swapped class
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -56,6 +58,20 @@ class FusedRoPEAttention(Attention):
 
 
 class FusedSwiGLUMLP(MLP):
+    """SwiGLU by its kernel; and the whole MLP as the one fused LoRA MLP op when its
+    projections allow (``fused_lora_projections``): that op saves gate and up for
+    backward and recomputes silu(gate) * up, where three ops in a row also save the
+    product (2 instead of 3 [tokens, intermediate] tensors per layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = fused_lora_projections(self)
+        if lora is None:
+            return super().forward(x)
+        gate, up, down = lora
+        return kernels.lora_mlp(x, gate.weight, gate.lora_A.weight, gate.lora_B.weight,
+                                up.weight, up.lora_A.weight, up.lora_B.weight,
+                                down.weight, down.lora_A.weight, down.lora_B.weight, gate.scale)
+
     def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return kernels.swiglu(gate, up)
 
@@ -63,6 +79,19 @@ class FusedSwiGLUMLP(MLP):
 class FusedGeGLUMLP(MLP):
     def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return kernels.geglu(gate, up)
+
+
+def fused_lora_projections(mlp: MLP) -> Optional[tuple[LoRALinear, LoRALinear, LoRALinear]]:
+    """(gate, up, down) when the fused LoRA MLP computes exactly what they do: all three
+    are LoRA layers on the ``lora`` kernel (``fused``), adapters on, no DoRA, no dropout,
+    no bias, one scale. Checked at every forward: ``disable_adapters`` turns it off for
+    a block. The MLP itself is ``FusedSwiGLUMLP`` only with the ``swiglu`` op on, which
+    the family's activation (SiLU) allows."""
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if all(isinstance(m, LoRALinear) and m.fused and m.adapter_enabled and not m.use_dora
+           and m.dropout == 0 and m.bias is None and m.scale == layers[0].scale for m in layers):
+        return layers
+    return None
 
 
 # op -> (plain class, fused class)

@@ -35,8 +35,9 @@ def validation_loss(run: TrainingRun) -> float:
     run.model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss, normalizer
     for batch in run.val_loader:
+        count = run.objective.normalizer(batch)  # on the host: no sync in the loss
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        loss_sum, n, _ = run.objective(run.model, batch)
+        loss_sum, n, _ = run.objective(run.model, batch, normalizer=count)
         sums += torch.stack([loss_sum.double(), n.double()])
     run.model.train()
     total, count = distributed.sum_over_ranks(sums, run.world).tolist()

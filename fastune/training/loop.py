@@ -103,15 +103,18 @@ def train_step(run: TrainingRun, micro_batches: list[Batch]
     the device). Loss and metrics are divided by the step's normalizer."""
     model, cfg, objective = run.model, run.cfg, run.objective
     model.train()
-    normalizer = sum(objective.normalizer(b) for b in micro_batches)
+    # Counted on the host, before the batches move: each micro-batch's count also goes to
+    # its objective call, so that nothing in forward or backward reads the device.
+    counts = [objective.normalizer(b) for b in micro_batches]
+    normalizer = sum(counts)
     if run.world is not None:  # the whole step's count: every rank divides by the same number
         normalizer = int(distributed.sum_over_ranks(torch.tensor(normalizer, dtype=torch.float64), run.world))
     denominator = max(normalizer, 1)  # an all-masked step contributes zero gradient, not NaN
     step_loss = torch.zeros((), device=run.device)
     metric_sums: dict[str, torch.Tensor] = {}
-    for batch in micro_batches:
+    for batch, count in zip(micro_batches, counts):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        loss_sum, _, metrics = objective(model, batch, run.forward_context)
+        loss_sum, _, metrics = objective(model, batch, run.forward_context, count)
         (loss_sum / denominator).backward()
         step_loss += loss_sum.detach()
         for name, value in metrics.items():

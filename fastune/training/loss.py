@@ -1,10 +1,12 @@
-"""The training loss: ``loss_fn(hidden, labels) -> (summed loss over supervised
-tokens, their count)``, chosen by the ``loss`` kernel op that ``apply_kernels``
-recorded on the model."""
+"""The training loss: ``loss_fn(hidden, labels, num_supervised=None) -> (summed loss
+over supervised tokens, their count)``, chosen by the ``loss`` kernel op that
+``apply_kernels`` recorded on the model. ``num_supervised``: the labels' supervised
+count when the caller knows it on the host (the loop counted it before the forward);
+the fused loss then never waits for the device."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from fastune.data.formats import IGNORE_INDEX
 from fastune.errors import ConfigError
 from fastune.modules.kernels import enabled_kernels
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (hidden, labels, num_supervised=None)
 
 
 def build_loss(model: nn.Module, loss_cfg: Mapping[str, Any]) -> LossFn:
@@ -38,7 +40,7 @@ def build_loss(model: nn.Module, loss_cfg: Mapping[str, Any]) -> LossFn:
         if loss_cfg["z_loss"]:
             raise ConfigError("loss.z_loss: needs the loss kernel (model.kernels: all, or a list with loss)")
 
-        def eager_loss(hidden, labels):
+        def eager_loss(hidden, labels, num_supervised: Optional[int] = None):
             logits = head(hidden).float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
@@ -51,12 +53,13 @@ def build_loss(model: nn.Module, loss_cfg: Mapping[str, Any]) -> LossFn:
 
     options.update(z_loss=float(loss_cfg["z_loss"]), softcap=softcap)
     if type(head) is nn.Linear:
-        def fused_loss(hidden, labels):
-            return linear_cross_entropy(hidden, head.weight, labels, chunk_size=chunk_size, **options)
+        def fused_loss(hidden, labels, num_supervised: Optional[int] = None):
+            return linear_cross_entropy(hidden, head.weight, labels, chunk_size=chunk_size,
+                                        num_supervised=num_supervised, **options)
 
         return fused_loss
 
-    def head_then_loss(hidden, labels):
+    def head_then_loss(hidden, labels, num_supervised: Optional[int] = None):
         return cross_entropy(head(hidden), labels, **options)
 
     return head_then_loss

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import (
 )
 
 import fastune.kernels  # noqa: F401 (registers the torch.ops.fastune ops named below)
+from fastune.training.memory_tracker import storages
 
 AC_MODES = ("full", "selective")
 
@@ -83,18 +84,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: Optional[str | bool])
         layer.forward = _checkpointed(layer.forward, selective=mode == "selective")
 
 
-def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
-    """The storages holding ``t``'s data: its own, or its inner tensors' for a wrapper
-    subclass (NF4Tensor; a DTensor's local shard, whose NF4 inner tensors recursively)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if not is_traceable_wrapper_subclass(t):
-        return [t.untyped_storage()]
-    names, _ = t.__tensor_flatten__()
-    inner = (getattr(t, name) for name in names)
-    return [s for x in inner if isinstance(x, torch.Tensor) for s in _storages(x)]
-
-
 class _WeightTest:
     """``is_weight(t)``: does a tensor saved for backward hold a weight? A parameter, a view
     of one (``nn.Linear`` saves ``weight.t()``), one of the model's parameter storages
@@ -111,7 +100,7 @@ class _WeightTest:
             self.refresh(model)
 
     def refresh(self, module: nn.Module) -> None:
-        self.storages.update(s for p in module.parameters() for s in _storages(p))
+        self.storages.update(s for p in module.parameters() for s in storages(p))
 
     def __call__(self, t: torch.Tensor) -> bool:
         from torch.utils._python_dispatch import is_traceable_wrapper_subclass

@@ -55,11 +55,15 @@ _PHASE_CATEGORY = {"forward": "activations", "backward": "temporary", "optimizer
 
 def storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
     """The storages that hold ``t``'s data: its own, or its inner tensors' for a wrapper
-    subclass such as torchao's NF4Tensor (whose outer storage holds nothing)."""
-    if is_traceable_wrapper_subclass(t):
-        names, _ = t.__tensor_flatten__()
-        return [s for name in names for s in storages(getattr(t, name))]
-    return [t.untyped_storage()]
+    subclass such as torchao's NF4Tensor (whose outer storage holds nothing) or a
+    DTensor (its local shard, whose NF4 inner tensors recursively). A subclass may list
+    non-tensor attributes among its inner names (DTensor lists its ``device_mesh``):
+    only tensors hold storage."""
+    if not is_traceable_wrapper_subclass(t):
+        return [t.untyped_storage()]
+    names, _ = t.__tensor_flatten__()
+    inner = (getattr(t, name) for name in names)
+    return [s for x in inner if isinstance(x, torch.Tensor) for s in storages(x)]
 
 
 @dataclasses.dataclass

@@ -8,8 +8,11 @@ they ask an ``Objective``:
   before any forward pass (the loop sums it over the step's micro-batches and over
   ranks first, so every micro-batch's backward already divides by the step's total:
   docs/architecture.md);
-- ``objective(model, batch, forward_context)``: the micro-batch's summed loss, its
-  normalizer count (a tensor) and metric sums, each divided by the same step total.
+- ``objective(model, batch, forward_context, normalizer)``: the micro-batch's summed
+  loss, its normalizer count (a tensor) and metric sums, each divided by the same step
+  total. ``normalizer`` is this micro-batch's ``normalizer(batch)``, which the caller
+  counted on the host: an objective that needs the count inside its forward takes it
+  from there instead of reading it back from the device (a sync per micro-batch).
 
 ``SFTObjective`` is next-token cross-entropy on the supervised tokens. A preference
 objective (DPO and its kin) fits the same shape: its normalizer is the number of
@@ -21,7 +24,7 @@ under ``fastune.modules.lora.disable_adapters`` (LoRA methods) and ``no_grad``.
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
@@ -39,11 +42,12 @@ class Objective(Protocol):
         ...
 
     def __call__(self, model: nn.Module, batch: Batch,
-                 forward_context: contextlib.AbstractContextManager = contextlib.nullcontext()
-                 ) -> ObjectiveResult:
+                 forward_context: contextlib.AbstractContextManager = contextlib.nullcontext(),
+                 normalizer: Optional[int] = None) -> ObjectiveResult:
         """(summed loss, normalizer count, metric sums) of ``batch`` (on the model's
         device). ``forward_context`` wraps the model's forward passes that backward
-        goes through (activation offloading)."""
+        goes through (activation offloading); ``normalizer``, when given, is
+        ``self.normalizer(batch)`` as counted on the host."""
         ...
 
 
@@ -67,9 +71,10 @@ class SFTObjective:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def __call__(self, model: nn.Module, batch: Batch,
-                 forward_context: contextlib.AbstractContextManager = contextlib.nullcontext()
-                 ) -> ObjectiveResult:
+                 forward_context: contextlib.AbstractContextManager = contextlib.nullcontext(),
+                 normalizer: Optional[int] = None) -> ObjectiveResult:
         with forward_context:
             hidden = hidden_states(model, batch)
-        loss_sum, count = self.loss_fn(hidden, batch["labels"])
+        # The supervised count: the fused loss sizes its gathered rows with it, no sync.
+        loss_sum, count = self.loss_fn(hidden, batch["labels"], num_supervised=normalizer)
         return loss_sum, count, {}
