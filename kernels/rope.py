@@ -159,8 +159,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's ``apply_rotary_pos_emb`` for [B, S, H, D] q/k (inductor fuses it on CPU)."""
+    """HF's ``apply_rotary_pos_emb`` for [B, S, H, D] q/k (inductor fuses it on CPU).
+    Partial rotary: cos/sin of R < D dims rotate the first R dims of each head and
+    pass the rest through (transformers' Phi-3)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    rot = cos.shape[-1]
+    if rot < q.shape[-1]:
+        (q_rot, q_pass), (k_rot, k_pass) = q.split([rot, q.shape[-1] - rot], -1), k.split([rot, k.shape[-1] - rot], -1)
+        q_out, k_out = q_rot * cos + _rotate_half(q_rot) * sin, k_rot * cos + _rotate_half(k_rot) * sin
+        return torch.cat([q_out, q_pass], -1), torch.cat([k_out, k_pass], -1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -169,22 +176,30 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be "
                          "[B, S, H, D] with the same B, S and D")
     bsz, seqlen, _, head_dim = q.shape
+    rot = cos.shape[-1] if cos.dim() == 3 else head_dim
     if (cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, bsz)
-            or cos.shape[1:] != (seqlen, head_dim)):
+            or cos.shape[1] != seqlen or not 0 < rot <= head_dim):
         raise ValueError(f"apply_rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must "
-                         f"both be [{bsz} or 1, {seqlen}, {head_dim}]")
-    if head_dim % 2 or q.dtype != k.dtype:
-        raise ValueError(f"apply_rope: head_dim {head_dim} must be even and q ({q.dtype}), "
+                         f"both be [{bsz} or 1, {seqlen}, R] with R <= {head_dim}")
+    if rot % 2 or q.dtype != k.dtype:
+        raise ValueError(f"apply_rope: rotary dim {rot} must be even and q ({q.dtype}), "
                          f"k ({k.dtype}) of one dtype")
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, S, Hq, D] and k [B, S, Hk, D] by per-token angles; cos/sin are
-    [B or 1, S, D] in HF's half-split layout. Returns (q_rotated, k_rotated)."""
+    [B or 1, S, R] in HF's half-split layout, R <= D (partial rotary: the first R dims
+    of each head rotate, the rest pass through). Returns (q_rotated, k_rotated)."""
     _check(q, k, cos, sin)
     if use_triton(q):
-        return torch.ops.fastune.apply_rope(q, k, cos, sin)
+        rot = cos.shape[-1]
+        if rot == q.shape[-1]:
+            return torch.ops.fastune.apply_rope(q, k, cos, sin)
+        # The kernel takes any strides with a unit last one: it rotates the leading
+        # R dims in place of the views, and the pass-through dims are concatenated.
+        q_rot, k_rot = torch.ops.fastune.apply_rope(q[..., :rot], k[..., :rot], cos, sin)
+        return torch.cat([q_rot, q[..., rot:].to(q_rot.dtype)], -1), torch.cat([k_rot, k[..., rot:].to(k_rot.dtype)], -1)
     return apply_rope_reference(q, k, cos, sin)
 
 

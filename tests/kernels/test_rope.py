@@ -110,3 +110,21 @@ def test_bad_shapes_raise_one_clear_error():
         apply_rope(q, k, cos[:, :3], sin[:, :3])
     with pytest.raises(ValueError, match="apply_rope: q"):
         apply_rope(q, k[:, :3], cos, sin)
+
+
+def test_partial_rotary_rotates_the_leading_dims_only():
+    """cos/sin of R < D dims (Phi's partial_rotary_factor): the kernel (interpreter) on
+    the leading R dims equals the reference in forward and both gradients, the
+    reference equals the float64 rotation of those dims, and the last D - R dims pass
+    through unchanged."""
+    q, k, _, _ = make((2, 5, 3, 1, 16), torch.float32)
+    _, _, cos, sin = make((2, 5, 3, 1, 12), torch.float32)
+    kern_out, kern_grads = fwd_bwd(forced, [q, k, cos, sin])
+    ref_out, ref_grads = fwd_bwd(apply_rope_reference, [q, k, cos, sin])
+    for a, b in zip(kern_out + kern_grads[:2], ref_out + ref_grads[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ref_out[0][..., 12:], q[..., 12:]) and torch.equal(ref_out[1][..., 12:], k[..., 12:])
+    assert torch.equal(ref_grads[0][..., 12:], kern_grads[0][..., 12:])
+    truth = rope_64(*to_float64([q[..., :12], k[..., :12], cos, sin]))
+    for ours, exact in zip(ref_out, truth):
+        torch.testing.assert_close(ours[..., :12].double(), exact, rtol=1e-5, atol=1e-5)
