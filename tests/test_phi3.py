@@ -23,6 +23,7 @@ from tiny_hf import ROPE_VARIANTS, build_hf_model, hf_logits, random_tokens, sav
 import fastune
 from fastune.checkpoint import save_hf_checkpoint
 from fastune.checkpoint.peft import load_peft_adapter, save_peft_adapter
+from fastune.kernels.dispatch import force_triton
 from fastune.models.config import ModelConfig
 from fastune.modules.kernels import apply_kernels
 from fastune.modules.lora import LoRAError
@@ -137,12 +138,27 @@ def test_saved_by_fastune_loads_in_transformers_with_fused_weights(tiny, tmp_pat
     assert max_abs(hf_logits(reloaded, tokens), logits(model, tokens)) <= ATOL
 
 
-def test_kernels_on_equal_kernels_off_with_partial_rotary(tiny):
+@pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
+def test_kernels_on_equal_kernels_off_with_partial_rotary(tiny, triton_path):
+    """Phi-4-mini's partial rotary through the fused RoPE op (the Triton kernel under
+    the interpreter): logits and LoRA gradients equal the plain model's."""
     _, path = tiny("phi4_mini")
     plain, fused = fastune.from_pretrained(path), fastune.from_pretrained(path)
     apply_kernels(fused, "all")
-    tokens = random_tokens(2, LONG)
-    torch.testing.assert_close(logits(fused, tokens), logits(plain, tokens), atol=1e-6, rtol=1e-6)
+    for model in (plain, fused):
+        torch.manual_seed(0)
+        apply_lora(model, PHI_TARGETS, rank=2, alpha=4)
+        torch.nn.init.normal_(model.layers[0].self_attn.q_proj.lora_B.weight, std=0.1)
+    tokens, labels = random_tokens(1, LONG), random_tokens(1, LONG, seed=2)
+    with force_triton(triton_path):
+        outs = []
+        for model in (plain, fused):
+            out = model(tokens)
+            F.cross_entropy(out.flatten(0, 1), labels.flatten()).backward()
+            outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    grads = [m.layers[0].self_attn.q_proj.lora_A.weight.grad for m in (plain, fused)]
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
 
 
 def test_fused_targets_only(tiny):
@@ -236,3 +252,31 @@ def test_lora_training_matches_peft_over_steps(tiny, tmp_path):
         if p.requires_grad:
             key = name.replace(".default", "")
             torch.testing.assert_close(trained[key], p.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_generation_across_the_longrope_switch_equals_transformers(tiny, monkeypatch):
+    """A 26-token prompt and 14 new tokens cross original_max_position_embeddings = 32:
+    the decode steps past it switch to the long factors (over a cache written with the
+    short ones), as transformers' generate does: same tokens, same logits each step."""
+    import importlib
+
+    from fastune.generation import generate
+
+    generate_module = importlib.import_module("fastune.generation.generate")
+    seen = []
+
+    def recording_sample(logits, params, generator=None):
+        seen.append(logits.clone())
+        return generate_module_sample(logits, params, generator)
+
+    generate_module_sample = generate_module.sample
+    monkeypatch.setattr(generate_module, "sample", recording_sample)
+    hf, path = tiny("phi4_mini")
+    model = fastune.from_pretrained(path).eval()
+    prompt = random_tokens(1, 26, seed=7)[0].tolist()
+    ours = generate(model, [prompt], max_new_tokens=14).tokens[0]
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert ours == theirs.sequences[0, len(prompt):].tolist()
+    assert max_abs(torch.cat(seen), torch.cat(theirs.scores)) <= ATOL
+    assert len(set(ours)) > 2, "degenerate outputs would make the comparison weak"

@@ -9,6 +9,10 @@ One call generates for a batch of prompts (token ids of different lengths):
 2. **Decode.** One token per step for every row: a forward of shape [B, 1] at cache
    position ``input_pos``. All shapes are fixed, so ``torch.compile`` traces the
    step once; only the value of ``input_pos`` changes between steps.
+3. **LongRoPE** (Phi-3.5, Phi-4-mini): a forward whose longest position passes the
+   original context takes the long factors; at the first such step the whole
+   sequence runs again to rewrite the cache, as transformers' Phi-3 generate does.
+   The longest row of a batch decides for all rows (as in transformers' batches).
 
 Only the last position goes through ``lm_head``, so a long prompt never
 materializes [B, S, vocab] logits. A row stops at its first stop id (eos or
@@ -29,6 +33,7 @@ from torch import nn
 from fastune.errors import FastuneError
 from fastune.generation.kv_cache import cache_mask, clear_kv_caches, setup_kv_caches
 from fastune.generation.sampling import SamplingParams, sample
+from fastune.models.rope import rope_regime_switch
 
 
 # Cache lengths are multiples of this: attention over a few unused (masked) positions
@@ -112,6 +117,7 @@ class Generator:
         tokens, valid, offsets = _left_pad(prompts, max_new_tokens, device)
         prompt_len = tokens.shape[1]
         stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+        switch = rope_regime_switch(model.config)
 
         setup_kv_caches(model, len(prompts), valid.shape[1])
         try:
@@ -130,8 +136,15 @@ class Generator:
                 if bool(finished.all()):
                     break
                 start = time.perf_counter()
-                input_pos = torch.tensor([prompt_len + step - 1], device=device)
-                logits = self._decode(model, next_token[:, None], input_pos, offsets, valid)
+                if prompt_len + step - 1 == switch:
+                    # LongRoPE's first long step: the cache holds keys rotated by the short
+                    # factors, so run the whole sequence again (as transformers' Phi-3 does).
+                    so_far = torch.cat([tokens, torch.stack(generated, dim=1)], dim=1)
+                    logits = _forward_last(model, so_far, torch.arange(so_far.shape[1], device=device),
+                                           offsets, valid)
+                else:
+                    input_pos = torch.tensor([prompt_len + step - 1], device=device)
+                    logits = self._decode(model, next_token[:, None], input_pos, offsets, valid)
                 next_token = sample(logits, sampling, generator)
                 if next_token.is_cuda:  # time the GPU's work, not only its launch
                     torch.cuda.synchronize(device)

@@ -141,6 +141,16 @@ def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def rope_regime_switch(config: ModelConfig) -> Optional[int]:
+    """LongRoPE: the cache position whose forward first takes the long factors (the
+    original context length), where keys cached before it stop matching; None for
+    the RoPE types whose frequencies never change."""
+    scaling = config.rope_scaling
+    if scaling is None or scaling["rope_type"] != "longrope":
+        return None
+    return scaling["original_max_position_embeddings"]
+
+
 def select_inv_freq(config: ModelConfig, inv_freq: torch.Tensor, long_inv_freq: Optional[torch.Tensor],
                     position_ids: torch.Tensor) -> torch.Tensor:
     """``inv_freq``, or with ``long_inv_freq`` (LongRoPE) the long frequencies when
