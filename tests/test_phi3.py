@@ -320,3 +320,11 @@ def test_training_run_resumes_exactly_and_its_adapter_loads_in_peft(tmp_path):
     tokens = random_tokens(2, 13, vocab=VOCAB)
     assert max_abs(hf_logits(merged, tokens), hf_logits(peft_model, tokens)) <= ATOL
     assert max_abs(hf_logits(hf, tokens), hf_logits(peft_model, tokens)) > 1e-3  # it trained
+
+
+def test_gguf_export_refuses_rope_it_cannot_describe(tiny, tmp_path):
+    from fastune.export.gguf import GGUFExportError, export_gguf
+
+    _, path = tiny("llama_yarn")
+    with pytest.raises(GGUFExportError, match="does not write 'yarn' RoPE scaling"):
+        export_gguf(path, tmp_path / "out.gguf")
