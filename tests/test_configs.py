@@ -21,6 +21,10 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                   "original_max_position_embeddings": 8192}
 LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, rms_norm_eps=1e-5,
               rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, max_position_embeddings=131072)
+PHI = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_size=3072, intermediate_size=8192,
+           num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=131072,
+           original_max_position_embeddings=4096, sliding_window=262144, hidden_act="silu")
+PHI_LONGROPE = {"type": "longrope"}
 # The shape keys of each model's config.json on the Hub, and its parameter count as published
 # (tied embeddings counted once).
 MODELS = {
@@ -47,6 +51,14 @@ MODELS = {
         intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
         tie_word_embeddings=False), 7_615_616_512),
+    # Phi: LongRoPE over the rotated dims (Phi-4-mini rotates 96 of 128), fused checkpoint tensors.
+    "microsoft/Phi-4-mini-instruct": (dict(
+        PHI, vocab_size=200064, num_attention_heads=24, num_key_value_heads=8, partial_rotary_factor=0.75,
+        tie_word_embeddings=True, rope_scaling=dict(PHI_LONGROPE, short_factor=[1.0] * 48,
+                                                    long_factor=[1.5] * 48)), 3_836_021_760),
+    "microsoft/Phi-3.5-mini-instruct": (dict(
+        PHI, vocab_size=32064, num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
+        rope_scaling=dict(PHI_LONGROPE, short_factor=[1.0] * 48, long_factor=[1.5] * 48)), 3_821_079_552),
 }
 MODEL_CONFIGS = [n for n in shipped_config_names() if n != "demo"]
 DOWNLOAD = re.compile(r"^#\s+fastune download (\S+) --output-dir (\S+)", re.MULTILINE)
@@ -81,6 +93,7 @@ def test_the_issue_s_model_configs_ship():
         "llama3_2/3B_full", "llama3_2/3B_lora", "llama3_2/3B_qlora",
         "llama3_1/8B_lora", "llama3_1/8B_qlora", "llama3_1/8B_full",
         "llama2/7B_lora", "llama2/7B_qlora", "mistral/7B_lora", "qwen2_5/7B_lora",
+        "phi4/mini_lora", "phi4/mini_qlora", "phi3_5/mini_lora", "phi3_5/mini_qlora",
     }
 
 

@@ -128,7 +128,7 @@ def test_packed_documents_match_separate_forwards(tiny):
     assert max_abs(ours, separate) <= FP32_ATOL
 
 
-def _bf16_cos_sin(inv_freq, position_ids, dtype):
+def _bf16_cos_sin(inv_freq, position_ids, dtype, scale=1.0):
     """A classic bf16 bug, for the negative control: RoPE angles computed in bf16."""
     freqs = position_ids.to(torch.bfloat16)[..., None] * inv_freq.to(torch.bfloat16)
     emb = torch.cat((freqs, freqs), dim=-1)

@@ -58,9 +58,15 @@ def test_lora_aliases_are_one_list_for_schema_and_peft():
     from fastune.config.schema import LORA_TARGETS
     from fastune.modules.peft import LORA_TARGETS as PEFT_TARGETS, TORCHTUNE_NAMES, normalize_targets
 
+    from fastune.models.spec import all_lora_aliases, all_lora_targets
+
     spec = get_spec("llama")
-    assert LORA_TARGETS.values == PEFT_TARGETS == spec.lora_targets
-    assert LORA_TARGETS.aliases == TORCHTUNE_NAMES == spec.lora_aliases
+    # One list of every family's names (llama's first), and each family's are in it.
+    assert LORA_TARGETS.values == PEFT_TARGETS == all_lora_targets()
+    assert PEFT_TARGETS[:len(spec.lora_targets)] == spec.lora_targets
+    assert set(get_spec("phi3").lora_targets) <= set(PEFT_TARGETS)
+    assert LORA_TARGETS.aliases == TORCHTUNE_NAMES == all_lora_aliases()
+    assert spec.lora_aliases.items() <= TORCHTUNE_NAMES.items()
     assert normalize_targets(["output_proj", "output"]) == ("o_proj", "lm_head")
     assert LORA_TARGETS.check("output_proj", False) == "o_proj"
     assert spec.layer_projections == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -39,16 +39,45 @@ VARIANTS = {
                                         rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 
+# original_max_position_embeddings=32 with beta_fast=8 puts the ramp inside head_dim 16.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 8.0, "beta_slow": 1.0}
+# DeepSeek-style attention factor from mscale / mscale_all_dim.
+YARN_MSCALE = {**YARN, "factor": 8.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False}
+
+
+def longrope(rotary_dim: int) -> dict:
+    """LongRoPE with distinct short and long factors, switching past 32 positions."""
+    n = rotary_dim // 2
+    return {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(n)],
+            "long_factor": [2.0 + 0.5 * i for i in range(n)]}
+
+
+PHI = dict(num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=32,
+           sliding_window=None, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+# RoPE scaling and the Phi family (tests/test_phi3.py), kept out of VARIANTS.
+ROPE_VARIANTS = {
+    "llama_yarn": ("llama", dict(num_key_value_heads=2, max_position_embeddings=128, rope_scaling=YARN)),
+    "qwen2_yarn_mscale": ("qwen2", dict(num_key_value_heads=2, max_position_embeddings=256,
+                                        rope_theta=1000000.0, rope_scaling=YARN_MSCALE)),
+    "phi3": ("phi3", dict(PHI)),
+    "phi3_longrope": ("phi3", dict(PHI, num_key_value_heads=4, rope_scaling=longrope(16))),
+    # Phi-4-mini: partial rotary (12 of 16 dims), LongRoPE, tied head.
+    "phi4_mini": ("phi3", dict(PHI, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                               rope_scaling=longrope(12))),
+}
+
 
 def build_hf_model(variant: str, seed: int = 0):
     """A random ``*ForCausalLM`` in fp32, eval mode."""
     import transformers
 
-    arch, overrides = VARIANTS[variant]
+    arch, overrides = {**VARIANTS, **ROPE_VARIANTS}[variant]
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**BASE, **overrides}))

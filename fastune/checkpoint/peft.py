@@ -7,6 +7,12 @@ Keys: fastune ``layers.N.self_attn.q_proj.lora_A.weight`` is PEFT's
 magnitude is ``...q_proj.lora_magnitude_vector`` in both. No permutation is
 needed, since fastune's RoPE uses the Hugging Face layout.
 
+Fused checkpoint projections (Phi-3's ``qkv_proj``, the family's ``Fused``
+declarations that are LoRA targets): fastune adapts the split parts with one
+shared A, so the file holds that A once under the fused name, and the parts' B
+(and DoRA magnitudes) stacked by rows, which is PEFT's LoRA on the fused layer
+exactly; loading splits them again.
+
 ``save_peft_adapter`` writes into the directory it is given. It is not atomic by
 itself: the training loop writes the whole checkpoint into a temporary folder
 and renames it into place.
@@ -25,6 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fastune.checkpoint.hf import from_hf_key, to_hf_key, write_safetensors
+from fastune.models.spec import Fused, get_spec
 from fastune.modules.lora import LoRAError, LoRALinear
 from fastune.modules.peft import (
     LORA_PARAM_SUFFIXES,
@@ -101,9 +108,8 @@ def save_peft_adapter(
     """
     settings = lora_settings(model)
     state_dict = model.state_dict() if state_dict is None else state_dict
-    tensors = {
-        to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items() if is_lora_key(k)
-    }
+    adapter = _fuse({k: v for k, v in state_dict.items() if is_lora_key(k)}, _lora_fused(model))
+    tensors = {to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in adapter.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors(out_dir / ADAPTER_WEIGHTS, tensors)
@@ -161,7 +167,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
     """
     adapter_dir = Path(adapter_dir)
     settings = read_adapter_settings(adapter_dir)
-    loaded = _read_adapter_tensors(adapter_dir / ADAPTER_WEIGHTS)
+    loaded = _split(_read_adapter_tensors(adapter_dir / ADAPTER_WEIGHTS), _lora_fused(model), model)
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
         apply_lora(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
                    settings.use_dora, quantize_base)
@@ -184,6 +190,58 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
         for key, param in params.items():
             param.copy_(_like(param, loaded[key]))
     return settings
+
+
+def _lora_fused(model: nn.Module) -> tuple[Fused, ...]:
+    config = getattr(model, "config", None)
+    return get_spec(config.model_type).lora_fused() if config is not None else ()
+
+
+def _fused_part(key: str, groups: tuple[Fused, ...]) -> Optional[tuple[str, Fused, str, str]]:
+    """(layer stem, group, module name, parameter suffix) when ``key`` is an adapter
+    tensor of a fused group's part (or, for split, of the fused module itself)."""
+    module, suffix = _split_adapter_key(key)
+    stem, _, name = module.rpartition(".")
+    for group in groups:
+        if name == group.module or name in group.part_modules:
+            return stem, group, name, suffix
+    return None
+
+
+def _fuse(adapter: dict[str, torch.Tensor], groups: tuple[Fused, ...]) -> dict[str, torch.Tensor]:
+    """fastune adapter tensors -> the fused groups' PEFT tensors, in key order: the
+    shared A once, B and DoRA magnitudes of the parts concatenated by rows."""
+    out = {}
+    for key, tensor in adapter.items():
+        found = _fused_part(key, groups)
+        if found is None:
+            out[key] = tensor
+            continue
+        stem, group, name, suffix = found
+        if name != group.part_modules[0]:
+            continue
+        parts = [adapter[f"{stem}.{part}{suffix}"] for part in group.part_modules]
+        out[f"{stem}.{group.module}{suffix}"] = tensor if suffix == ".lora_A.weight" else torch.cat(parts)
+    return out
+
+
+def _split(loaded: dict[str, torch.Tensor], groups: tuple[Fused, ...], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of ``_fuse``: a fused module's A for every part, its B and
+    magnitude split by the parts' rows."""
+    out = {}
+    for key, tensor in loaded.items():
+        found = _fused_part(key, groups)
+        if found is None or found[2] != found[1].module:
+            out[key] = tensor
+            continue
+        stem, group, _, suffix = found
+        sizes = list(group.sizes(model.config))
+        if suffix != ".lora_A.weight" and tensor.shape[0] != sum(sizes):
+            raise LoRAError(f"adapter key {to_peft_key(key)!r} has {tensor.shape[0]} rows; "
+                            f"{group.module} has {sum(sizes)}")
+        pieces = [tensor] * len(sizes) if suffix == ".lora_A.weight" else tensor.split(sizes)
+        out.update({f"{stem}.{part}{suffix}": piece.clone() for part, piece in zip(group.part_modules, pieces)})
+    return out
 
 
 def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

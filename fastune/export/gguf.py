@@ -145,6 +145,11 @@ def _open_checkpoint(path: Union[str, Path]):
     if config.model_type not in FAMILIES:
         raise GGUFExportError(f"{ckpt / 'config.json'}: model_type {config.model_type!r} has no GGUF export; "
                               f"supported: {', '.join(FAMILIES)}")
+    rope_type = config.rope_scaling["rope_type"] if config.rope_scaling else "default"
+    if rope_type not in ("default", "linear", "llama3") or config.partial_rotary_factor != 1.0:
+        # The metadata written below says nothing of them: llama.cpp would rotate wrongly.
+        raise GGUFExportError(f"{ckpt / 'config.json'}: GGUF export does not write {rope_type!r} RoPE "
+                              "scaling or partial rotary yet")
     try:
         if (ckpt / INDEX_NAME).is_file() or (ckpt / WEIGHTS_NAME).is_file():
             weights = _safetensors_weights(ckpt, config)

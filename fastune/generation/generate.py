@@ -9,6 +9,10 @@ One call generates for a batch of prompts (token ids of different lengths):
 2. **Decode.** One token per step for every row: a forward of shape [B, 1] at cache
    position ``input_pos``. All shapes are fixed, so ``torch.compile`` traces the
    step once; only the value of ``input_pos`` changes between steps.
+3. **LongRoPE** (Phi-3.5, Phi-4-mini): a forward whose longest position passes the
+   original context takes the long factors; at the first such step the whole
+   sequence runs again to rewrite the cache, as transformers' Phi-3 generate does.
+   The longest row of a batch decides for all rows (as in transformers' batches).
 
 Only the last position goes through ``lm_head``, so a long prompt never
 materializes [B, S, vocab] logits. A row stops at its first stop id (eos or
@@ -29,6 +33,7 @@ from torch import nn
 from fastune.errors import FastuneError
 from fastune.generation.kv_cache import KVCache, cache_mask, clear_kv_caches
 from fastune.generation.sampling import SamplingParams, sample
+from fastune.models.rope import rope_regime_switch
 
 
 # Cache lengths are powers of two from this: attention over unused (masked) positions
@@ -127,6 +132,7 @@ class Generator:
         tokens, valid, offsets = _left_pad(prompts, max_new_tokens, device, self._bucketed)
         prompt_len = tokens.shape[1]
         stop_set = set(stop_ids)
+        switch = rope_regime_switch(model.config)
 
         self._attach_caches(len(prompts), valid.shape[1], weight)
         try:
@@ -144,11 +150,18 @@ class Generator:
             if on_token is not None:
                 on_token(new)
             input_pos = torch.tensor([prompt_len], device=device)
-            for _ in range(1, max_new_tokens):
+            for step in range(1, max_new_tokens):
                 if all(finished):
                     break
                 start = time.perf_counter()
-                logits = self._decode(model, next_token[:, None], input_pos, offsets, valid)
+                if prompt_len + step - 1 == switch:
+                    # LongRoPE's first long step: the cache holds keys rotated by the short
+                    # factors, so run the whole sequence again (as transformers' Phi-3 does).
+                    so_far = torch.cat([tokens, torch.tensor(rows, device=device)], dim=1)
+                    logits = _forward_last(model, so_far, torch.arange(so_far.shape[1], device=device),
+                                           offsets, valid)
+                else:
+                    logits = self._decode(model, next_token[:, None], input_pos, offsets, valid)
                 next_token = sample(logits, sampling, generator)
                 new = next_token.tolist()
                 step_seconds.append(time.perf_counter() - start)

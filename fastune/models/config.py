@@ -16,7 +16,9 @@ from typing import Any, Optional
 from fastune.errors import ConfigError
 from fastune.models.spec import get_spec
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+# The scaled types that need the pretraining context length (as transformers 5).
+CONTEXT_ROPE_TYPES = ("llama3", "yarn", "longrope")
 
 
 @dataclasses.dataclass
@@ -30,8 +32,13 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None, or a dict with "rope_type" ("linear" | "llama3") and its parameters.
+    # None, or a dict with "rope_type" (one of SUPPORTED_ROPE_TYPES but "default") and
+    # its parameters; llama3, yarn and longrope always carry original_max_position_embeddings.
     rope_scaling: Optional[dict[str, Any]] = None
+    # The fraction of each head that RoPE rotates (the first rotary_dim dims; Phi-4-mini).
+    partial_rotary_factor: float = 1.0
+    # Attention window of the model's sliding-window layers; None: full attention.
+    sliding_window: Optional[int] = None
     max_position_embeddings: int = 2048
     # Gemma 2: logits = cap * tanh(logits / cap) (forward, generation, and the losses).
     final_logit_softcapping: Optional[float] = None
@@ -40,6 +47,11 @@ class ModelConfig:
     model_type: str = "llama"  # the key of its ModelSpec (fastune.models.spec)
     # Everything else from config.json, written back unchanged on save.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def rotary_dim(self) -> int:
+        """The rotated dims of each head (transformers: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -64,11 +76,17 @@ class ModelConfig:
         return get_spec(self.model_type).to_hf_config(self)
 
 
-def normalize_rope_scaling(scaling: Optional[dict], source: str) -> Optional[dict]:
+def normalize_rope_scaling(scaling: Optional[dict], source: str, top_level_context: Optional[int] = None,
+                           max_positions: Optional[int] = None) -> Optional[dict]:
+    """The rope_scaling dict fastune keeps: "rope_type" and its parameters. The scaled
+    types in CONTEXT_ROPE_TYPES get ``original_max_position_embeddings``: a top-level
+    config.json value (``top_level_context``; Phi-3 writes it there) wins, then the
+    dict's own, then ``max_positions``, as transformers 5 resolves it."""
     if not scaling:
         return None
     scaling = dict(scaling)
     scaling.pop("rope_theta", None)
+    scaling.pop("partial_rotary_factor", None)  # a ModelConfig field of its own
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
@@ -77,4 +95,9 @@ def normalize_rope_scaling(scaling: Optional[dict], source: str) -> Optional[dic
         )
     if rope_type == "default":
         return None
+    if rope_type in CONTEXT_ROPE_TYPES:
+        if top_level_context is not None:
+            scaling["original_max_position_embeddings"] = top_level_context
+        elif max_positions is not None:
+            scaling.setdefault("original_max_position_embeddings", max_positions)
     return {"rope_type": rope_type, **scaling}

@@ -36,7 +36,11 @@ def parse_decoder_config(d: dict[str, Any], source: str, attention_bias: bool = 
     heads = d["num_attention_heads"]
     rope_params = d.get("rope_parameters") or {}
     rope_theta = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
-    scaling = normalize_rope_scaling(d.get("rope_scaling") or rope_params or None, source)
+    raw_scaling = d.get("rope_scaling") or rope_params or None
+    max_positions = d.get("max_position_embeddings", 2048)
+    scaling = normalize_rope_scaling(raw_scaling, source, d.get("original_max_position_embeddings"), max_positions)
+    # The rope dict's own value wins over the top-level one (transformers 5's setdefault).
+    partial = (raw_scaling or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     known = {f.name for f in dataclasses.fields(ModelConfig)} | {"rope_parameters"}
     return ModelConfig(
         vocab_size=d["vocab_size"],
@@ -49,7 +53,9 @@ def parse_decoder_config(d: dict[str, Any], source: str, attention_bias: bool = 
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta),
         rope_scaling=scaling,
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        partial_rotary_factor=float(partial),
+        sliding_window=d.get("sliding_window"),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", attention_bias)),
         model_type=d.get("model_type", "llama"),
@@ -59,8 +65,10 @@ def parse_decoder_config(d: dict[str, Any], source: str, attention_bias: bool = 
 
 
 def decoder_hf_config(config: ModelConfig, architecture: str, activation: str,
-                      write_attention_bias: bool = True) -> dict[str, Any]:
-    """config.json in the transformers 4.x dialect (read by 4.x and 5.x)."""
+                      write_attention_bias: bool = True, write_sliding_window: bool = False) -> dict[str, Any]:
+    """config.json in the transformers 4.x dialect (read by 4.x and 5.x).
+    ``write_sliding_window``: the family's config class has the key (its default
+    may not be None, so it is written even when None)."""
     d = dict(config.extra)
     d.update(
         architectures=[architecture],
@@ -83,6 +91,10 @@ def decoder_hf_config(config: ModelConfig, architecture: str, activation: str,
         d["final_logit_softcapping"] = config.final_logit_softcapping
     if write_attention_bias:
         d["attention_bias"] = config.attention_bias
+    if write_sliding_window or config.sliding_window is not None:
+        d["sliding_window"] = config.sliding_window
+    if config.partial_rotary_factor != 1.0:
+        d["partial_rotary_factor"] = config.partial_rotary_factor
     return d
 
 
@@ -133,13 +145,14 @@ def decoder_model_flops(c: ModelConfig, rows: int, seq: int, micro_batches: int 
 
 
 def decoder_spec(model_type: str, architecture: str, attention_bias: bool = False,
-                 write_attention_bias: bool = True) -> ModelSpec:
+                 write_attention_bias: bool = True, write_sliding_window: bool = False) -> ModelSpec:
     """A family on the shared Llama-style decoder."""
     return ModelSpec(
         model_type=model_type,
         architecture=architecture,
         parse_config=lambda d, source: parse_decoder_config(d, source, attention_bias),
-        to_hf_config=lambda c: decoder_hf_config(c, architecture, "silu", write_attention_bias),
+        to_hf_config=lambda c: decoder_hf_config(c, architecture, "silu", write_attention_bias,
+                                                 write_sliding_window),
         build=build_decoder,
         model_flops=decoder_model_flops,
         lora_groups={"attention": ATTENTION, "mlp": MLP, "output": OUTPUT},
@@ -148,6 +161,8 @@ def decoder_spec(model_type: str, architecture: str, attention_bias: bool = Fals
 
 
 LLAMA = register(decoder_spec("llama", "LlamaForCausalLM"))
-MISTRAL = register(decoder_spec("mistral", "MistralForCausalLM"))
+# Mistral's and Qwen2's config classes have a sliding_window key with a non-None default.
+MISTRAL = register(decoder_spec("mistral", "MistralForCausalLM", write_sliding_window=True))
 # Qwen2 has q/k/v biases, and its config class has no attention_bias key.
-QWEN2 = register(decoder_spec("qwen2", "Qwen2ForCausalLM", attention_bias=True, write_attention_bias=False))
+QWEN2 = register(decoder_spec("qwen2", "Qwen2ForCausalLM", attention_bias=True, write_attention_bias=False,
+                              write_sliding_window=True))

@@ -54,6 +54,16 @@ class Fused:
     parts: tuple[str, ...]
     sizes: Callable[["ModelConfig"], tuple[int, ...]]
 
+    @property
+    def module(self) -> str:
+        """The fused layer's attribute name (``qkv_proj``), as LoRA targets name it."""
+        return self.name.removesuffix(".weight").rpartition(".")[2]
+
+    @property
+    def part_modules(self) -> tuple[str, ...]:
+        """The split layers' attribute names (``q_proj``, ``k_proj``, ``v_proj``)."""
+        return tuple(p.removesuffix(".weight").rpartition(".")[2] for p in self.parts)
+
 
 @dataclasses.dataclass(frozen=True)
 class StateDictAdapter:
@@ -121,8 +131,16 @@ class ModelSpec:
 
     @property
     def layer_projections(self) -> tuple[str, ...]:
-        """The linear layers inside a decoder layer (what QLoRA and quantize store quantized)."""
-        return tuple(n for role, group in self.lora_groups.items() if role != "output" for n in group)
+        """The linear layers inside a decoder layer (what QLoRA and quantize store
+        quantized); a fused checkpoint name stands for its split parts."""
+        parts = {f.module: f.part_modules for f in self.adapter.fused}
+        return tuple(p for role, group in self.lora_groups.items() if role != "output"
+                     for n in group for p in parts.get(n, (n,)))
+
+    def lora_fused(self) -> tuple[Fused, ...]:
+        """The fused checkpoint tensors that are LoRA targets: a LoRA on one is a LoRA
+        on each part with one shared A (``fastune.modules.peft``)."""
+        return tuple(f for f in self.adapter.fused if f.module in self.lora_targets)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

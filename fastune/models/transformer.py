@@ -24,7 +24,13 @@ from fastune.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
 from fastune.kernels.rope import apply_rope_reference
 from fastune.kernels.swiglu import swiglu_reference
 from fastune.models.config import ModelConfig
-from fastune.models.rope import rope_cos_sin, rope_inv_freq
+from fastune.models.rope import (
+    rope_attention_scaling,
+    rope_cos_sin,
+    rope_inv_freq,
+    rope_long_inv_freq,
+    select_inv_freq,
+)
 from fastune.models.spec import LLAMA_NUMERICS, Numerics, get_spec
 
 # The MLP's gated activations, act(gate) * up, by config.json's hidden_act name.
@@ -147,11 +153,15 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
+        # LongRoPE's long-context frequencies (None for other RoPE types).
+        self.register_buffer("rope_long_inv_freq", rope_long_inv_freq(config), persistent=False)
+        self.rope_scale = rope_attention_scaling(config)
 
     def reset_buffers(self, device: Optional[torch.device] = None) -> None:
         """Recompute non-persistent buffers, after building on the meta device."""
         device = device or self.embed_tokens.weight.device
         self.rope_inv_freq = rope_inv_freq(self.config, device=device)
+        self.rope_long_inv_freq = rope_long_inv_freq(self.config, device=device)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -179,7 +189,8 @@ class Transformer(nn.Module):
         if mask is None and document_ids is not None:
             mask = document_causal_mask(document_ids)
         h = self.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, h.dtype)
+        inv_freq = select_inv_freq(self.config, self.rope_inv_freq, self.rope_long_inv_freq, position_ids)
+        cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype, self.rope_scale)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, input_pos)
         h = self.norm(h)

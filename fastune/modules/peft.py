@@ -36,7 +36,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from fastune.models.spec import all_layer_projections, all_lora_aliases, all_lora_targets
+from fastune.models.spec import Fused, all_layer_projections, all_lora_aliases, all_lora_targets, get_spec
 from fastune.modules.kernels import enabled_kernels
 from fastune.modules.lora import (
     LoRAError,
@@ -107,6 +107,9 @@ def apply_lora(
     names = normalize_targets(targets)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LoRAError("LoRA is already applied to this model")
+    fused_targets = _check_family_targets(model, names)
+    # A fused checkpoint projection (Phi-3's qkv_proj) is adapted as its split parts.
+    modules = tuple(p for n in names for p in (fused_targets[n].part_modules if n in fused_targets else (n,)))
     if "lm_head" in names and _lm_head_is_tied(model):
         raise LoRAError(
             "LoRA on lm_head is not supported with tied embeddings (tie_word_embeddings: true): "
@@ -117,21 +120,48 @@ def apply_lora(
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if name in names and isinstance(child, nn.Linear)
+        if name in modules and isinstance(child, nn.Linear)
     ]
     if not found:
         raise LoRAError(f"LoRA targets {', '.join(names)} match no linear layer of the model")
     if quantize_base:  # fail before changing anything
-        for _, _, child, full_name in _quantizable(model, names):
+        for _, _, child, full_name in _quantizable(model, modules):
             check_nf4_weight(child.weight, full_name)
     for parent, name, child in found:
         setattr(parent, name, LoRALinear(child, rank, alpha, dropout, use_dora, fused))
+    for parent, _, _ in found:
+        for group in fused_targets.values():
+            _share_lora_a(parent, group)
     for key, p in model.named_parameters():
         p.requires_grad_(is_lora_key(key))
     if quantize_base:
         quantize_base_weights(model)
         # QLoRA trains on the dequantized weights: the magnitudes must be their norms.
         init_dora_magnitudes(model)
+
+
+def _check_family_targets(model: nn.Module, names: tuple[str, ...]) -> dict[str, Fused]:
+    """The targets must be the family's own checkpoint names, so that the adapter is
+    one PEFT can load on that checkpoint. Returns the fused targets by name."""
+    config = getattr(model, "config", None)
+    if config is None:  # a bare module: any linear layer of these names
+        return {}
+    spec = get_spec(config.model_type)
+    for name in names:
+        if name not in spec.lora_targets:
+            raise LoRAError(f"LoRA target {name!r} is not a layer of {config.model_type} checkpoints; "
+                            f"its targets: {', '.join(spec.lora_targets)}")
+    return {f.module: f for f in spec.lora_fused() if f.module in names}
+
+
+def _share_lora_a(parent: nn.Module, group: Fused) -> None:
+    """Make the LoRA layers of ``group``'s parts in ``parent`` share the first part's A:
+    then q, k, v together compute exactly PEFT's LoRA on the fused qkv_proj, whose
+    B holds the parts' B stacked by rows (see ``fastune.models.phi3``)."""
+    layers = [getattr(parent, part, None) for part in group.part_modules]
+    if all(isinstance(m, LoRALinear) for m in layers):
+        for layer in layers[1:]:
+            layer.lora_A = layers[0].lora_A
 
 
 def quantize_base_weights(model: nn.Module) -> None:
@@ -184,6 +214,10 @@ def lora_settings(model: nn.Module) -> LoRASettings:
         raise LoRAError("the model has no LoRA layers (apply_lora was not called)")
     first = layers[0][1]
     targets = {name.rpartition(".")[2] for name, _ in layers}
+    config = getattr(model, "config", None)
+    for group in get_spec(config.model_type).lora_fused() if config is not None else ():
+        if set(group.part_modules) <= targets:  # adapted together, with one A: the fused target
+            targets = (targets - set(group.part_modules)) | {group.module}
     return LoRASettings(
         targets=tuple(t for t in LORA_TARGETS if t in targets),
         rank=first.rank,

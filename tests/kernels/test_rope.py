@@ -8,7 +8,7 @@ import torch
 from fastune.kernels.dispatch import force_triton
 from fastune.kernels.rope import apply_rope, apply_rope_reference
 from tests.kernels.numerics import (assert_bf16_close, assert_close_to_truth, assert_max_rel_err,
-                                    fwd_bwd, to_float64)
+                                    fwd_bwd, to_float64, upstream_grads)
 
 # (batch, seq, q heads, kv heads, head_dim)
 SHAPES = [(2, 5, 3, 1, 10), (2, 8, 4, 2, 32)]
@@ -16,20 +16,24 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def rope_64(q, k, cos, sin):
-    """out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 per head, written out half by half."""
+    """out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 per head, written out half by half,
+    over the first R = cos.shape[-1] dims; the rest passes through (partial rotary)."""
     def rotate(x):
-        half = x.shape[-1] // 2
+        rot = cos.shape[-1]
+        half = rot // 2
         c, s = cos[:, :, None], sin[:, :, None]
-        x1, x2 = x[..., :half], x[..., half:]
+        x1, x2, rest = x[..., :half], x[..., half:rot], x[..., rot:]
         return torch.cat((x1 * c[..., :half] - x2 * s[..., :half],
-                          x2 * c[..., half:] + x1 * s[..., half:]), -1)
+                          x2 * c[..., half:] + x1 * s[..., half:], rest), -1)
     return rotate(q), rotate(k)
 
 
-def make(shape, dtype, packed=False, seed=0):
+def make(shape, dtype, packed=False, seed=0, rot=None):
     """q, k [B, S, H, D] and HF-layout cos/sin. ``packed``: per-row positions that restart
-    (two documents in a row), cos/sin [B, S, D]; else positions 0..S-1 and [1, S, D]."""
+    (two documents in a row), cos/sin [B, S, R]; else positions 0..S-1 and [1, S, R].
+    R = ``rot`` (partial rotary), default D."""
     bsz, seqlen, n_q, n_k, head_dim = shape
+    rot = rot or head_dim
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(bsz, seqlen, n_q, head_dim, generator=gen).to(dtype)
     k = torch.randn(bsz, seqlen, n_k, head_dim, generator=gen).to(dtype)
@@ -38,7 +42,7 @@ def make(shape, dtype, packed=False, seed=0):
                            torch.arange(seqlen)] * (bsz // 2))
     else:
         pos = torch.arange(seqlen)[None]
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).double() / head_dim))
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rot, 2).double() / rot))
     angles = pos.double()[..., None] * inv_freq
     emb = torch.cat((angles, angles), -1)
     return [q, k, emb.cos().to(dtype), emb.sin().to(dtype)]
@@ -73,8 +77,8 @@ def test_reference_matches_float64_math(shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "fused_qkv", "packed"])
-def test_triton_matches_reference(shape, dtype, layout):
-    inputs = make(shape, dtype, packed=layout == "packed")
+def test_triton_matches_reference(shape, dtype, layout, rot=None):
+    inputs = make(shape, dtype, packed=layout == "packed", rot=rot)
     fns = [forced, apply_rope_reference, rope_64]
     n_grads, names = 2, ["q_out", "k_out", "dq", "dk"]
     if layout == "fused_qkv":
@@ -110,3 +114,20 @@ def test_bad_shapes_raise_one_clear_error():
         apply_rope(q, k, cos[:, :3], sin[:, :3])
     with pytest.raises(ValueError, match="apply_rope: q"):
         apply_rope(q, k[:, :3], cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "fused_qkv"])
+def test_partial_rotary_triton_matches_reference(dtype, layout):
+    """cos/sin of R < D dims (Phi-4-mini's partial_rotary_factor): 12 of 20 dims rotate,
+    the rest pass through, forward and backward."""
+    test_triton_matches_reference((2, 5, 3, 1, 20), dtype, layout, rot=12)
+
+
+def test_partial_rotary_passes_the_last_dims_through():
+    q, k, cos, sin = make((2, 5, 3, 1, 20), torch.float32, rot=12)
+    for fn in (forced, apply_rope_reference):
+        (q_out, k_out), (dq, dk, *_) = fwd_bwd(fn, [q, k, cos, sin])
+        assert torch.equal(q_out[..., 12:], q[..., 12:]) and torch.equal(k_out[..., 12:], k[..., 12:])
+        upstream = upstream_grads([q_out, k_out])
+        assert torch.equal(dq[..., 12:], upstream[0][..., 12:]) and torch.equal(dk[..., 12:], upstream[1][..., 12:])
