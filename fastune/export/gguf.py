@@ -132,27 +132,32 @@ class _Weights:
 def _open_checkpoint(path: Union[str, Path]):
     """(checkpoint folder, its ModelConfig, its weights), merging an adapter-only checkpoint."""
     from fastune.checkpoint.hf import CheckpointError
-    from fastune.checkpoint.layout import HF_INDEX as INDEX_NAME, HF_WEIGHTS as WEIGHTS_NAME
+    from fastune.checkpoint.layout import CONFIG_NAME, has_hf_weights
     from fastune.generation import resolve_checkpoint
     from fastune.models.config import ModelConfig
 
     ckpt = resolve_checkpoint(path)
-    config = ModelConfig.from_json(ckpt)  # a readable config.json of a model_type fastune supports
-    raw = json.loads((ckpt / "config.json").read_text())
+    raw = json.loads((ckpt / CONFIG_NAME).read_text()) if (ckpt / CONFIG_NAME).is_file() else {}
     if raw.get("quantization_config"):
-        raise GGUFExportError(f"{ckpt / 'config.json'}: this checkpoint is quantized; export the checkpoint "
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: this checkpoint is quantized; export the checkpoint "
                               "it was quantized from, and choose the GGUF type with --type")
-    if config.model_type not in FAMILIES:
-        raise GGUFExportError(f"{ckpt / 'config.json'}: model_type {config.model_type!r} has no GGUF export; "
-                              f"supported: {', '.join(FAMILIES)}")
     try:
-        if (ckpt / INDEX_NAME).is_file() or (ckpt / WEIGHTS_NAME).is_file():
+        if has_hf_weights(ckpt):
+            config = ModelConfig.from_json(ckpt)  # a readable config.json of a model_type fastune supports
+            _check_family(ckpt, config)
             weights = _safetensors_weights(ckpt, config)
         else:
-            weights = _merged_weights(ckpt, raw)
+            config, weights = _merged_weights(ckpt, raw)
+            _check_family(ckpt, config)
     except CheckpointError as e:
         raise GGUFExportError(str(e)) from None
     return ckpt, config, weights
+
+
+def _check_family(ckpt: Path, config) -> None:
+    if config.model_type not in FAMILIES:
+        raise GGUFExportError(f"{ckpt / 'config.json'}: model_type {config.model_type!r} has no GGUF export; "
+                              f"supported: {', '.join(FAMILIES)}")
 
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -216,8 +221,9 @@ def _checked_shapes(ckpt: Path, files: dict[str, Path], expected: dict[str, tupl
     return {k: shapes[k] for k in expected}
 
 
-def _merged_weights(ckpt: Path, raw: dict) -> _Weights:
-    """An adapter-only checkpoint: its base model with the adapter merged in, in memory."""
+def _merged_weights(ckpt: Path, raw: dict):
+    """An adapter-only checkpoint: (config, its base model with the adapter merged in, in
+    memory), in the dtype of its config.json (fp32 when it has none)."""
     from fastune.checkpoint.hf import to_hf_key
     from fastune.generation import load_model
 
@@ -226,7 +232,7 @@ def _merged_weights(ckpt: Path, raw: dict) -> _Weights:
     state = {to_hf_key(k): v for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return _Weights({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
+    return model.config, _Weights({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
 
 
 # ----------------------------------------------------------------------------- the tensor plan

@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -26,6 +27,7 @@ from fastune.training.evaluation import evaluate, report
 from fastune.training.loggers import MetricLogger
 from fastune.training.memory import peak_memory_stats
 from fastune.training.objective import Batch
+from fastune.training.outputs import report_outputs
 from fastune.training.run import TrainingRun
 from fastune.training.saving import save_checkpoint
 
@@ -89,6 +91,8 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
         bar.close()
     results.update({f"{k}_after": v for k, v in evaluate(run, logger).items()})
     report(results)
+    if run.world is None or run.world.is_main:
+        report_outputs(Path(cfg.output_dir))
     return results
 
 
