@@ -73,6 +73,8 @@ def test_the_printed_loading_code_runs_on_a_demo_run(tmp_path, monkeypatch, capl
     assert code == readme_loading_code()
     assert f"load the latest:\n{code}" in caplog.text
     assert "checkpoints: fastune_demo/epoch_0, fastune_demo/epoch_1" in caplog.text
+    assert "metrics chart: fastune_demo/logs/training.png" in caplog.text
+    assert Path("fastune_demo/logs/training.png").read_bytes()[:4] == b"\x89PNG"
 
     seen = {}
     for name, module in fake_vllm(seen).items():

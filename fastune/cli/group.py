@@ -40,6 +40,17 @@ class Group(click.Group):
             ctx.exit(2)
 
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list with each command's whole first sentence: click would cut it
+        to the terminal's width with an ellipsis."""
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, cmd.get_short_help_str(limit=10_000)) for name, cmd in commands
+                if cmd is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 def _set_debug(ctx: click.Context, _param, value: bool) -> None:
     if value:
         ctx.meta[DEBUG] = True
