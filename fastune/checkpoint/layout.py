@@ -31,8 +31,9 @@ Checkpoints written before this layout keep the merged model at the top and the
 adapter in ``adapter/`` (``ADAPTER_DIR``); ``adapter_folder`` and ``model_folder``
 read both.
 
-A quantized checkpoint (``fastune.checkpoint.quantized``) holds ``config.json``,
-``quantized_model.safetensors`` (``QUANTIZED_WEIGHTS``) and the tokenizer files.
+A quantized checkpoint (``fastune.checkpoint.quantized``) holds ``config.json`` with a
+torchao ``quantization_config``, ``model.safetensors`` in torchao's serialization and
+the tokenizer files, as transformers writes a torchao-quantized model.
 
 Every reader and writer (training, distributed, generation, eval, quantize, hub)
 takes these names from here; this module reads only the small JSON progress file.
@@ -55,7 +56,6 @@ RUN_CONFIG = "config.yaml"
 CONFIG_NAME = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-QUANTIZED_WEIGHTS = "quantized_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_DIR = "merged"
