@@ -129,7 +129,8 @@ def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, base, monkeypat
         recipe.train(cfg)
     assert logger.closed  # wandb.finish would have run
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["step_1"]  # no hidden temp folder either
+    # No hidden temp folder either; logs/ holds the metrics history every run keeps.
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "step_1"]
     monkeypatch.undo()
 
     resumed = make_config(tmp_path, base, name="resume.yaml", max_steps_per_epoch=4, save_every_n_steps=1,
