@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastune
+from fastune.checkpoint.layout import ADAPTER_WEIGHTS
 
 DEMO = Path(fastune.__file__).parent / "assets" / "demo"
 KEEP_LAST_N = 2
@@ -109,8 +110,8 @@ def losses(output_dir: Path) -> list[tuple[int, float]]:
 
 
 def weights(output_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {p.name: load_file(p / "adapter" / "adapter_model.safetensors")
-            for p in sorted(output_dir.iterdir()) if not p.name.startswith(".") and (p / "adapter").is_dir()}
+    return {p.name: load_file(p / ADAPTER_WEIGHTS)
+            for p in sorted(output_dir.iterdir()) if not p.name.startswith(".") and (p / ADAPTER_WEIGHTS).is_file()}
 
 
 def disk_use(path: Path) -> int:

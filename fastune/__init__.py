@@ -42,7 +42,8 @@ def from_pretrained(
     use_kernels: Optional[bool] = None,
 ) -> "Transformer":
     """Load a local Hugging Face checkpoint directory (config.json + safetensors)
-    as a fastune ``Transformer`` with weights in ``dtype`` on ``device``.
+    as a fastune ``Transformer`` with weights in ``dtype`` on ``device``; a LoRA
+    run's checkpoint folder gives its merged model.
 
     ``kernels``: the fused ops to swap in (``all``, ``none``, or a list from
     ``fastune.models.spec.KERNEL_OPS``); ``use_kernels`` is its old boolean
@@ -50,8 +51,9 @@ def from_pretrained(
     Raises ``ConfigError`` or ``CheckpointError`` with one line naming the file and key.
     """
     from fastune.checkpoint import load_hf_checkpoint
+    from fastune.checkpoint.layout import model_folder
 
-    return load_hf_checkpoint(path, dtype=dtype, device=device,
+    return load_hf_checkpoint(model_folder(path), dtype=dtype, device=device,
                               kernels=kernels if use_kernels is None else use_kernels)
 
 

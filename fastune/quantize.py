@@ -1,4 +1,5 @@
-"""Post-training weight quantization with torchao, saved in safetensors.
+"""Post-training weight quantization with torchao, saved in torchao's own safetensors
+serialization (``fastune.checkpoint.quantized``), which transformers loads as it is.
 
 Schemes (torchao's own short names), applied to every linear layer of the decoder
 (attention and MLP projections). The embedding, the norms and ``lm_head`` stay in
@@ -9,13 +10,15 @@ projection is the layer most sensitive to quantization.
   model dtype (``Int8WeightOnlyConfig``).
 - ``int4wo``: int4 weights with a scale per group of ``group_size`` input
   channels (``IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup)``).
-  torchao's ``Int4WeightOnlyConfig`` needs CUDA kernels (tinygemm/mslk); the
-  Intx tensor runs anywhere, so the checkpoint loads on any device.
+  torchao's ``Int4WeightOnlyConfig`` layouts need CUDA (tile-packed, mslk) or XPU;
+  the Intx tensor runs and serializes anywhere, so the checkpoint loads on any
+  device, but it keeps one int4 value per byte: the file is about int8's size.
 - ``int8dq``: int8 weights as in ``int8wo``, and activations quantized to int8
   per token on the fly, so the matmul runs in int8
   (``Int8DynamicActivationInt8WeightConfig``).
 
-The on-disk format is ``fastune.checkpoint.quantized``'s.
+Each of the three loads in transformers (``AutoModelForCausalLM.from_pretrained``)
+with logits equal to fastune's quantized model's (tests/test_quantize.py).
 """
 
 from __future__ import annotations

@@ -237,9 +237,10 @@ def test_adapter_only_export_of_two_ranks(job):
     """DoRA with save_adapter_weights_only: the tokenizer and the PEFT adapter, no merged weights."""
     root, _ = job
     names = {p.name for p in (root / "dora_2ranks" / "epoch_0").iterdir()}
-    assert {"tokenizer.json", "adapter", "distributed_checkpoint"} <= names
-    assert not any(name.endswith(".safetensors") for name in names)
-    adapter = json.loads((root / "dora_2ranks" / "epoch_0" / "adapter" / "adapter_config.json").read_text())
+    assert {"tokenizer.json", "adapter_config.json", "adapter_model.safetensors", "distributed_checkpoint"} <= names
+    assert not any(name.endswith(".safetensors") and name != "adapter_model.safetensors" for name in names)
+    assert "merged" not in names and "config.json" not in names
+    adapter = json.loads((root / "dora_2ranks" / "epoch_0" / "adapter_config.json").read_text())
     assert adapter["use_dora"] is True
 
 
@@ -261,7 +262,7 @@ def test_export_of_two_ranks_loads_in_transformers_and_peft(job, references, met
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
         if method == "lora":
             base = transformers.AutoModelForCausalLM.from_pretrained(bases["dense"])
-            adapted = peft.PeftModel.from_pretrained(base, ckpt / "adapter").eval()
+            adapted = peft.PeftModel.from_pretrained(base, ckpt).eval()
             torch.testing.assert_close(adapted(input_ids=tokens).logits, got, rtol=0, atol=1e-4)
 
 

@@ -349,6 +349,29 @@ def test_lora_adapter_only_checkpoint_is_merged_first(tmp_path):
                        merged["layers.1.mlp.down_proj.weight"].float())
 
 
+def test_an_adapter_only_checkpoint_of_the_current_layout_is_merged_first(tmp_path):
+    """save_adapter_weights_only now leaves the adapter at the checkpoint's top and no
+    config.json: the export reads the base model the adapter names, merged in fp32."""
+    from fastune.checkpoint.peft import save_peft_adapter
+    from fastune.modules.peft import apply_lora, merge_lora
+
+    model = fastune.from_pretrained(DEMO_MODEL, dtype="float32")
+    apply_lora(model, ["q_proj", "down_proj"], rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ckpt = tmp_path / "run" / "epoch_0"
+    save_peft_adapter(model, ckpt, base_model_name_or_path=str(DEMO_MODEL))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(DEMO_MODEL / name, ckpt / name)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    got = tensors(gguf.GGUFReader(tmp_path / "m.gguf"))
+    merged = merge_lora(model)
+    assert torch.equal(torch.from_numpy(got["blk.1.ffn_down.weight"][0]), merged["layers.1.mlp.down_proj.weight"])
+
+
 def _cli(*args):
     result = CliRunner().invoke(main, ["export", "gguf", *map(str, args)])
     return result.exit_code, result.stdout, result.stderr

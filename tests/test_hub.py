@@ -123,8 +123,8 @@ def test_upload_dry_run_lists_the_export_and_sends_nothing(monkeypatch, demo_run
     assert lines[0].endswith("to https://huggingface.co/me/demo:")
     listed = [line.strip() for line in lines[1:]]
     assert listed == files_to_upload(ckpt)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "adapter/adapter_config.json",
-            "adapter/adapter_model.safetensors", "trainer_state.json"} <= set(listed)
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "merged/config.json",
+            "merged/model.safetensors", "merged/tokenizer.json", "trainer_state.json"} <= set(listed)
     assert "training_state.pt" not in listed and (ckpt / "training_state.pt").is_file()
     assert SECRET not in result.output
 
@@ -198,7 +198,11 @@ def check_peft_folder(folder: Path, targets: set[str]) -> None:
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert set(config["target_modules"]) == targets and config["r"] >= 1 and config["lora_alpha"] > 0
     assert Path(config["base_model_name_or_path"]).is_dir()
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # No model weights or config.json beside the adapter: transformers would take the
+    # folder for a model with an embedded adapter and apply the adapter over those weights.
+    assert not (folder / "config.json").exists()
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth")) == [
+        "adapter_model.safetensors"]
     with safe_open(folder / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("base_model.model.model.layers.") for k in keys)
@@ -207,8 +211,8 @@ def check_peft_folder(folder: Path, targets: set[str]) -> None:
 
 def test_a_demo_run_exports_loader_friendly_folders(demo_run):
     ckpt = demo_run / "epoch_0"
-    check_hf_folder(ckpt)
-    check_peft_folder(ckpt / "adapter", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    check_hf_folder(ckpt / "merged")
+    check_peft_folder(ckpt, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
 
 def test_a_sharded_export_has_a_consistent_index(tmp_path, demo_run):

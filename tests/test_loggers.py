@@ -188,8 +188,50 @@ def test_wandb_logs_config_metrics_checkpoint_and_finishes(cfg_dir, wandb_offlin
     assert exit_record.exit_code == 0
 
 
+def checkpoint_folders(root):
+    """A LoRA checkpoint (adapter at the top, merged/, resume state, sharded state) and
+    a full one, as a run writes them."""
+    lora, full = root / "lora" / "epoch_0", root / "full" / "step_2"
+    for folder, model_files in ((lora, ("adapter_config.json", "adapter_model.safetensors", "merged/config.json",
+                                        "merged/model.safetensors", "merged/tokenizer.json")),
+                                (full, ("config.json", "model.safetensors"))):
+        for name in (*model_files, "tokenizer.json", "trainer_state.json", "training_state.pt",
+                     "distributed_checkpoint/__0_0.distcp", "distributed_checkpoint/.metadata"):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(name)
+    return lora, full
+
+
+def test_checkpoint_artifacts_hold_the_adapter_of_lora_runs_and_resume_state_when_asked(tmp_path):
+    from fastune.training.loggers import artifact_files
+
+    lora, full = checkpoint_folders(tmp_path)
+    resume = ["distributed_checkpoint/.metadata", "distributed_checkpoint/__0_0.distcp", "training_state.pt"]
+    assert artifact_files(lora) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                                    "trainer_state.json"]
+    assert sorted(artifact_files(lora, resume_state=True)) == sorted(artifact_files(lora) + resume)
+    assert artifact_files(full) == ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.json"]
+    assert sorted(artifact_files(full, resume_state=True)) == sorted(artifact_files(full) + resume)
+
+
+@pytest.mark.parametrize("resume_state", [False, True])
+def test_wandb_logs_checkpoints_by_default(cfg_dir, wandb_offline, resume_state):
+    from fastune.training.loggers import artifact_files
+
+    lora, _ = checkpoint_folders(cfg_dir)
+    cfg = load_config("config.yaml", ["metric_logger=wandb", f"metric_logger.log_resume_state={resume_state}"])
+    progress = {"seed": 0, "epochs_run": 1, "total_epochs": 2, "max_steps_per_epoch": None, "global_step": 4}
+    with build_metric_logger(cfg) as logger:
+        logger.log_checkpoint(lora, progress)
+    wait_for_exit_record(wandb_offline)
+    (artifact,) = records_of(wandb_offline, "artifact")
+    assert artifact.type == "model" and set(artifact.aliases) >= {"epoch_0", "latest"}
+    assert json.loads(artifact.metadata) == progress
+    assert sorted(e.path for e in artifact.manifest.contents) == sorted(artifact_files(lora, resume_state))
+
+
 def test_wandb_finishes_as_failed_on_an_exception(cfg_dir, wandb_offline):
-    cfg = load_config("config.yaml", ["metric_logger=wandb"])
+    cfg = load_config("config.yaml", ["metric_logger=wandb", "metric_logger.log_checkpoints=false"])
     with pytest.raises(RuntimeError, match="boom"):
         with build_metric_logger(cfg.metric_logger, cfg) as logger:
             logger.log_dict({"loss": 3.0}, step=1)

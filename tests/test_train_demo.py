@@ -33,4 +33,4 @@ def test_a_few_demo_steps_run_and_evaluate_before_and_after(tmp_path):
     results = fit(state, RecordingLogger())
     assert set(results) == {"val_loss_before", "exact_match_before", "val_loss_after", "exact_match_after"}
     assert results["val_loss_after"] < results["val_loss_before"]
-    assert (tmp_path / "out" / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "epoch_0" / "adapter_model.safetensors").is_file()

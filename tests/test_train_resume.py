@@ -58,8 +58,10 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(tmp_path, base, metho
 
 
 def test_checkpoint_folder_loads_in_transformers_and_peft(tmp_path, base):
-    """epoch_0 of a LoRA run: merged HF weights, tokenizer files, a PEFT adapter in
-    adapter/, and resume state readable with weights_only=True."""
+    """epoch_0 of a LoRA run: the PEFT adapter and tokenizer files at the top, the merged
+    HF model in merged/, and resume state readable with weights_only=True. transformers'
+    from_pretrained(epoch_0) gives the fine-tuned model (base + adapter once), as does
+    merged/; PEFT loads epoch_0 over the base."""
     import peft
     import transformers
 
@@ -67,13 +69,14 @@ def test_checkpoint_folder_loads_in_transformers_and_peft(tmp_path, base):
     state, logger = run(cfg)
     ckpt = tmp_path / "out" / "epoch_0"
     names = {p.name for p in ckpt.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "adapter", TRAINING_STATE, TRAINER_STATE} <= names
-    assert {p.name for p in (ckpt / "adapter").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "merged", TRAINING_STATE, TRAINER_STATE} <= names
+    assert "config.json" not in names  # beside adapter_config.json, transformers would apply the adapter twice
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (ckpt / "merged").iterdir()}
     # Weights get the folder's permissions (safetensors alone writes 0600): a serving job
     # running as another user can read them.
-    for weights in (ckpt / "model.safetensors", ckpt / "adapter" / "adapter_model.safetensors"):
-        assert weights.stat().st_mode & 0o444 == (ckpt / "adapter").stat().st_mode & 0o444
+    for weights in (ckpt / "merged" / "model.safetensors", ckpt / "adapter_model.safetensors"):
+        assert weights.stat().st_mode & 0o444 == (ckpt / "merged").stat().st_mode & 0o444
     training_state = torch.load(ckpt / TRAINING_STATE, weights_only=True)
     assert set(training_state) == {"optimizer", "lr_scheduler", "rng", "dataloader"}
     assert logger.checkpoints == [(ckpt, json.loads((ckpt / TRAINER_STATE).read_text()))]
@@ -81,10 +84,13 @@ def test_checkpoint_folder_loads_in_transformers_and_peft(tmp_path, base):
     tokens = torch.randint(0, 365, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = state.model.eval()(tokens)
-        merged = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
-        torch.testing.assert_close(merged(input_ids=tokens).logits, ours, rtol=1e-4, atol=1e-4)
+        base_logits = transformers.AutoModelForCausalLM.from_pretrained(base).eval()(input_ids=tokens).logits
+        assert (ours - base_logits).abs().max() > 1e-2  # the adapter changes something
+        for folder in (ckpt, ckpt / "merged"):
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+            torch.testing.assert_close(model(input_ids=tokens).logits, ours, rtol=1e-4, atol=1e-4)
         adapted = peft.PeftModel.from_pretrained(
-            transformers.AutoModelForCausalLM.from_pretrained(base), ckpt / "adapter").eval()
+            transformers.AutoModelForCausalLM.from_pretrained(base), ckpt).eval()
         torch.testing.assert_close(adapted(input_ids=tokens).logits, ours, rtol=1e-4, atol=1e-4)
 
 
@@ -95,8 +101,8 @@ def test_adapter_only_checkpoint_and_keep_last_n(tmp_path, base):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["epoch_1", "step_5"]
     names = {p.name for p in (out / "epoch_1").iterdir()}
-    assert {"adapter", "tokenizer.json", TRAINING_STATE} <= names
-    assert not any(n.startswith("model") or n == "config.json" for n in names)
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", TRAINING_STATE} <= names
+    assert not any(n.startswith("model") or n in ("config.json", "merged") for n in names)
 
 
 def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, base, monkeypatch):
@@ -123,7 +129,8 @@ def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, base, monkeypat
         recipe.train(cfg)
     assert logger.closed  # wandb.finish would have run
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["step_1"]  # no hidden temp folder either
+    # No hidden temp folder either; logs/ holds the metrics history every run keeps.
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "step_1"]
     monkeypatch.undo()
 
     resumed = make_config(tmp_path, base, name="resume.yaml", max_steps_per_epoch=4, save_every_n_steps=1,

@@ -19,7 +19,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Iterator, Mapping, Union
+from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -306,11 +306,12 @@ def _shard_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def write_safetensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A safetensors file that transformers, PEFT and other users can read."""
+def write_safetensors(file: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    """A safetensors file that transformers, PEFT and other users can read; ``metadata``
+    is added to the header (torchao's description of quantized tensors)."""
     # transformers refuses files whose metadata does not say format "pt".
     try:
-        save_file(tensors, str(file), metadata={"format": "pt"})
+        save_file(tensors, str(file), metadata={**(metadata or {}), "format": "pt"})
     except SafetensorError as e:  # a full disk ("File too large") or a quota: the file, in one line
         raise CheckpointError(f"{file}: cannot write ({e})") from None
     # safetensors creates files readable by the owner only (0600); give them the

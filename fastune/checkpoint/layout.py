@@ -4,18 +4,36 @@ folders of a checkpoint and of a training run's ``output_dir``.
 A training run's ``output_dir``::
 
     config.yaml                 the resolved config (``RUN_CONFIG``)
-    epoch_N/  step_N/           checkpoints (``checkpoint_name``), each holding:
+    epoch_N/  step_N/           checkpoints (``checkpoint_name``); full fine-tuning's hold:
         config.json             the model config, HF format (``CONFIG_NAME``)
         model.safetensors       or ``model-0000i-of-0000n.safetensors`` + the index
-                                (``HF_WEIGHTS``, ``HF_INDEX``): the (merged) weights
+                                (``HF_WEIGHTS``, ``HF_INDEX``): the weights
         tokenizer files         copied from the source checkpoint (``TOKENIZER_FILES``)
-        adapter/                LoRA methods: the PEFT adapter (``ADAPTER_DIR``)
         training_state.pt       optimizer, scheduler, RNG, loader position (``TRAINING_STATE``)
         trainer_state.json      epochs run and global step, readable (``TRAINER_STATE``)
         distributed_checkpoint/ a sharded run's trainable weights and optimizer (``DCP_DIR``)
 
-A quantized checkpoint (``fastune.checkpoint.quantized``) holds ``config.json``,
-``quantized_model.safetensors`` (``QUANTIZED_WEIGHTS``) and the tokenizer files.
+A LoRA method's checkpoint holds two views of the same fine-tune::
+
+    epoch_N/
+        adapter_config.json     the PEFT adapter at the top (``ADAPTER_CONFIG``,
+        adapter_model.safetensors  ``ADAPTER_WEIGHTS``): what ``PeftModel.from_pretrained(base,
+                                epoch_N)`` and vLLM's ``LoRARequest(..., epoch_N)`` read, and
+                                transformers' ``from_pretrained(epoch_N)`` too (base + adapter)
+        merged/                 the merged model in HF format (``MERGED_DIR``), left out with
+                                ``save_adapter_weights_only``
+        tokenizer files, training_state.pt, trainer_state.json, distributed_checkpoint/
+
+The merged weights sit in a folder of their own because transformers treats a folder
+holding both ``config.json`` and ``adapter_config.json`` as a model with an embedded
+adapter: it would load the merged weights and apply the adapter on top, twice.
+Checkpoints written before this layout keep the merged model at the top and the
+adapter in ``adapter/`` (``ADAPTER_DIR``); ``adapter_folder`` and ``model_folder``
+read both.
+
+A quantized checkpoint (``fastune.checkpoint.quantized``) holds ``config.json`` with a
+torchao ``quantization_config``, ``model.safetensors`` in torchao's serialization and
+the tokenizer files, as transformers writes a torchao-quantized model.
 
 Every reader and writer (training, distributed, generation, eval, quantize, hub)
 takes these names from here; this module reads only the small JSON progress file.
@@ -28,7 +46,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from fastune.errors import FastuneError
 
@@ -38,8 +56,10 @@ RUN_CONFIG = "config.yaml"
 CONFIG_NAME = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-QUANTIZED_WEIGHTS = "quantized_model.safetensors"
-ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGED_DIR = "merged"
+ADAPTER_DIR = "adapter"  # the adapter's folder in checkpoints of the earlier layout (read, not written)
 TRAINING_STATE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
 DCP_DIR = "distributed_checkpoint"
@@ -82,6 +102,22 @@ def is_checkpoint_name(name: str) -> bool:
 def has_hf_weights(ckpt_dir: Path) -> bool:
     """A single safetensors file or a shard index (not an adapter-only checkpoint)."""
     return (Path(ckpt_dir) / HF_WEIGHTS).is_file() or (Path(ckpt_dir) / HF_INDEX).is_file()
+
+
+def adapter_folder(ckpt_dir: Path) -> Optional[Path]:
+    """The folder holding a checkpoint's PEFT adapter: the checkpoint itself, or
+    ``adapter/`` in the earlier layout; None when it holds no adapter."""
+    for folder in (Path(ckpt_dir), Path(ckpt_dir) / ADAPTER_DIR):
+        if (folder / ADAPTER_CONFIG).is_file():
+            return folder
+    return None
+
+
+def model_folder(ckpt_dir: Path) -> Path:
+    """The folder whose ``config.json`` and weights are a checkpoint's model: ``merged/``
+    of a LoRA checkpoint, else the checkpoint itself."""
+    merged = Path(ckpt_dir) / MERGED_DIR
+    return merged if (merged / CONFIG_NAME).is_file() else Path(ckpt_dir)
 
 
 def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:

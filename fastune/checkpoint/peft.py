@@ -31,6 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fastune.checkpoint.hf import from_hf_key, to_hf_key, write_safetensors
+from fastune.checkpoint.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fastune.models.spec import Fused, get_spec
 from fastune.modules.lora import LoRAError, LoRALinear
 from fastune.modules.peft import (
@@ -42,8 +43,6 @@ from fastune.modules.peft import (
     lora_settings,
 )
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 

@@ -1,15 +1,16 @@
-"""The quantized checkpoint format: its recipe, and saving and loading it.
+"""The quantized checkpoint format: torchao's own safetensors serialization, the one
+``transformers`` writes and reads for a torchao-quantized model.
 
-On disk (safetensors cannot hold tensor subclasses, and weights are never
-pickled): a quantized weight ``W`` of HF key ``k`` is stored as its plain inner
-tensors ``k.qdata`` (int8; for ``int4wo`` two values packed per uint8 byte),
-``k.scale`` and ``k.zero_point``, in ``quantized_model.safetensors``.
-``config.json`` records the scheme under ``quantization_config`` with
-``quant_method: fastune-torchao``. Loading builds each quantized layer by
-quantizing an all-zero weight of the right shape with the same torchao config
-(which gives the tensor subclass and its metadata), then copies the stored
-tensors into it. The file name keeps ``transformers`` (which skips an unknown
-quant_method) from loading the checkpoint as a random-initialized model.
+On disk, ``model.safetensors`` (``HF_WEIGHTS``) holds the state dict flattened by
+torchao's ``flatten_tensor_state_dict``: a quantized weight ``k.weight`` becomes its
+plain inner tensors ``k._weight_qdata``, ``k._weight_scale`` (and
+``k._weight_zero_point``), and the file's metadata names each tensor's torchao class
+and attributes as JSON. ``config.json`` carries transformers' ``TorchAoConfig`` under
+``quantization_config`` (``quant_method: torchao``, the torchao config serialized by
+``torchao.core.config.config_to_dict``; ``lm_head`` is not converted). So
+``AutoModelForCausalLM.from_pretrained(folder)`` loads it as it is, and fastune's
+loader rebuilds the tensor subclasses with torchao's ``unflatten_tensor_state_dict``,
+which reads JSON metadata and plain tensors only (no pickle).
 """
 
 from __future__ import annotations
@@ -20,24 +21,20 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from fastune.checkpoint.atomic import atomic_directory
-from fastune.checkpoint.hf import CheckpointError, parse_dtype, to_hf_key, write_safetensors
-from fastune.checkpoint.layout import CONFIG_NAME, QUANTIZED_WEIGHTS, copy_tokenizer_files
+from fastune.checkpoint.hf import CheckpointError, from_hf_key, to_hf_key, write_safetensors
+from fastune.checkpoint.layout import CONFIG_NAME, HF_WEIGHTS, copy_tokenizer_files
 from fastune.errors import FastuneError
 from fastune.models.config import ModelConfig
 from fastune.models.spec import get_spec
 from fastune.models.transformer import Transformer
 from fastune.modules.kernels import apply_kernels
-from fastune.modules.peft import LAYER_PROJECTIONS
 
-QUANT_METHOD = "fastune-torchao"
+QUANT_METHOD = "torchao"
 SCHEMES = ("int8wo", "int4wo", "int8dq")
-_INNER = ("qdata", "scale", "zero_point")
-# The decoder-layer projections (every family's, from its spec).
-_QUANTIZED_LAYERS = LAYER_PROJECTIONS
 
 
 class QuantizationError(FastuneError, ValueError):
@@ -71,22 +68,17 @@ class QuantizationRecipe:
         return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(self.group_size))
 
     def to_json(self) -> dict:
-        import torchao
+        """config.json's ``quantization_config``: transformers' ``TorchAoConfig.to_dict()``."""
+        from torchao.core.config import config_to_dict
 
-        return {"quant_method": QUANT_METHOD, "scheme": self.scheme, "group_size": self.group_size,
-                "dtype": str(self.dtype).removeprefix("torch."), "modules": list(_QUANTIZED_LAYERS),
-                "torchao_version": torchao.__version__}
-
-    @classmethod
-    def from_json(cls, d: dict, source: str) -> "QuantizationRecipe":
-        try:
-            return cls(scheme=d["scheme"], dtype=parse_dtype(d["dtype"]), group_size=d.get("group_size"))
-        except KeyError as e:
-            raise QuantizationError(f"{source}: quantization_config lacks key {e.args[0]!r}") from None
+        return {"quant_method": QUANT_METHOD, "quant_type": {"default": config_to_dict(self.torchao_config())},
+                "modules_to_not_convert": ["lm_head"], "include_input_output_embeddings": False,
+                "untie_embedding_weights": False}
 
 
 def is_quantized(checkpoint_dir: Union[str, Path]) -> bool:
-    """True for a checkpoint written by ``quantize_checkpoint``."""
+    """True for a checkpoint with a torchao ``quantization_config`` (``quantize_checkpoint``'s,
+    or transformers')."""
     return _quantization_config(Path(checkpoint_dir)) is not None
 
 
@@ -96,7 +88,7 @@ def _quantization_config(path: Path) -> Optional[dict]:
     except (OSError, json.JSONDecodeError):
         return None
     q = config.get("quantization_config")
-    return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
+    return q if isinstance(q, dict) and q.get("quant_method") in (QUANT_METHOD, "fastune-torchao") else None
 
 
 def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -109,47 +101,21 @@ def save_quantized(model: Transformer, recipe: QuantizationRecipe, out_dir: Unio
                    tokenizer_source: Path) -> Path:
     """Write ``model`` (quantized with ``recipe``) to ``out_dir`` (atomically), with the
     tokenizer files of ``tokenizer_source``."""
-    tensors = _flat_tensors(model, recipe)
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    tied = model.config.tie_word_embeddings
+    state = {to_hf_key(k, model.config.model_type): v.detach().cpu()
+             for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    tensors, metadata = flatten_tensor_state_dict(state)
     config = model.config.to_hf_dict()
     config["quantization_config"] = recipe.to_json()
     config["torch_dtype"] = config["dtype"] = str(recipe.dtype).removeprefix("torch.")
     with atomic_directory(out_dir) as tmp:
-        write_safetensors(tmp / QUANTIZED_WEIGHTS, tensors)
+        write_safetensors(tmp / HF_WEIGHTS, {k: v.contiguous() for k, v in tensors.items()},
+                          metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_tokenizer_files(tokenizer_source, tmp)
     return Path(out_dir)
-
-
-def _flat_tensors(model: Transformer, recipe: QuantizationRecipe) -> dict[str, torch.Tensor]:
-    """HF key -> plain tensor; quantized weights split into their inner tensors."""
-    tied = model.config.tie_word_embeddings
-    out = {}
-    for key, value in model.state_dict().items():
-        if tied and key == "lm_head.weight":
-            continue
-        hf_key = to_hf_key(key, model.config.model_type)
-        if type(value) is torch.Tensor:  # not a torchao subclass
-            out[hf_key] = value.detach().cpu().contiguous()
-            continue
-        for inner in _INNER:
-            tensor = getattr(value, inner).detach().cpu().contiguous()
-            if inner == "qdata" and recipe.scheme == "int4wo":
-                tensor = pack_int4(tensor)
-            out[f"{hf_key}.{inner}"] = tensor
-    return out
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-8, 7], last dim even -> uint8 with two values per byte
-    (element 2i in the low nibble, 2i+1 in the high nibble)."""
-    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``pack_int4``: int8 values in [-8, 7]."""
-    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).to(torch.int8)
-    return torch.where(nibbles >= 8, nibbles - 16, nibbles)
 
 
 def load_quantized(
@@ -158,61 +124,66 @@ def load_quantized(
     use_kernels: Optional[bool] = None,
     kernels: Union[str, bool, list, None] = "all",
 ) -> Transformer:
-    """Build the quantized ``Transformer`` saved by ``quantize_checkpoint`` in ``path``,
-    with the fused ``kernels`` swapped in (``use_kernels``, when not None, wins: its
-    old boolean spelling)."""
-    from torchao.quantization import quantize_
-
+    """Build the quantized ``Transformer`` saved in ``path`` (by ``quantize_checkpoint``, or
+    by transformers' ``save_pretrained`` of a torchao model), with the fused ``kernels``
+    swapped in (``use_kernels``, when not None, wins: its old boolean spelling)."""
     path, device = Path(path), torch.device(device)
     q = _quantization_config(path)
     if q is None:
         raise QuantizationError(f"{path / CONFIG_NAME}: no quantization_config with quant_method {QUANT_METHOD!r}")
-    recipe = QuantizationRecipe.from_json(q, str(path / CONFIG_NAME))
+    if q.get("quant_method") != QUANT_METHOD:
+        raise QuantizationError(f"{path / CONFIG_NAME}: written by an earlier fastune in its own format; "
+                                "quantize the original checkpoint again")
     config = ModelConfig.from_json(path)
-    tensors = _read_all(path / QUANTIZED_WEIGHTS)
+    state = _read_torchao_state(path / HF_WEIGHTS)
     with torch.device("meta"):
         model = get_spec(config.model_type).build(config)
-    for name, linear in decoder_linears(model):
-        prefix = to_hf_key(f"{name}.weight")
-        linear.weight = nn.Parameter(torch.zeros(linear.weight.shape, dtype=recipe.dtype, device=device),
-                                     requires_grad=False)
-        quantize_(linear, recipe.torchao_config())
-        for inner in _INNER:
-            _copy_inner(linear.weight, inner, tensors.pop(f"{prefix}.{inner}", None), recipe, f"{prefix}.{inner}", path)
-    plain = {}
-    expected = {k for k, v in model.state_dict().items() if v.is_meta}
+    expected = {k: v for k, v in model.state_dict().items() if v.is_meta}
     if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    for hf_key, tensor in tensors.items():
-        key = hf_key if hf_key == "lm_head.weight" else hf_key.removeprefix("model.")
+        expected.pop("lm_head.weight", None)
+    loaded = {}
+    for hf_key, tensor in state.items():
+        key = from_hf_key(hf_key, config.model_type)
         if key not in expected:
-            raise CheckpointError(f"{path / QUANTIZED_WEIGHTS}: unexpected key {hf_key!r}")
-        plain[key] = tensor.to(device=device, dtype=recipe.dtype)
-    missing = sorted(expected - set(plain))
+            raise CheckpointError(f"{path / HF_WEIGHTS}: unexpected key {hf_key!r}")
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"{path / HF_WEIGHTS}: key {hf_key!r} has shape {list(tensor.shape)}, "
+                                  f"config.json implies {list(expected[key].shape)}")
+        loaded[key] = tensor.to(device)
+    missing = sorted(set(expected) - set(loaded))
     if missing:
-        raise CheckpointError(f"{path / QUANTIZED_WEIGHTS}: missing key {to_hf_key(missing[0])!r}")
-    model.load_state_dict(plain, strict=False, assign=True)
+        raise CheckpointError(f"{path / HF_WEIGHTS}: missing key {to_hf_key(missing[0], config.model_type)!r}")
+    for key, tensor in loaded.items():  # quantized weights replace their module's parameter, as quantize_ does
+        module_name, name = key.rsplit(".", 1)
+        setattr(model.get_submodule(module_name), name, nn.Parameter(tensor, requires_grad=False))
     model.reset_buffers(device)
     model.tie_weights()
     apply_kernels(model, kernels if use_kernels is None else use_kernels)
     return model.eval()
 
 
-def _copy_inner(weight, inner: str, stored: Optional[torch.Tensor], recipe: QuantizationRecipe,
-                key: str, path: Path) -> None:
-    if stored is None:
-        raise CheckpointError(f"{path / QUANTIZED_WEIGHTS}: missing key {key!r}")
-    if inner == "qdata" and recipe.scheme == "int4wo":
-        stored = unpack_int4(stored)
-    target = getattr(weight, inner)
-    if stored.shape != target.shape or stored.dtype != target.dtype:
-        raise CheckpointError(f"{path / QUANTIZED_WEIGHTS}: key {key!r} is {stored.dtype} {list(stored.shape)}, "
-                              f"config.json implies {target.dtype} {list(target.shape)}")
-    target.copy_(stored)
+def _read_torchao_state(file: Path) -> dict[str, torch.Tensor]:
+    """HF key -> tensor (a torchao subclass for a quantized weight) from torchao's flattened format."""
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+    from torchao.prototype.safetensors.safetensors_utils import is_metadata_torchao
 
-
-def _read_all(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"{file}: not found")
-    with safe_open(file, framework="pt", device="cpu") as f:
-        return {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    if not is_metadata_torchao(metadata):
+        raise CheckpointError(f"{file}: no torchao metadata (tensor_names) in this safetensors file")
+    try:
+        state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: torchao metadata does not match the tensors ({e})") from None
+    incomplete = sorted(set(json.loads(metadata["tensor_names"])) - set(state))
+    if incomplete:
+        raise CheckpointError(f"{file}: the tensors of {incomplete[0]!r} are missing")
+    if leftover:
+        raise CheckpointError(f"{file}: unexpected key {sorted(leftover)[0]!r}")
+    return state

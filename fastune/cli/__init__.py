@@ -3,7 +3,7 @@ of commands. A new command is a ``click.command`` in a module here, added below
 with one ``main.add_command``.
 """
 
-from fastune.cli import bench, hub, inference, train
+from fastune.cli import bench, hub, inference, train, workflow
 from fastune.cli.group import main
 from fastune.export.cli import export
 
@@ -11,6 +11,9 @@ main.add_command(train.train)
 main.add_command(train.validate)
 main.add_command(train.list_configs)
 main.add_command(train.copy_config)
+main.add_command(workflow.cat_config)
+main.add_command(workflow.run)
+main.add_command(workflow.plot)
 main.add_command(bench.plan)
 main.add_command(bench.bench)
 main.add_command(hub.download)

@@ -23,10 +23,21 @@ class Group(click.Group):
     full disk) into one line on stderr and exit status 2. Secrets are redacted from that
     line and from any traceback (``--debug``, or a bug)."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --debug may follow the command name; the noise it lets through comes at import,
+        # before that command's options are parsed.
+        options = args[: args.index("--")] if "--" in args else args
+        if "--debug" in options:
+            ctx.meta[DEBUG] = True
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
+        from fastune.cli.quiet import quiet_dependencies
         from fastune.config.secrets import redact_exception, redact_text
         from fastune.errors import user_error_line
 
+        if not (ctx.meta.get(DEBUG) or os.environ.get("FASTUNE_DEBUG") == "1"):
+            quiet_dependencies()
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -38,6 +49,17 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {redact_text(line)}", err=True)
             ctx.exit(2)
+
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list with each command's whole first sentence: click would cut it
+        to the terminal's width with an ellipsis."""
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, cmd.get_short_help_str(limit=10_000)) for name, cmd in commands
+                if cmd is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def _set_debug(ctx: click.Context, _param, value: bool) -> None:

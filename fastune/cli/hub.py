@@ -50,7 +50,7 @@ def download(repo_id: str, output_dir: Optional[str], ignore_patterns: str, hf_t
 @debug_option
 def upload(folder: str, repo_id: str, dry_run: bool, private: bool, ignore_patterns: str,
            include_hidden: bool, hf_token: Optional[str]) -> None:
-    """Upload FOLDER (a checkpoint: merged model, adapter/, tokenizer) to model repo REPO_ID.
+    """Upload FOLDER (a checkpoint: model or adapter, merged/, tokenizer) to model repo REPO_ID.
 
     Only regular files inside FOLDER go: no symlink leading out of it, no hidden file
     unless --include-hidden; what is skipped is said on stderr.
@@ -59,7 +59,7 @@ def upload(folder: str, repo_id: str, dry_run: bool, private: bool, ignore_patte
     Examples:
       fastune upload out/epoch_0 me/llama3.2-1b-alpaca --dry-run
       fastune upload out/epoch_0 me/llama3.2-1b-alpaca --private
-      fastune upload out/epoch_0/adapter me/llama3.2-1b-alpaca-lora
+      fastune upload out/epoch_0/merged me/llama3.2-1b-alpaca-merged
     """
     from fastune.hub import check_repo_id, plan_upload, upload as run
 

@@ -129,7 +129,8 @@ def evaluate(checkpoint: str, tasks: str, limit: Optional[float], batch_size: in
 @click.argument("checkpoint", type=click.Path())
 @click.argument("output_dir", type=click.Path())
 @click.option("--scheme", type=click.Choice(["int8wo", "int4wo", "int8dq"]), default="int8wo", show_default=True,
-              help="int8wo: int8 weights; int4wo: int4 weights in groups; int8dq: int8 weights and activations.")
+              help="int8wo: int8 weights; int4wo: int4 weights in groups (stored one per byte: torchao's "
+                   "CPU layout); int8dq: int8 weights and activations. All three load in transformers.")
 @click.option("--group-size", type=int, default=None, help="int4wo: input channels per scale [default: 128].")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 @_device_options
@@ -138,6 +139,12 @@ def quantize(checkpoint: str, output_dir: str, scheme: str, group_size: Optional
              dtype: str, device: str) -> None:
     """Quantize the decoder's linear layers of CHECKPOINT with torchao and save the
     result in OUTPUT_DIR, which `fastune generate` and `fastune eval` load.
+
+    OUTPUT_DIR is in torchao's own serialization, as transformers writes it:
+    AutoModelForCausalLM.from_pretrained(OUTPUT_DIR) loads every scheme as it is
+    (torchao installed). int4wo keeps int4 values one per byte (torchao's
+    IntxUnpackedToInt8Tensor, its int4 layout that runs and serializes on CPU), so
+    its file is about int8's size; torchao's packed int4 layouts need CUDA.
 
     \b
     Examples:
@@ -157,4 +164,5 @@ def quantize(checkpoint: str, output_dir: str, scheme: str, group_size: Optional
     out = quantize_checkpoint(source, output_dir, recipe, _device(device))
     before, after = disk_size(source), disk_size(out)
     ratio = f", {before / after:.1f}x smaller than {source}'s {before / 1e6:.1f} MB" if before else ""
-    click.echo(f"wrote {out}: {scheme}, weights {after / 1e6:.1f} MB on disk{ratio}")
+    click.echo(f"wrote {out}: {scheme}, weights {after / 1e6:.1f} MB on disk{ratio}; "
+               f"loads in fastune and in transformers: AutoModelForCausalLM.from_pretrained(\"{out}\")")

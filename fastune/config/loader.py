@@ -338,6 +338,17 @@ def _check_types(values: dict, section: Section, prefix: str, origin: _Origin, p
             raise origin.error(key, str(e)) from None
 
 
+def _check_model_downloaded(values: dict, text: str, origin: _Origin) -> None:
+    """A missing model.checkpoint_dir gets the download command to run: the one the
+    config's comments give for that folder (the shipped configs have one), else its form."""
+    folder = (values.get("model") or {}).get("checkpoint_dir")
+    if not isinstance(folder, str) or os.path.exists(os.path.expanduser(folder)):
+        return
+    found = re.search(r"fastune download (\S+) --output-dir " + re.escape(folder) + r"(?!\S)", text)
+    command = f"fastune download {found.group(1) if found else 'REPO_ID'} --output-dir {folder}"
+    raise origin.error("model.checkpoint_dir", f"no such directory: {folder}; download the model: `{command}`")
+
+
 def _check_components(values: dict, origin: _Origin) -> None:
     """Every `_component_` imports, is callable and takes its section's keys by name."""
     for key, entry in walk_keys():
@@ -445,6 +456,8 @@ def load_config(config: str | os.PathLike, overrides: Sequence[str] = (), *,
         key = getattr(e, "full_key", "") or ""
         raise origin.error(key, str(getattr(e, "msg", e)).splitlines()[0]) from None
     values = OmegaConf.to_container(cfg)
+    if check_paths:
+        _check_model_downloaded(values, text, origin)
     _check_types(values, SCHEMA, "", origin, check_paths)
     _check_dataset(values, origin, check_paths)
     _check_lora(values, origin)

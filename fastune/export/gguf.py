@@ -132,32 +132,37 @@ class _Weights:
 def _open_checkpoint(path: Union[str, Path]):
     """(checkpoint folder, its ModelConfig, its weights), merging an adapter-only checkpoint."""
     from fastune.checkpoint.hf import CheckpointError
-    from fastune.checkpoint.layout import HF_INDEX as INDEX_NAME, HF_WEIGHTS as WEIGHTS_NAME
+    from fastune.checkpoint.layout import CONFIG_NAME, has_hf_weights
     from fastune.generation import resolve_checkpoint
     from fastune.models.config import ModelConfig
 
     ckpt = resolve_checkpoint(path)
-    config = ModelConfig.from_json(ckpt)  # a readable config.json of a model_type fastune supports
-    raw = json.loads((ckpt / "config.json").read_text())
+    raw = json.loads((ckpt / CONFIG_NAME).read_text()) if (ckpt / CONFIG_NAME).is_file() else {}
     if raw.get("quantization_config"):
-        raise GGUFExportError(f"{ckpt / 'config.json'}: this checkpoint is quantized; export the checkpoint "
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: this checkpoint is quantized; export the checkpoint "
                               "it was quantized from, and choose the GGUF type with --type")
+    try:
+        if has_hf_weights(ckpt):
+            config = ModelConfig.from_json(ckpt)  # a readable config.json of a model_type fastune supports
+            _check_family(ckpt, config)
+            weights = _safetensors_weights(ckpt, config)
+        else:
+            config, weights = _merged_weights(ckpt, raw)
+            _check_family(ckpt, config)
+    except CheckpointError as e:
+        raise GGUFExportError(str(e)) from None
+    return ckpt, config, weights
+
+
+def _check_family(ckpt: Path, config) -> None:
     if config.model_type not in FAMILIES:
-        raise GGUFExportError(f"{ckpt / 'config.json'}: model_type {config.model_type!r} has no GGUF export; "
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: model_type {config.model_type!r} has no GGUF export; "
                               f"supported: {', '.join(FAMILIES)}")
     rope_type = config.rope_scaling["rope_type"] if config.rope_scaling else "default"
     if rope_type not in ("default", "linear", "llama3") or config.partial_rotary_factor != 1.0:
         # The metadata written below says nothing of them: llama.cpp would rotate wrongly.
-        raise GGUFExportError(f"{ckpt / 'config.json'}: GGUF export does not write {rope_type!r} RoPE "
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: GGUF export does not write {rope_type!r} RoPE "
                               "scaling or partial rotary yet")
-    try:
-        if (ckpt / INDEX_NAME).is_file() or (ckpt / WEIGHTS_NAME).is_file():
-            weights = _safetensors_weights(ckpt, config)
-        else:
-            weights = _merged_weights(ckpt, raw)
-    except CheckpointError as e:
-        raise GGUFExportError(str(e)) from None
-    return ckpt, config, weights
 
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -221,8 +226,9 @@ def _checked_shapes(ckpt: Path, files: dict[str, Path], expected: dict[str, tupl
     return {k: shapes[k] for k in expected}
 
 
-def _merged_weights(ckpt: Path, raw: dict) -> _Weights:
-    """An adapter-only checkpoint: its base model with the adapter merged in, in memory."""
+def _merged_weights(ckpt: Path, raw: dict):
+    """An adapter-only checkpoint: (config, its base model with the adapter merged in, in
+    memory), in the dtype of its config.json (fp32 when it has none)."""
     from fastune.checkpoint.hf import to_hf_key
     from fastune.generation import load_model
 
@@ -231,7 +237,7 @@ def _merged_weights(ckpt: Path, raw: dict) -> _Weights:
     state = {to_hf_key(k): v for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return _Weights({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
+    return model.config, _Weights({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
 
 
 # ----------------------------------------------------------------------------- the tensor plan

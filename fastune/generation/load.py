@@ -3,10 +3,10 @@
 ``CHECKPOINT`` may be:
 
 - a Hugging Face checkpoint folder (``config.json`` + safetensors), downloaded or
-  written by a run (``output_dir/epoch_N``, merged weights for LoRA);
+  written by a run (``output_dir/epoch_N``; for LoRA its ``merged/`` model);
 - a training run's ``output_dir``: its latest complete ``epoch_N``/``step_N``;
 - a checkpoint written with ``save_adapter_weights_only``: the base model named in
-  ``adapter/adapter_config.json`` with the adapter merged in;
+  its ``adapter_config.json`` with the adapter merged in;
 - a checkpoint written by ``fastune quantize``.
 """
 
@@ -20,7 +20,15 @@ import torch
 import yaml
 from torch import nn
 
-from fastune.checkpoint.layout import ADAPTER_DIR, CONFIG_NAME, RUN_CONFIG, checkpoint_dirs, has_hf_weights
+from fastune.checkpoint.layout import (
+    ADAPTER_CONFIG,
+    CONFIG_NAME,
+    RUN_CONFIG,
+    adapter_folder,
+    checkpoint_dirs,
+    has_hf_weights,
+    model_folder,
+)
 from fastune.data import Tokenizer, load_tokenizer
 from fastune.errors import FastuneError
 
@@ -30,17 +38,18 @@ class CheckpointNotFound(FastuneError):
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """The checkpoint folder ``path`` names: itself, or a run's latest checkpoint."""
+    """The model folder ``path`` names: itself, or a run's latest checkpoint; of a LoRA
+    checkpoint, its merged model (``merged/``) when it has one."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointNotFound(f"{path}: no such directory")
-    if (path / CONFIG_NAME).is_file():
-        return path
-    found = checkpoint_dirs(path)
-    if not found:
-        raise CheckpointNotFound(f"{path}: neither a checkpoint (no {CONFIG_NAME}) nor a training output_dir "
-                                 "(no epoch_N or step_N checkpoint in it)")
-    return found[-1]
+    if not (path / CONFIG_NAME).is_file() and adapter_folder(path) is None:
+        found = checkpoint_dirs(path)
+        if not found:
+            raise CheckpointNotFound(f"{path}: neither a checkpoint (no {CONFIG_NAME} or {ADAPTER_CONFIG}) nor a "
+                                     "training output_dir (no epoch_N or step_N checkpoint in it)")
+        path = found[-1]
+    return model_folder(path)
 
 
 def load_for_inference(
@@ -70,7 +79,7 @@ def load_model(
     kernels = "all" if use_kernels is None else use_kernels
     if is_quantized(ckpt):
         model = load_quantized(ckpt, device=device, kernels=kernels)
-    elif has_hf_weights(ckpt) or not (ckpt / ADAPTER_DIR).is_dir():
+    elif has_hf_weights(ckpt) or adapter_folder(ckpt) is None:
         model = build_model(ckpt, Method(), dtype, device, kernels)
     else:
         model = _merged_adapter_model(ckpt, dtype, device, kernels)
@@ -87,7 +96,7 @@ def _merged_adapter_model(ckpt: Path, dtype, device, kernels) -> nn.Module:
     from fastune.modules.kernels import apply_kernels, enabled_kernels
     from fastune.modules.peft import merge_lora
 
-    adapter = ckpt / ADAPTER_DIR
+    adapter = adapter_folder(ckpt)
     model = build_model(_local_base_model(ckpt, adapter), Method(), dtype, device, kernels)
     load_peft_adapter(model, adapter)
     merged = merge_lora(model)
@@ -105,8 +114,6 @@ def _local_base_model(ckpt: Path, adapter: Path) -> Path:
     ``base_model_name_or_path`` when that is a folder here, else the
     ``model.checkpoint_dir`` of the run's config.yaml (an adapter trained on a
     downloaded model names its Hub repo instead)."""
-    from fastune.checkpoint.peft import ADAPTER_CONFIG
-
     config_file = adapter / ADAPTER_CONFIG
     named = json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
     candidates = [Path(named)] if named else []

@@ -9,13 +9,9 @@ and what the sharded path and the planner must know (NF4 base, adapter-only expo
 Checkpoint folders (written by ``write_model_files``):
 
 - ``full``: the model in HF format.
-- LoRA methods: the merged model in HF format and the PEFT adapter in ``adapter/``;
-  with ``save_adapter_weights_only`` the adapter and the tokenizer files only.
-
-The adapter gets its own folder because transformers' ``from_pretrained`` treats a
-folder holding ``adapter_config.json`` as an adapter: it would load the base model
-named there and apply the adapter, and with the merged weights beside it apply the
-update twice, silently.
+- LoRA methods: the PEFT adapter and the tokenizer files at the top, the merged model
+  in HF format in ``merged/`` (left out with ``save_adapter_weights_only``). Why the
+  merged weights get their own folder: ``fastune.checkpoint.layout``.
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ import torch
 from torch import nn
 
 from fastune.checkpoint import save_hf_checkpoint
-from fastune.checkpoint.layout import ADAPTER_DIR, copy_tokenizer_files
+from fastune.checkpoint.layout import MERGED_DIR, adapter_folder, copy_tokenizer_files
 from fastune.checkpoint.peft import load_peft_adapter, save_peft_adapter
 from fastune.config.sections import LoraSection
 from fastune.hub import base_model_name
@@ -132,17 +128,16 @@ class LoRAMethod(Method):
         return Path(base_dir)  # the frozen base; the adapter comes from the checkpoint
 
     def load_resumed(self, model: nn.Module, resume: Path) -> None:
-        load_peft_adapter(model, Path(resume) / ADAPTER_DIR)
+        load_peft_adapter(model, adapter_folder(resume) or Path(resume))
 
     def write_model_files(self, model: nn.Module, folder: Path, source_dir: Path,
                           state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         source_dir = Path(source_dir)
-        if self.adapter_only:
-            copy_tokenizer_files(source_dir, folder)
-        else:
-            save_hf_checkpoint(merge_lora(model, state_dict), model.config, folder, source_dir=source_dir)
-        save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=base_model_name(source_dir),
-                          state_dict=state_dict)
+        copy_tokenizer_files(source_dir, folder)
+        if not self.adapter_only:
+            save_hf_checkpoint(merge_lora(model, state_dict), model.config, folder / MERGED_DIR,
+                               source_dir=source_dir)
+        save_peft_adapter(model, folder, base_model_name_or_path=base_model_name(source_dir), state_dict=state_dict)
 
     def describe(self) -> str:
         o = self.options

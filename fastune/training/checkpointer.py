@@ -4,14 +4,13 @@ Each checkpoint is a folder ``output_dir/epoch_N`` (end of epoch N, 0-based like
 torchtune) or ``output_dir/step_N`` (after optimizer step N), written to a hidden
 temporary folder and renamed into place, so resume never finds half of one:
 
-- ``config.json`` and ``model*.safetensors`` (+ index): the model in HF format,
-  loadable by ``transformers``. For LoRA these are the merged weights, left out
-  with ``save_adapter_weights_only``;
+- full fine-tuning: ``config.json`` and ``model*.safetensors`` (+ index), the model
+  in HF format, loadable by ``transformers``;
+- LoRA/DoRA/QLoRA: ``adapter_model.safetensors`` + ``adapter_config.json`` at the
+  top, which ``peft.PeftModel.from_pretrained``, vLLM and transformers load, and the
+  merged model in HF format in ``merged/``, left out with
+  ``save_adapter_weights_only`` (why a folder of its own: ``fastune.checkpoint.layout``);
 - the tokenizer files of the source checkpoint;
-- for LoRA/DoRA/QLoRA, ``adapter/adapter_model.safetensors`` +
-  ``adapter/adapter_config.json``, which ``peft.PeftModel.from_pretrained`` loads.
-  In a folder of their own: transformers' ``from_pretrained`` would otherwise see
-  the adapter next to the merged weights and apply it a second time;
 - ``training_state.pt``: optimizer, lr scheduler, RNG states, data loader
   position. Plain tensors and containers only, read with ``weights_only=True``.
   Full fine-tuning resumes its weights from the HF safetensors above, LoRA from

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from tqdm import tqdm
 
 from fastune import distributed
 from fastune.training.exact_match import exact_match_accuracy
@@ -21,8 +22,10 @@ def evaluate(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
     if run.val_loader is not None:
         results["val_loss"] = validation_loss(run)
     if run.exact_match_examples:
-        results["exact_match"] = exact_match_accuracy(
-            run.model, run.tokenizer, run.exact_match_examples, run.cfg.eval_exact_match.max_new_tokens)
+        with _bar(run, len(run.exact_match_examples), "exact match", "prompt") as bar:
+            results["exact_match"] = exact_match_accuracy(
+                run.model, run.tokenizer, run.exact_match_examples, run.cfg.eval_exact_match.max_new_tokens,
+                on_batch=bar.update)
     if results:
         logger.log_dict(results, step=run.global_step)
     return results
@@ -34,7 +37,7 @@ def validation_loss(run: TrainingRun) -> float:
     share, under torchrun): for SFT, per supervised token."""
     run.model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss, normalizer
-    for batch in run.val_loader:
+    for batch in _bar(run, len(run.val_loader), "validation loss", "batch", run.val_loader):
         count = run.objective.normalizer(batch)  # on the host: no sync in the loss
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         loss_sum, n, _ = run.objective(run.model, batch, normalizer=count)
@@ -42,6 +45,12 @@ def validation_loss(run: TrainingRun) -> float:
     run.model.train()
     total, count = distributed.sum_over_ranks(sums, run.world).tolist()
     return total / max(count, 1)
+
+
+def _bar(run: TrainingRun, total: int, desc: str, unit: str, iterable=None) -> tqdm:
+    """A progress bar for an evaluation (rank 0 only), gone when it ends."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                disable=run.world is not None and not run.world.is_main)
 
 
 def report(results: dict[str, float]) -> None:

@@ -8,7 +8,7 @@ first stop id.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import nn
 
@@ -22,9 +22,11 @@ def exact_match_accuracy(
     examples: Sequence[tuple[list[int], str]],
     max_new_tokens: int,
     batch_size: int = 32,
+    on_batch: Optional[Callable[[int], object]] = None,
 ) -> float:
     """Fraction of ``(prompt_ids, answer)`` pairs whose greedy completion, decoded and
-    stripped of surrounding whitespace, equals ``answer`` stripped."""
+    stripped of surrounding whitespace, equals ``answer`` stripped. ``on_batch(n)`` is
+    called after each batch of ``n`` prompts (a progress bar's ``update``)."""
     was_training = model.training
     model.eval()
     generator = Generator(model)  # eager: the training model changes between evaluations
@@ -38,6 +40,8 @@ def exact_match_accuracy(
                 tokenizer.decode(ids).strip() == answer.strip()
                 for ids, (_, answer) in zip(outputs, chunk)
             )
+            if on_batch is not None:
+                on_batch(len(chunk))
     finally:
         model.train(was_training)
     return correct / max(1, len(examples))

@@ -21,6 +21,7 @@ and values that look like Hugging Face tokens, are dropped first.
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import json
 import os
@@ -29,6 +30,14 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from fastune.checkpoint.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    RESUME_ONLY_FILES,
+    TOKENIZER_FILES,
+    TRAINER_STATE,
+    adapter_folder,
+)
 from fastune.config import instantiate
 from fastune.config.schema import did_you_mean
 from fastune.config.secrets import redact_arguments, redact_secrets
@@ -135,13 +144,19 @@ class WandBLogger(MetricLogger):
     "fastune". ``WANDB_MODE=offline`` works without an account.
 
     ``log_config`` puts the config in ``wandb.config`` and uploads it as
-    ``fastune_config.yaml``; with ``log_checkpoints=True``, ``log_checkpoint``
-    uploads each checkpoint folder as a "model" artifact with its metadata.
-    ``close`` calls ``finish`` (exit code 1 when leaving a ``with`` block on an
-    exception, which marks the run as failed).
+    ``fastune_config.yaml``. ``log_checkpoint`` logs each checkpoint as a "model"
+    artifact (``model-<run id>``, aliased with the checkpoint's name and "latest"),
+    whose metadata is the checkpoint's trainer state (torchtune's keys: seed,
+    epochs_run, total_epochs, max_steps_per_epoch, and global_step). A LoRA run's
+    artifact holds the adapter, the tokenizer and the trainer state, not the merged
+    model; a full run's the HF model. The resume state (optimizer, RNG, loader; about
+    twice the model's size) goes only with ``log_resume_state=True``, and no
+    checkpoint at all with ``log_checkpoints=False``. ``close`` calls ``finish``
+    (exit code 1 when leaving a ``with`` block on an exception, which marks the run
+    as failed).
     """
 
-    def __init__(self, log_checkpoints: bool = False, **init_kwargs):
+    def __init__(self, log_checkpoints: bool = True, log_resume_state: bool = False, **init_kwargs):
         import wandb
 
         accepted = inspect.signature(wandb.init).parameters
@@ -154,6 +169,7 @@ class WandBLogger(MetricLogger):
         # notes, tags, name, config...: W&B stores them all, so no secret may reach them.
         self._run = wandb.init(**redact_arguments(init_kwargs))
         self.log_checkpoints = log_checkpoints
+        self.log_resume_state = log_resume_state
         self._closed = False
 
     def log_dict(self, metrics, step):
@@ -171,7 +187,8 @@ class WandBLogger(MetricLogger):
             return
         artifact = self._wandb.Artifact(f"model-{self._run.id}", type="model",
                                         metadata={k: scalar(v) for k, v in metadata.items()})
-        artifact.add_dir(str(path))
+        for file in artifact_files(Path(path), self.log_resume_state):
+            artifact.add_file(str(Path(path) / file), name=file)
         self._run.log_artifact(artifact, aliases=[Path(path).name, "latest"])
 
     def close(self, exit_code: int = 0):
@@ -181,6 +198,25 @@ class WandBLogger(MetricLogger):
 
     def __exit__(self, exc_type, exc, tb):
         self.close(exit_code=0 if exc_type is None else 1)
+
+
+def artifact_files(ckpt: Path, resume_state: bool = False) -> list[str]:
+    """The files of checkpoint ``ckpt`` (relative posix paths) that a model artifact
+    holds: for a LoRA checkpoint the adapter, tokenizer and trainer state (not the
+    merged model); otherwise every file but the resume state, which ``resume_state``
+    adds."""
+    files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+    adapter = adapter_folder(ckpt)
+    if adapter is None:
+        return [f for f in files if resume_state or not _is_resume_state(f)]
+    where = adapter.relative_to(ckpt)  # "." (or "adapter" in the earlier layout)
+    published = {TRAINER_STATE, *TOKENIZER_FILES, (where / ADAPTER_CONFIG).as_posix(),
+                 (where / ADAPTER_WEIGHTS).as_posix()}
+    return [f for f in files if f in published or (resume_state and _is_resume_state(f))]
+
+
+def _is_resume_state(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in RESUME_ONLY_FILES)
 
 
 def check_wandb_login(mode: str | None = None) -> None:

@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -26,6 +27,8 @@ from fastune.training.evaluation import evaluate, report
 from fastune.training.loggers import MetricLogger
 from fastune.training.memory import peak_memory_stats
 from fastune.training.objective import Batch
+from fastune.training.outputs import report_outputs
+from fastune.training.plot import HistoryLogger
 from fastune.training.run import TrainingRun
 from fastune.training.saving import save_checkpoint
 
@@ -50,7 +53,7 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
     accumulation = cfg.gradient_accumulation_steps
     meter = ThroughputMeter(run.tokenizer.pad_id)
     bar = tqdm(total=run.total_steps, initial=run.global_step, unit="step", dynamic_ncols=True,
-               disable=run.world is not None and not run.world.is_main)
+               desc=epoch_label(run), disable=run.world is not None and not run.world.is_main)
     try:
         while run.epoch < cfg.epochs:
             if run.step_in_epoch == 0:
@@ -89,6 +92,8 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
         bar.close()
     results.update({f"{k}_after": v for k, v in evaluate(run, logger).items()})
     report(results)
+    if run.world is None or run.world.is_main:
+        report_outputs(Path(cfg.output_dir), chart=logger.draw() if isinstance(logger, HistoryLogger) else None)
     return results
 
 
@@ -167,6 +172,12 @@ class ThroughputMeter:
         return rates
 
 
+def epoch_label(run: TrainingRun) -> str:
+    """The bar's epoch, 0-based like the logged ``epoch`` and the ``epoch_N`` checkpoint
+    folders: this epoch's index / the last one's."""
+    return f"epoch {run.epoch}/{run.cfg.epochs - 1}"
+
+
 def log_step(run: TrainingRun, logger: MetricLogger, bar: tqdm, loss: torch.Tensor, lr: float,
              grad_norm: torch.Tensor, meter: ThroughputMeter, objective_metrics: dict[str, torch.Tensor]) -> None:
     metrics = {
@@ -181,6 +192,6 @@ def log_step(run: TrainingRun, logger: MetricLogger, bar: tqdm, loss: torch.Tens
     if run.cfg.log_peak_memory_stats:
         metrics.update(peak_memory_stats(run.device))
     logger.log_dict(metrics, step=run.global_step)
-    bar.set_description(f"epoch {run.epoch + 1}/{run.cfg.epochs}")
+    bar.set_description(epoch_label(run))
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                     tok_s=f"{metrics['tokens_per_second']:.0f}")

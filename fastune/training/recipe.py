@@ -56,6 +56,7 @@ from fastune.training.loss import build_loss
 from fastune.methods.method import method_from_config
 from fastune.training.objective import SFTObjective
 from fastune.training.optim import build_lr_scheduler, build_optimizer
+from fastune.training.plot import keep_history
 from fastune.training.run import TrainingError, TrainingRun
 from fastune.training.saving import restore_training_state, save_checkpoint, shard_and_load_resumed
 
@@ -79,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if world is not None and not world.is_main:
             logging.getLogger("fastune").setLevel(logging.WARNING)  # INFO lines from rank 0 only
         run = setup(cfg)
-        with build_metric_logger(cfg.metric_logger, cfg) as logger:  # closed (wandb.finish) on any exit
+        with keep_history(build_metric_logger(cfg.metric_logger, cfg), cfg.output_dir) as logger:  # closed on any exit
             return fit(run, logger)
 
 

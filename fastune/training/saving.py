@@ -5,6 +5,7 @@ where a checkpoint left it."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,13 +35,16 @@ def save_checkpoint(run: TrainingRun, logger: MetricLogger, name: str) -> Path:
         "rng": checkpointer.rng_state(),
         "dataloader": run.train_loader.state_dict(),
     }
+    log.info("saving checkpoint %s", Path(cfg.output_dir) / name)  # merging and writing take a while
     if run.world is not None:
         return _save_sharded_checkpoint(run, logger, name, training_state, progress)
+    started = time.perf_counter()
     training_state["optimizer"] = run.optimizer.state_dict()
     path = checkpointer.save_checkpoint(
         Path(cfg.output_dir), name, lambda folder: write_model_files(run, folder),
         training_state, progress, cfg.keep_last_n,
     )
+    log.info("saved %s in %.1f s", path, time.perf_counter() - started)
     logger.log_checkpoint(path, progress)
     return path
 
