@@ -221,7 +221,7 @@ def test_wandb_logs_checkpoints_by_default(cfg_dir, wandb_offline, resume_state)
     lora, _ = checkpoint_folders(cfg_dir)
     cfg = load_config("config.yaml", ["metric_logger=wandb", f"metric_logger.log_resume_state={resume_state}"])
     progress = {"seed": 0, "epochs_run": 1, "total_epochs": 2, "max_steps_per_epoch": None, "global_step": 4}
-    with build_metric_logger(cfg) as logger:
+    with build_metric_logger(cfg.metric_logger, cfg) as logger:
         logger.log_checkpoint(lora, progress)
     wait_for_exit_record(wandb_offline)
     (artifact,) = records_of(wandb_offline, "artifact")
