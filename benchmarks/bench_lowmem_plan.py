@@ -86,29 +86,68 @@ def run_item(name: str) -> None:
 
 def full_fine_tuning_arithmetic(r: dict) -> list[list[str]]:
     """Two optimizers the planner on this branch does not trace, derived from the traced
-    step's categories (labelled as such). The optimizer state is held unchanged through
-    the whole step, so swapping it changes every moment's bytes by the same amount:
+    step's categories (labelled as such; the traced peak is the optimizer step, where
+    every gradient and the whole AdamW state are live):
 
-    - 8-bit AdamW (2 bytes/param for its two states): peak - state + 2 N, exactly;
+    - 8-bit AdamW (2 bytes/param for its two states): the state is held unchanged through
+      the whole step, so every moment changes by the same amount: peak - state + 2 N.
     - a CPU-offloaded AdamW that also moves each gradient to the CPU as it is produced
-      (torchao's CPUOffloadOptimizer(offload_gradients=True)): at most peak - state -
-      gradients at the peak + the largest single gradient (one gradient on the device at
-      a time), an upper bound.
+      (torchao's CPUOffloadOptimizer(offload_gradients=True)): the device holds the
+      parameters, one gradient at a time (at most the largest, the embedding's) and the
+      backward's activations and temporaries. The latter are not in the optimizer-step
+      snapshot; they are taken from the QLoRA trace of the same model at twice the
+      tokens without offloading (plan_llama3_1_8B_qlora_rtx4090.json), which holds
+      more than this config's. An approximation, not a trace.
     """
     c, m = r["candidates"][0], r["model"]
     cat, peak = c["by_category"], c["peak_bytes"]
     n = cat["parameters"] // 2  # bf16 parameters (the RoPE buffers are negligible)
     largest = m["vocab_size"] * m["hidden_size"] * 2  # the embedding's (or lm_head's) gradient
     total = lambda b: b * 1.10 / 2**30 + 0.6  # noqa: E731  (device total, as the planner)
-    eight_bit = peak - cat["optimizer_state"] + 2 * n
-    offload = peak - cat["optimizer_state"] - cat["gradients"] + largest
     fits = lambda b: "fits" if total(b) <= r["profile"]["memory_gib"] else "does NOT fit"  # noqa: E731
+    eight_bit = peak - cat["optimizer_state"] + 2 * n
+    rows = [["  ... with 8-bit AdamW (derived: traced peak - traced AdamW state + 2 bytes/param)", r["profile"]["key"],
+             f"peak {eight_bit / 2**30:.2f} GiB, device total {total(eight_bit):.2f} GiB: {fits(eight_bit)}", "", ""]]
+    qlora = RESULTS / "plans" / "plan_llama3_1_8B_qlora_rtx4090.json"
+    if m["hidden_size"] == 4096 and qlora.is_file():  # the same model: its backward activations
+        q = json.loads(qlora.read_text())["candidates"][0]["by_category"]
+        backward = q["activations"] + q["temporary"]
+        offload = cat["parameters"] + largest + backward
+        rows.append(["  ... with a CPU-offloaded AdamW and gradients (derived, approximate: parameters + the "
+                     f"largest gradient + {backward / 2**30:.2f} GiB of backward activations)", r["profile"]["key"],
+                     f"peak ~{offload / 2**30:.2f} GiB, device total ~{total(offload):.2f} GiB: {fits(offload)}",
+                     "", ""])
+    return rows
+
+
+def where_the_bytes_go(items: dict) -> list[str]:
+    """The 8B QLoRA step by category: torchtune's setup (plan.md's trace) against the
+    low-memory config, so the cut can be read category by category."""
+    before_path = RESULTS / "plans" / "plan_llama3_1_8B_qlora_rtx4090.json"
+    if "8b_qlora_4090_lowmem" not in items or not before_path.is_file():
+        return []
+    before = json.loads(before_path.read_text())["candidates"][0]
+    after = items["8b_qlora_4090_lowmem"]["candidates"][0]
+    names = list(before["by_category"])
+    row = lambda label, c: [label] + [gib(c["by_category"][k]) for k in names] + [gib(c["peak_bytes"])]  # noqa: E731
     return [
-        ["  ... with 8-bit AdamW (derived: traced peak - traced AdamW state + 2 bytes/param)", r["profile"]["key"],
-         f"peak {eight_bit / 2**30:.2f} GiB, device total {total(eight_bit):.2f} GiB: {fits(eight_bit)}", "", ""],
-        ["  ... with a CPU-offloaded AdamW and gradients (derived upper bound: traced peak - state - "
-         "gradients + the largest gradient)", r["profile"]["key"],
-         f"peak <= {offload / 2**30:.2f} GiB, device total <= {total(offload):.2f} GiB: {fits(offload)}", "", ""],
+        "# Consumer cards: memory ESTIMATES beside published anchors (issue 17)",
+        "",
+        "## Where the bytes of Llama 3.1 8B QLoRA go (rtx4090, GiB at the peak)",
+        "",
+        table(["config"] + [k.replace("_", " ") for k in names] + ["peak"],
+              [row("torchtune's setup (`llama3_1_8B_qlora.yaml`)", before),
+               row("+ offloading + chunked MLP (`llama3_1_8B_qlora_lowmem.yaml`)", after)]),
+        "",
+        "Parameters: the NF4 projections plus the bf16 embedding and lm_head (1.0 GiB each). Activations: "
+        "with checkpointing, each layer's saved input (batch 2 x 2048 x 4096 bf16 = 32 MiB, 32 layers); "
+        "offloading moves them to CPU memory. Temporaries: the layer recomputed in backward, whose MLP "
+        "tensors ([4096, 14336] bf16 = 112 MiB each) the chunked MLP cuts to [1024, 14336] (offloading alone, traced once by hand: peak 6.30 GiB, "
+        "temporary 0.80 GiB: `fastune plan benchmarks/configs/llama3_1_8B_qlora.yaml --profile rtx4090 "
+        "activation_offloading=true`).",
+        "",
+        "## Estimates and anchors",
+        "",
     ]
 
 
@@ -129,9 +168,7 @@ def summary() -> tuple[dict, str]:
         rows.append([item["what"], r["profile"]["key"], estimate, item["anchor"], f"`plans/lowmem_{name}.md`"])
         if "full" in name:
             rows += full_fine_tuning_arithmetic(r)
-    markdown = "\n".join([
-        "# Consumer cards: memory ESTIMATES beside published anchors (issue 17)",
-        "",
+    markdown = "\n".join([*where_the_bytes_go(items),
         "Every fastune figure is an ESTIMATE of `fastune plan` (one training step traced on fake tensors, "
         "CUDA code paths; peak = bytes allocated at the peak, device total = peak x 1.10 + 0.6 GiB CUDA "
         "context). Published figures are the peers' measurements of their own implementations.",
