@@ -223,7 +223,9 @@ def test_missing_config_is_a_clear_error(saved_adapter):
     ("changes", "message"),
     [
         (dict(r=8), r"adapter_config\.json: rank is 8 in the adapter but 4 in the model"),
-        (dict(use_rslora=True), r"adapter_config\.json: use_rslora=True is not supported"),
+        (dict(use_rslora=True), r"adapter_config\.json: use_rslora is True in the adapter but False in the model"),
+        (dict(fan_in_fan_out=True), r"adapter_config\.json: fan_in_fan_out=True is not supported"),
+        (dict(init_lora_weights="pissa"), r"adapter_config\.json: init_lora_weights='pissa': save the adapter"),
         (dict(peft_type="IA3"), r"adapter_config\.json: peft_type is 'IA3'"),
         (dict(target_modules="all-linear"), r"adapter_config\.json: target_modules='all-linear'"),
     ],

@@ -179,6 +179,7 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastune.kernels.dispatch import force_triton
+    from fastune.modules.chunked import apply_chunked_mlp
     from fastune.training.memory import apply_activation_checkpointing
     from fastune.training.optim import build_optimizer
     from fastune.training.loss import build_loss
@@ -189,11 +190,12 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
         if target.device == "cuda" and cfg.model.kernels:
             stack.enter_context(force_triton())  # the ops' Triton paths (their fake impls here)
         model = build_model(cfg, model_config)
+        apply_chunked_mlp(model, cfg.get("chunked_mlp"))
         ac = cfg.activation_checkpointing
         apply_activation_checkpointing(model, "full" if ac is True else ac)
         loss_fn = build_loss(model, cfg.loss)
         optimizer = build_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), model,
-                                    torch.device(target.device))
+                                    torch.device(target.device), _lora_plus_ratio(cfg))
         batch = worst_case_batch(cfg, model_config.vocab_size)
         offload = target.fake and target.device == "cuda" and cfg.activation_offloading
 
@@ -207,6 +209,13 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
             grads = _step(model, loss_fn, optimizer, batch, cfg.clip_grad_norm, tracker,
                           _offloading_hooks(model) if offload else contextlib.nullcontext())
         return tracker.finish(model, optimizer, grads)
+
+
+def _lora_plus_ratio(cfg: DictConfig) -> Optional[float]:
+    from fastune.training.method import method_from_config
+
+    lora = method_from_config(cfg).lora
+    return None if lora is None else lora.lora_plus_lr_ratio
 
 
 def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -361,6 +370,7 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "activation_checkpointing": cfg.activation_checkpointing,
         "activation_offloading": cfg.activation_offloading,
+        "chunked_mlp": cfg.get("chunked_mlp"),
         "lora": None if lora is None else OmegaConf.to_container(cfg.lora),
         "optimizer": cfg.optimizer.get("_component_"),
     }
@@ -404,13 +414,10 @@ def verify(cfg: DictConfig, model_config: ModelConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the command
 
 
-def run_plan(config: str, overrides: tuple[str, ...], profile_key: Optional[str], check: bool,
-             progress: Callable[[str], None] = lambda _: None) -> dict:
-    """``fastune plan``: load the config (its files need not exist: only the model's
-    config.json is read), plan it for the profile and, with ``check``, verify the CPU
-    estimate against a real step."""
+def load_inputs(config: str, overrides: tuple[str, ...], profile_key: Optional[str]):
+    """(config, the model's ``ModelConfig``, ``Profile``) for a plan; only the model's
+    config.json must exist."""
     from fastune.bench.profiles import load_profile
-    from fastune.bench.report import environment
     from fastune.config import load_config
 
     cfg = load_config(config, overrides, check_paths=False)
@@ -425,7 +432,17 @@ def run_plan(config: str, overrides: tuple[str, ...], profile_key: Optional[str]
             raise PlanError(f"{config}: device is {cfg.device!r}: name the GPU to plan for with --profile "
                             "(`fastune plan --help` lists the profiles)")
         profile_key = "cpu"
-    profile = load_profile(profile_key)
+    return cfg, model_config, load_profile(profile_key)
+
+
+def run_plan(config: str, overrides: tuple[str, ...], profile_key: Optional[str], check: bool,
+             progress: Callable[[str], None] = lambda _: None) -> dict:
+    """``fastune plan``: load the config (its files need not exist: only the model's
+    config.json is read), plan it for the profile and, with ``check``, verify the CPU
+    estimate against a real step."""
+    from fastune.bench.report import environment
+
+    cfg, model_config, profile = load_inputs(config, overrides, profile_key)
     if check and profile.kind != "cpu":
         raise PlanError("--verify: only a CPU plan can be checked here (use --profile cpu)")
     report = {"config": str(config), "overrides": list(overrides), "environment": environment(),

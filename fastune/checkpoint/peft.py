@@ -13,6 +13,14 @@ shared A, so the file holds that A once under the fused name, and the parts' B
 (and DoRA magnitudes) stacked by rows, which is PEFT's LoRA on the fused layer
 exactly; loading splits them again.
 
+PiSSA and OLoRA adapters (which start from W and train against W_res = W - s·B₀A₀)
+are written as PEFT writes them with ``path_initial_model_for_weight_conversion``:
+a plain LoRA of rank 2r on the original W, A' = [A ; A₀], B' = [B | -B₀], alpha
+doubled (times sqrt(2) for rsLoRA, so the scale is the same), ``init_lora_weights:
+true``. PEFT then loads it on the unmodified base model, and so does the merged
+export. A run that resumes rebuilds W_res, A₀ and B₀ from W (the init is
+deterministic) and takes A, B back as the first r rows of A' and columns of B'.
+
 ``save_peft_adapter`` writes into the directory it is given. It is not atomic by
 itself: the training loop writes the whole checkpoint into a temporary folder
 and renames it into place.
@@ -20,7 +28,9 @@ and renames it into place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,7 +88,7 @@ def adapter_config(settings: LoRASettings, base_model_name_or_path: Optional[str
         "lora_dropout": settings.dropout,
         "target_modules": list(settings.targets),
         "use_dora": settings.use_dora,
-        "use_rslora": False,
+        "use_rslora": settings.use_rslora,
         "bias": "none",
         "lora_bias": False,
         "fan_in_fan_out": False,
@@ -109,11 +119,25 @@ def save_peft_adapter(
     state_dict = model.state_dict() if state_dict is None else state_dict
     adapter = _fuse({k: v for k, v in state_dict.items() if is_lora_key(k)}, _lora_fused(model))
     tensors = {to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in adapter.items()}
+    if settings.init != "default":  # never with fused projections (apply_lora refuses)
+        tensors, settings = _against_original_weight(model, tensors, settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors(out_dir / ADAPTER_WEIGHTS, tensors)
     config = adapter_config(settings, base_model_name_or_path)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _against_original_weight(model: nn.Module, tensors: dict[str, torch.Tensor], settings: LoRASettings):
+    """A PiSSA/OLoRA adapter as the rank-2r LoRA on the original W (module docstring)."""
+    out = dict(tensors)
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            a, b = to_peft_key(f"{name}.lora_A.weight"), to_peft_key(f"{name}.lora_B.weight")
+            out[a] = torch.cat([tensors[a], m.initial_A.to("cpu", tensors[a].dtype)], dim=0).contiguous()
+            out[b] = torch.cat([tensors[b], -m.initial_B.to("cpu", tensors[b].dtype)], dim=1).contiguous()
+    alpha = settings.alpha * (math.sqrt(2) if settings.use_rslora else 2)
+    return out, dataclasses.replace(settings, rank=2 * settings.rank, alpha=alpha, init="default")
 
 
 def read_adapter_settings(adapter_dir: str | Path) -> LoRASettings:
@@ -129,7 +153,7 @@ def read_adapter_settings(adapter_dir: str | Path) -> LoRASettings:
     if config.get("peft_type") != "LORA":
         raise LoRAError(f"{path}: peft_type is {config.get('peft_type')!r}; fastune loads LORA adapters only")
     unsupported = {
-        "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+        "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
         "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
     }
     for key, default in unsupported.items():
@@ -138,6 +162,11 @@ def read_adapter_settings(adapter_dir: str | Path) -> LoRASettings:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise LoRAError(f"{path}: missing required key {key!r}")
+    if config.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        raise LoRAError(
+            f"{path}: init_lora_weights={config['init_lora_weights']!r}: save the adapter with PEFT's "
+            "path_initial_model_for_weight_conversion (a plain LoRA on the original weights)"
+        )
     if not isinstance(config["r"], int) or config["r"] < 1:
         raise LoRAError(f"{path}: r={config['r']!r} must be a positive integer")
     targets = config["target_modules"]
@@ -152,6 +181,7 @@ def read_adapter_settings(adapter_dir: str | Path) -> LoRASettings:
         alpha=config["lora_alpha"],
         dropout=config.get("lora_dropout", 0.0),
         use_dora=bool(config.get("use_dora", False)),
+        use_rslora=bool(config.get("use_rslora", False)),
     )
 
 
@@ -169,8 +199,16 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
     loaded = _split(_read_adapter_tensors(adapter_dir / ADAPTER_WEIGHTS), _lora_fused(model), model)
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
         apply_lora(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
-                   settings.use_dora, quantize_base)
-    _check_same_settings(lora_settings(model), settings, adapter_dir / ADAPTER_CONFIG)
+                   settings.use_dora, quantize_base, settings.use_rslora)
+    model_settings = lora_settings(model)
+    if model_settings.init != "default" and settings.rank == 2 * model_settings.rank:
+        # A PiSSA/OLoRA run resumes: A and B are the first halves of A' and B'.
+        r = model_settings.rank
+        loaded = {k: v[:r] if k.endswith(".lora_A.weight") else v[:, :r] if k.endswith(".lora_B.weight") else v
+                  for k, v in loaded.items()}
+        alpha = settings.alpha / (math.sqrt(2) if settings.use_rslora else 2)
+        settings = dataclasses.replace(settings, rank=r, alpha=alpha, init=model_settings.init)
+    _check_same_settings(model_settings, settings, adapter_dir / ADAPTER_CONFIG)
     path = adapter_dir / ADAPTER_WEIGHTS
     params = {k: v for k, v in model.state_dict(keep_vars=True).items() if is_lora_key(k)}
     # Check everything before copying anything, so a bad file changes nothing.
@@ -270,7 +308,7 @@ def _read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_same_settings(model_settings: LoRASettings, file_settings: LoRASettings, path: Path) -> None:
-    for field in ("targets", "rank", "alpha", "use_dora"):
+    for field in ("targets", "rank", "alpha", "use_dora", "use_rslora"):
         ours, theirs = getattr(model_settings, field), getattr(file_settings, field)
-        if ours != theirs:
+        if ours != theirs and not (field == "alpha" and math.isclose(ours, theirs)):
             raise LoRAError(f"{path}: {field} is {theirs!r} in the adapter but {ours!r} in the model")

@@ -21,12 +21,15 @@ def _write(out_dir: str, name: str, data: dict, markdown: str) -> None:
 @click.argument("config")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE | ~KEY]...")
 @click.option("--profile", default=None,
-              help="Device to plan for: a file name in profiles/ (rtx3090, rtx4090, rtx5090, t4, l4, a10g, "
+              help="Device to plan for: a file name in profiles/ (rtx4060, rtx3090, rtx4090, rtx5090, t4, l4, a10g, "
                    "a100_40gb, a100_80gb, h100_sxm, h200, cpu); default cpu when the config's device is cpu.")
 @click.option("--verify", is_flag=True, help="CPU only: also run the step on real tensors and compare the peaks.")
+@click.option("--max-context", "max_context", is_flag=True,
+              help="Search the longest sequence (batch 1) that fits the profile, beside published figures.")
 @click.option("--out", default="fastune_reports", show_default=True, help="Folder for plan_*.json and .md.")
 @debug_option
-def plan(config: str, overrides: tuple[str, ...], profile: str | None, verify: bool, out: str) -> None:
+def plan(config: str, overrides: tuple[str, ...], profile: str | None, verify: bool, max_context: bool,
+         out: str) -> None:
     """Estimate the peak GPU memory of training CONFIG, with no GPU and no weights.
 
     One training step (forward, backward, optimizer) of the config's model runs on
@@ -39,8 +42,17 @@ def plan(config: str, overrides: tuple[str, ...], profile: str | None, verify: b
       fastune plan llama3_2/1B_lora --profile rtx4090
       fastune plan my_config.yaml batch_size=8 --profile a100_40gb
       fastune plan demo --verify
+      fastune plan benchmarks/configs/llama3_1_8B_qlora.yaml --profile rtx4090 --max-context
     """
     from fastune.bench.plan import render_plan, run_plan
+
+    if max_context:
+        from fastune.bench.context import render_max_context, run_max_context
+
+        report = run_max_context(config, overrides, profile, progress=lambda m: click.echo(m, err=True))
+        stem = Path(config).stem.replace("/", "_")
+        _write(out, f"context_{stem}_{report['profile']['key']}", report, render_max_context(report))
+        return
 
     report = run_plan(config, overrides, profile, verify, progress=lambda m: click.echo(m, err=True))
     stem = Path(config).stem.replace("/", "_")

@@ -310,6 +310,10 @@ SCHEMA = Section({
         "alpha": Key(Float(gt=0), 16.0, "scale = alpha / rank"),
         "dropout": Key(Float(ge=0, lt=1), 0.0, "dropout on the adapter input"),
         "targets": Key(ListOf(LORA_TARGETS), ["q_proj", "v_proj"], "linear layers that get adapters"),
+        "use_rslora": Key(Bool(), False, "rsLoRA: scale = alpha / sqrt(rank)"),
+        "lora_plus_lr_ratio": Key(Maybe(Float(gt=0)), None, "LoRA+: the B matrices learn at optimizer.lr * this ratio (e.g. 16)"),
+        "init": Key(Choice("default", "pissa", "olora"), "default",
+                    "default (B = 0, as PEFT), or PiSSA / OLoRA: A and B from the base weight, which keeps the residual"),
     }, "used by method lora, dora and qlora"),
     "tokenizer": Key(PathTo("any"), "${model.checkpoint_dir}", "tokenizer folder or file; defaults to the checkpoint's"),
     "dataset": Section({
@@ -345,6 +349,7 @@ SCHEMA = Section({
     "compile": Key(Bool(), True, "torch.compile each decoder layer and the loss"),
     "activation_checkpointing": Key(AnyOf(Bool(), Choice("full", "selective")), False, "false, true (= full), full, or selective"),
     "activation_offloading": Key(Bool(), False, "offload saved activations to CPU (CUDA only)"),
+    "chunked_mlp": Key(Maybe(Int(ge=1)), None, "run each MLP over the tokens in chunks of this many (long context: no full-length [tokens, intermediate] tensor)"),
     "loss": Section({
         "chunk_size": Key(Maybe(Int(ge=1)), None, "tokens per chunk of the fused output-projection + cross-entropy; null: kernel default"),
         "z_loss": Key(Float(ge=0), 0.0, "weight of the z-loss (logsumexp^2) term"),

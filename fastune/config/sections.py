@@ -34,12 +34,16 @@ class LoraSection:
     rank: int
     alpha: float
     dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+    lora_plus_lr_ratio: Optional[float] = None
 
     @classmethod
     def from_config(cls, cfg) -> "LoraSection":
         lora = cfg.lora
         return cls(targets=tuple(lora.targets), rank=int(lora.rank), alpha=float(lora.alpha),
-                   dropout=float(lora.dropout))
+                   dropout=float(lora.dropout), use_rslora=bool(lora.get("use_rslora", False)),
+                   init=str(lora.get("init", "default")), lora_plus_lr_ratio=lora.get("lora_plus_lr_ratio"))
 
 
 @dataclasses.dataclass(frozen=True)

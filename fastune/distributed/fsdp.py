@@ -103,13 +103,15 @@ def init_adapters(model: nn.Module, device: torch.device) -> None:
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from fastune.modules.lora import LoRALinear
+    from fastune.modules.lora import LoRAError, LoRALinear
     from fastune.modules.peft import init_dora_magnitudes
 
     full = {}
     for name, m in model.named_modules():
         if not isinstance(m, LoRALinear):
             continue
+        if m.init != "default":  # PiSSA/OLoRA factor the full weight: not shard by shard
+            raise LoRAError(f"lora.init={m.init}: not supported with FSDP (sharded weights); use one device")
         dtype = _local(m.lora_A.weight).dtype
         a = torch.empty(m.rank, m.in_features, device=device, dtype=dtype)
         b = torch.empty(m.out_features, m.rank, device=device, dtype=dtype)

@@ -119,7 +119,7 @@ class LoRAMethod(Method):
     def adapt(self, model: nn.Module, quantize: bool = True) -> None:
         o = self.options
         apply_lora(model, list(o.targets), o.rank, o.alpha, o.dropout, use_dora=self.use_dora,
-                   quantize_base=self.quantize_base and quantize)
+                   quantize_base=self.quantize_base and quantize, use_rslora=o.use_rslora, init=o.init)
 
     def weights_dir(self, base_dir: Path, resume: Optional[Path]) -> Path:
         return Path(base_dir)  # the adapter of a resumed run goes over the base

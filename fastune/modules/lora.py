@@ -20,6 +20,21 @@ Without dropout x' = x and this is g ⊙ (x (W + s·B·A)ᵀ) + b. With dropout 
 frozen path sees x and the adapter path x', exactly as in PEFT, so that loss
 curves match PEFT's under the same random state.
 
+rsLoRA (Kalajdzievski 2023, PEFT's ``use_rslora``): s = alpha / sqrt(r), so that the
+update's scale does not shrink as the rank grows.
+
+PiSSA (Meng et al. 2024) and OLoRA (Büyükakyüz 2024) initializations, computed as
+PEFT computes them (``init_lora_weights: pissa | olora``), start the adapter on the
+principal part of W and move that part out of the frozen weight:
+
+    PiSSA: W = U S Vᵀ,  B₀ = U_r √(S_r / s),  A₀ = √(S_r / s) V_rᵀ
+    OLoRA: W = Q R,     B₀ = Q_r,             A₀ = R_r
+    both:  W_res = W - s · B₀ A₀  becomes the frozen weight (y is unchanged at init)
+
+The initial A₀, B₀ are kept (non-persistent buffers) so that the trained adapter can
+be written against the original W, as PEFT's ``path_initial_model_for_weight_conversion``
+does: ΔW = s(BA - B₀A₀) = s [B | -B₀][A ; A₀], a plain rank-2r LoRA.
+
 QLoRA: the frozen W may be a torchao ``NF4Tensor``. ``F.linear`` dispatches to
 torchao's NF4 linear (dequantize, matmul; the backward gives only dx), and
 ``W.to(dtype)`` dequantizes where DoRA and merging need the dense weight.
@@ -50,8 +65,17 @@ NF4_BLOCK_SIZE = 64
 NF4_SCALER_BLOCK_SIZE = 256
 
 
+# How A and B start: PEFT's default (B = 0), or from W (PiSSA, OLoRA).
+LORA_INITS = ("default", "pissa", "olora")
+
+
 class LoRAError(FastuneError, ValueError):
     """A LoRA setting or adapter file that fastune cannot use (one-line message)."""
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) for rsLoRA (as PEFT)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 class LoRALinear(nn.Module):
@@ -70,17 +94,23 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_dora: bool = False,
         fused: bool = False,
+        use_rslora: bool = False,
+        init: str = "default",
     ):
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
             raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
         if not 0.0 <= dropout < 1.0:
             raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        if init not in LORA_INITS:
+            raise LoRAError(f"LoRA init must be one of {', '.join(LORA_INITS)}, got {init!r}")
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.rank = rank
         self.alpha = alpha
-        self.scale = alpha / rank
+        self.use_rslora = use_rslora
+        self.scale = lora_scale(alpha, rank, use_rslora)
+        self.init = init
         self.dropout = dropout
         self.use_dora = use_dora
         self.quantized = False  # set by quantize_base()
@@ -104,9 +134,38 @@ class LoRALinear(nn.Module):
                 self.init_dora_magnitude()
 
     def reset_lora_parameters(self) -> None:
-        """PEFT's init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter is a no-op."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter
+        is a no-op; or PiSSA/OLoRA (see the module docstring), which change the frozen W."""
+        if self.init == "default":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        else:
+            self._init_from_weight()
+
+    @torch.no_grad()
+    def _init_from_weight(self) -> None:
+        """PiSSA / OLoRA: A₀, B₀ from W in fp32, then W_res = W - s·B₀A₀ in W's dtype."""
+        if self.quantized:
+            raise LoRAError(f"LoRA init {self.init!r} needs the dense weight: initialize before quantizing")
+        from torch.distributed.tensor import DTensor
+
+        if self.weight.is_meta or isinstance(self.weight.data, DTensor):
+            raise LoRAError(f"LoRA init {self.init!r} needs the loaded, unsharded weight (not with FSDP)")
+        weight = self.weight.float()
+        r = self.rank
+        if self.init == "pissa":
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.sqrt(s[:r] / self.scale)
+            a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+        else:  # olora
+            q, rr = torch.linalg.qr(weight)
+            a, b = rr[:r], q[:, :r]
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+        self.weight.copy_(weight - self.scale * (b @ a))
+        # The initial adapter, in the adapter's dtype, for the export against the original W.
+        self.register_buffer("initial_A", self.lora_A.weight.detach().clone(), persistent=False)
+        self.register_buffer("initial_B", self.lora_B.weight.detach().clone(), persistent=False)
 
     @torch.no_grad()
     def init_dora_magnitude(self) -> None:
@@ -168,7 +227,7 @@ class LoRALinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"alpha={self.alpha}, dropout={self.dropout}, use_dora={self.use_dora}, "
-            f"quantized={self.quantized}"
+            f"use_rslora={self.use_rslora}, init={self.init}, quantized={self.quantized}"
         )
 
 

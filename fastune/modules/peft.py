@@ -44,6 +44,7 @@ from fastune.modules.lora import (
     NF4Linear,
     check_nf4_weight,
     dequantize,
+    lora_scale,
     merge_weight,
 )
 
@@ -65,10 +66,12 @@ class LoRASettings:
     alpha: float
     dropout: float = 0.0
     use_dora: bool = False
+    use_rslora: bool = False
+    init: str = "default"  # LORA_INITS: PEFT's default, pissa or olora
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
 
 
 def normalize_targets(targets: Iterable[str]) -> tuple[str, ...]:
@@ -100,10 +103,13 @@ def apply_lora(
     dropout: float = 0.0,
     use_dora: bool = False,
     quantize_base: bool = False,
+    use_rslora: bool = False,
+    init: str = "default",
 ) -> None:
     """Replace each targeted ``nn.Linear`` by a ``LoRALinear`` (in place) and freeze
     everything but the adapters. The LoRA layers use the fused op when
-    ``apply_kernels`` switched ``lora`` on for the model."""
+    ``apply_kernels`` switched ``lora`` on for the model. PiSSA/OLoRA (``init``)
+    work on the dense weights, before QLoRA quantizes the residual (as PEFT advises)."""
     names = normalize_targets(targets)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LoRAError("LoRA is already applied to this model")
@@ -115,6 +121,12 @@ def apply_lora(
             "LoRA on lm_head is not supported with tied embeddings (tie_word_embeddings: true): "
             "the merged export would untie them"
         )
+    if use_dora and init != "default":
+        raise LoRAError(f"LoRA init {init!r} is not supported with DoRA (use init: default)")
+    if fused_targets and init != "default":
+        # The parts of a fused projection share one A; PiSSA/OLoRA derive A per weight.
+        raise LoRAError(f"LoRA init {init!r} is not supported on fused projections "
+                        f"({', '.join(fused_targets)}); use init: default")
     fused = "lora" in enabled_kernels(model)
     found = [
         (parent, name, child)
@@ -128,7 +140,7 @@ def apply_lora(
         for _, _, child, full_name in _quantizable(model, modules):
             check_nf4_weight(child.weight, full_name)
     for parent, name, child in found:
-        setattr(parent, name, LoRALinear(child, rank, alpha, dropout, use_dora, fused))
+        setattr(parent, name, LoRALinear(child, rank, alpha, dropout, use_dora, fused, use_rslora, init))
     for parent, _, _ in found:
         for group in fused_targets.values():
             _share_lora_a(parent, group)
@@ -224,6 +236,8 @@ def lora_settings(model: nn.Module) -> LoRASettings:
         alpha=first.alpha,
         dropout=first.dropout,
         use_dora=first.use_dora,
+        use_rslora=first.use_rslora,
+        init=first.init,
     )
 
 

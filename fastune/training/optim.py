@@ -7,12 +7,16 @@ which beat the per-parameter loop on CPU).
 Weight decay skips 1-D parameters (norm weights, biases, DoRA magnitudes): decaying
 a norm gain towards 0 pulls every activation of the layer towards 0, which is
 never what fine-tuning wants. LoRA A/B matrices and full weight matrices decay.
+
+LoRA+ (Hayou et al. 2024; ``lora.lora_plus_lr_ratio``): the B matrices get their
+own group at ``lr * ratio`` (as PEFT's ``create_loraplus_optimizer``), the rest keep
+``lr``; a learning-rate schedule scales both groups alike.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -20,25 +24,35 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from fastune.config import instantiate
 from fastune.config.schema import COMPONENT
+from fastune.errors import ConfigError
 
 _ADAM_FAMILY = ("torch.optim.AdamW", "torch.optim.Adam")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, lora_b_lr: Optional[float] = None) -> list[dict[str, Any]]:
     """Trainable parameters split into a decayed group (matrices) and a non-decayed one
-    (vectors). Order follows ``model.parameters()``, so optimizer state indices are stable
-    across runs built the same way (resume relies on that)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    (vectors), and with ``lora_b_lr`` (LoRA+) the LoRA B matrices in a decayed group of
+    their own at that learning rate. Order follows ``model.parameters()``, so optimizer
+    state indices are stable across runs built the same way (resume relies on that)."""
+    decay, lora_b, no_decay = [], [], []
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            if lora_b_lr is not None and name.endswith("lora_B.weight"):
+                lora_b.append(p)
+            else:
+                (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
+    if lora_b_lr is not None:
+        if not lora_b:
+            raise ConfigError("lora.lora_plus_lr_ratio: the model has no LoRA B matrices (LoRA+ needs a LoRA method)")
+        groups.append({"params": lora_b, "weight_decay": weight_decay, "lr": lora_b_lr})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
 
-def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.device,
+                    lora_plus_lr_ratio: Optional[float] = None) -> torch.optim.Optimizer:
     """The config's optimizer (``_component_`` plus keyword arguments) over the trainable
     parameters, in two weight-decay groups (see ``param_groups``).
 
@@ -48,10 +62,12 @@ def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.dev
     kwargs = dict(node)
     component = kwargs[COMPONENT]
     weight_decay = kwargs.pop("weight_decay", 0.0)
+    ratio = lora_plus_lr_ratio
+    lora_b_lr = None if ratio is None else float(kwargs.get("lr", 1e-3)) * float(ratio)
     if component in _ADAM_FAMILY and kwargs.get("fused") is None:
         kwargs["fused"] = device.type == "cuda"
         kwargs["foreach"] = not kwargs["fused"]
-    return instantiate(kwargs, param_groups(model, weight_decay))
+    return instantiate(kwargs, param_groups(model, weight_decay, lora_b_lr))
 
 
 def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):

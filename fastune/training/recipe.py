@@ -51,6 +51,7 @@ from fastune.training.compile import apply_compile
 from fastune.training.data import build_data, build_exact_match_examples
 from fastune.training.loggers import build_metric_logger, check_metric_logger
 from fastune.training.loop import clip_gradients, fit, steps_in_epoch, train_step
+from fastune.modules.chunked import apply_chunked_mlp
 from fastune.training.memory import apply_activation_checkpointing, offload_activations
 from fastune.training.loss import build_loss
 from fastune.methods.method import method_from_config
@@ -142,6 +143,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     trainable, total = count_parameters(model)
     log.info("%s: %s trainable of %s parameters (%.3f%%)", method.name,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    apply_chunked_mlp(model, cfg.get("chunked_mlp"))
     apply_activation_checkpointing(model, _ac_mode(cfg.activation_checkpointing))
     loss_fn = build_loss(model, cfg.loss)
     if cfg.compile:
@@ -149,7 +151,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
     if world is not None:
         shard_and_load_resumed(model, method, DistributedSection.from_config(cfg), world, resume)
 
-    optimizer = build_optimizer(_plain(cfg.optimizer), model, device)
+    optimizer = build_optimizer(_plain(cfg.optimizer), model, device,
+                                method.lora.lora_plus_lr_ratio if method.lora is not None else None)
     lr_scheduler = build_lr_scheduler(_plain(cfg.lr_scheduler), optimizer, cfg.epochs * steps_per_epoch)
     run = TrainingRun(
         cfg=cfg, device=device, method=method, model=model, objective=SFTObjective(loss_fn), optimizer=optimizer,

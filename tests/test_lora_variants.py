@@ -1,0 +1,186 @@
+"""LoRA variants against Hugging Face PEFT: rsLoRA, PiSSA and OLoRA initializations,
+LoRA+ learning rates.
+
+Each variant's adapter, written by fastune, loads in PEFT on the original base model
+with the same logits; PiSSA/OLoRA start from the same A, B and residual weight as
+PEFT's on the same weights, and are written exactly as PEFT writes them with
+``path_initial_model_for_weight_conversion``. The LoRA layers run the fused LoRA op
+(``kernels="all"``, its reference formula on CPU) unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_hf import build_hf_model, random_tokens, save_hf_model
+
+import fastune
+from fastune.checkpoint.peft import load_peft_adapter, save_peft_adapter
+from fastune.modules.lora import LoRAError, LoRALinear
+from fastune.modules.peft import apply_lora, merge_lora
+from fastune.training.optim import build_optimizer
+
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-5
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA = 4, 8
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    hf = build_hf_model("llama_gqa_llama3")
+    return hf, save_hf_model(hf, tmp_path_factory.mktemp("base"))
+
+
+def peft_model(hf, **config):
+    return peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
+                                                                   target_modules=TARGETS, **config))
+
+
+def fastune_model(path, kernels="all", **lora):
+    model = fastune.from_pretrained(path, kernels=kernels)
+    apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA, **lora)
+    return model
+
+
+def perturb(model, seed=3):
+    """'Training': the same change to every adapter matrix, whatever the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def adapters(model):
+    """Adapter and base weights by fastune key, for a fastune or a PEFT model."""
+    out = {}
+    for key, value in model.state_dict().items():
+        key = key.removeprefix("base_model.model.").removeprefix("model.").replace(".default", "")
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+@pytest.mark.parametrize("kernels", ["all", "none"])
+def test_rslora_matches_peft_and_its_adapter_loads_in_peft(base, tmp_path, kernels):
+    hf, path = base
+    reference = peft_model(hf, use_rslora=True)
+    perturb(reference)
+    model = fastune_model(path, kernels, use_rslora=True)
+    ours = adapters(model)
+    with torch.no_grad():
+        for key, value in adapters(reference).items():
+            if "lora_" in key:
+                ours[key].copy_(value)
+    assert model.layers[0].self_attn.q_proj.scale == pytest.approx(ALPHA / RANK**0.5)
+    tokens = random_tokens(2, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(input_ids=tokens).logits, atol=ATOL, rtol=0)
+    save_peft_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_rslora"] is True
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), loaded(input_ids=tokens).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_init_equal_peft_and_export_as_peft_converts(base, tmp_path, init, use_rslora):
+    hf, path = base
+    reference = peft_model(hf, init_lora_weights=init, use_rslora=use_rslora)
+    reference.save_pretrained(tmp_path / "peft_initial")  # PEFT's conversion needs the initial adapter
+    model = fastune_model(path, init=init, use_rslora=use_rslora)
+    theirs, ours = adapters(reference), adapters(model)
+    checked = 0
+    for key, value in theirs.items():  # A0, B0 and the residual weights
+        if key in ours and ("lora_" in key or any(f"{t}.weight" in key for t in TARGETS)):
+            torch.testing.assert_close(ours[key], value, atol=ATOL, rtol=1e-5, msg=key)
+            checked += 1
+    assert checked == 2 * 3 * len(TARGETS)  # 2 layers x (A, B, W_res) x targets
+    # An untouched init is the base model (y = W_res x + s B0 A0 x = W x).
+    tokens = random_tokens(2, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(input_ids=tokens).logits, atol=1e-4, rtol=0)
+
+    perturb(model)
+    perturb(reference)
+    save_peft_adapter(model, tmp_path / "ours")
+    reference.save_pretrained(tmp_path / "theirs",
+                              path_initial_model_for_weight_conversion=str(tmp_path / "peft_initial"))
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    peft_config = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "init_lora_weights", "use_rslora"):
+        assert config[key] == pytest.approx(peft_config[key]), key
+    ours_t, theirs_t = load_file(tmp_path / "ours" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    assert set(ours_t) == set(theirs_t)
+    for key in ours_t:
+        torch.testing.assert_close(ours_t[key], theirs_t[key], atol=ATOL, rtol=1e-5, msg=key)
+
+    # PEFT loads it on the original base model: the logits of the trained PiSSA/OLoRA model.
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = model(tokens)
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, expected, atol=1e-4, rtol=0)
+        # the merged export is the same model on plain weights
+        merged = fastune.from_pretrained(path)
+        merged.load_state_dict(merge_lora(model))
+        torch.testing.assert_close(merged(tokens), expected, atol=1e-4, rtol=0)
+
+    # A resumed run rebuilds W_res, A0, B0 from W and takes A, B back from the file.
+    resumed = fastune_model(path, init=init, use_rslora=use_rslora)
+    load_peft_adapter(resumed, tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(tokens), expected, atol=ATOL, rtol=0)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_pissa_with_qlora_quantizes_the_residual():
+    """QLoRA + PiSSA: the init is made on the dense weight, then W_res goes to NF4."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential()
+    layer.q_proj = torch.nn.Linear(128, 128, bias=False)
+    dense = layer.q_proj.weight.detach().clone()
+    apply_lora(layer, ["q_proj"], rank=4, alpha=8, init="pissa", quantize_base=True)
+    lora = layer.q_proj
+    assert lora.quantized
+    residual = lora.weight.get_original_weight()
+    torch.testing.assert_close(residual + lora.scale * lora.lora_B.weight @ lora.lora_A.weight, dense,
+                               atol=0.05, rtol=0)  # NF4 error on the residual only
+
+
+def test_init_errors_are_one_line(base):
+    _, path = base
+    with pytest.raises(LoRAError, match="not supported with DoRA"):
+        fastune_model(path, init="pissa", use_dora=True)
+    with pytest.raises(LoRAError, match="LoRA init must be one of default, pissa, olora"):
+        fastune_model(path, init="gauss")
+    layer = LoRALinear(torch.nn.Linear(8, 8, device="meta"), 2, 4.0, init="pissa")
+    with pytest.raises(LoRAError, match="needs the loaded, unsharded weight"):
+        layer.reset_lora_parameters()
+
+
+def test_lora_plus_gives_b_its_own_learning_rate(base):
+    _, path = base
+    model = fastune_model(path)
+    node = {"_component_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.01}
+    optimizer = build_optimizer(node, model, torch.device("cpu"), lora_plus_lr_ratio=16)
+    b_params = {id(p) for n, p in model.named_parameters() if n.endswith("lora_B.weight")}
+    lrs = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lrs[id(p)] = group["lr"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(lrs) == len(trainable)
+    assert all(lrs[id(p)] == pytest.approx(16e-3 if id(p) in b_params else 1e-3) for p in trainable)
+    # with a full fine-tune there is no B: a one-line error
+    full = fastune.from_pretrained(path)
+    with pytest.raises(Exception, match="lora_plus_lr_ratio: the model has no LoRA B matrices"):
+        build_optimizer(node, full, torch.device("cpu"), lora_plus_lr_ratio=16)
