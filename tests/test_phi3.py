@@ -313,9 +313,9 @@ def test_training_run_resumes_exactly_and_its_adapter_loads_in_peft(tmp_path):
     assert sorted(again) == [3, 4] and again == {s: losses[s] for s in again}
 
     ckpt = out / "epoch_0"
-    adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(ckpt / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight" in adapter
-    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf).eval(), ckpt / "adapter").eval()
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf).eval(), ckpt).eval()
     merged = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     tokens = random_tokens(2, 13, vocab=VOCAB)
     assert max_abs(hf_logits(merged, tokens), hf_logits(peft_model, tokens)) <= ATOL

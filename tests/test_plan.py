@@ -251,12 +251,12 @@ def test_planned_offloading_brings_each_storage_back_once():
     one back per storage: two consumers of one input unpack views of one allocation."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fastune.bench.plan import _offloading_hooks
+    from fastune.bench.plan_offload import offloading_hooks
 
     with FakeTensorMode():
         x = torch.randn(512, 1024)  # 2 MiB: above offloading's minimum
         w1, w2 = (torch.randn(1024, 8, requires_grad=True) for _ in range(2))
-        with _offloading_hooks(None):
+        with offloading_hooks(None):
             loss = (x @ w1).sum() + (x @ w2).sum()  # mm saves x for each weight's grad
         nodes = [n for n, _ in loss.grad_fn.next_functions]
         saved = [n.next_functions[0][0]._saved_self for n in nodes]  # unpacks

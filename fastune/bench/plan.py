@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fastune.bench.plan_offload import offloading_hooks
 from fastune.bench.profiles import Profile
 from fastune.checkpoint.layout import CONFIG_NAME
 from fastune.errors import FastuneError
@@ -126,54 +125,6 @@ def worst_case_batch(cfg: DictConfig, vocab_size: int) -> dict[str, torch.Tensor
     return batch
 
 
-@dataclasses.dataclass(eq=False)
-class _OffloadedStorage:
-    """One offloaded storage: its size and device, and its copy back while backward uses it."""
-
-    nbytes: int
-    device: torch.device
-    pending: int = 0  # saved tensors still to be unpacked
-    back: Optional[torch.Tensor] = None
-
-
-def _offloading_hooks(model: nn.Module):
-    """On fake tensors, what ``fastune.training.memory.offload_activations`` does to device
-    memory: storages of at least its ``min_bytes`` (weights excepted) leave the device in
-    forward and come back, as new allocations, in backward. As there, ONCE per storage:
-    tensors saved by several consumers (the q/k/v input, gate/up's) share one copy back,
-    freed when the last of them has been unpacked."""
-    from fastune.training.memory import offload_activations, weight_detector
-
-    min_bytes = inspect.signature(offload_activations).parameters["min_bytes"].default
-    is_weight = weight_detector(model)
-    offloaded: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.nbytes() < min_bytes or is_weight(t):
-            return t
-        entry = offloaded.get(storage)
-        if entry is None:
-            entry = offloaded[storage] = _OffloadedStorage(storage.nbytes(), t.device)
-        entry.pending += 1
-        return (entry, t.dtype, t.storage_offset(), t.size(), t.stride())
-
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        entry, dtype, offset, size, stride = packed
-        if entry.back is None:
-            entry.back = torch.empty(entry.nbytes, dtype=torch.uint8, device=entry.device)
-        back = entry.back
-        entry.pending -= 1
-        if entry.pending == 0:  # autograd holds what it still needs
-            entry.back = None
-        return torch.empty(0, dtype=dtype, device=back.device).set_(
-            back.untyped_storage(), offset, size, stride)
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-
 def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> MemoryReport:
     """Peak memory of one training step of ``cfg`` (see the module docstring)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -207,12 +158,12 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
         tracker.track_existing(batch.values(), "activations")
         with tracker:
             grads = _step(model, loss_fn, optimizer, batch, cfg.clip_grad_norm, tracker,
-                          _offloading_hooks(model) if offload else contextlib.nullcontext())
+                          offloading_hooks(model) if offload else contextlib.nullcontext())
         return tracker.finish(model, optimizer, grads)
 
 
 def _lora_plus_ratio(cfg: DictConfig) -> Optional[float]:
-    from fastune.training.method import method_from_config
+    from fastune.methods.method import method_from_config
 
     lora = method_from_config(cfg).lora
     return None if lora is None else lora.lora_plus_lr_ratio

@@ -37,6 +37,7 @@ import gguf
 import numpy as np
 import torch
 
+from fastune.checkpoint.layout import CONFIG_NAME
 from fastune.errors import FastuneError
 from fastune.export.gguf_vocab import GGUFVocab, read_vocab
 
@@ -132,7 +133,7 @@ class _Weights:
 def _open_checkpoint(path: Union[str, Path]):
     """(checkpoint folder, its ModelConfig, its weights), merging an adapter-only checkpoint."""
     from fastune.checkpoint.hf import CheckpointError
-    from fastune.checkpoint.layout import CONFIG_NAME, has_hf_weights
+    from fastune.checkpoint.layout import has_hf_weights
     from fastune.generation import resolve_checkpoint
     from fastune.models.config import ModelConfig
 

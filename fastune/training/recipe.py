@@ -9,7 +9,7 @@ Read it top to bottom: ``train`` opens the process group and the metric logger;
 ``fastune.training.loop.fit`` runs the loop, whose ``train_step`` is one optimizer
 step. The other parts: ``training.data`` (loaders), ``training.evaluation``
 (validation loss, exact match), ``training.saving`` (checkpoints and resume),
-``training.method`` (what is trained and saved), ``training.objective`` (the loss).
+``methods.method`` (what is trained and saved), ``training.objective`` (the loss).
 
 Metrics, logged every ``log_every_n_steps`` optimizer steps (``global_step``):
 
