@@ -44,6 +44,7 @@ import triton.language as tl
 
 from fastune.kernels.dispatch import use_triton
 from fastune.kernels.interpreter import cast
+from fastune.kernels.autocast import no_autocast
 
 # Widest vocabulary block a program loads at once: 4096 fp32 values over 8 warps are 16
 # registers per thread, so the loop over a 128k vocabulary stays spill-free.
@@ -260,6 +261,7 @@ class _CrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss):
         (grad_logits,) = ctx.saved_tensors
         if grad_logits is None:
@@ -269,6 +271,7 @@ class _CrossEntropy(torch.autograd.Function):
         return grad_logits.mul_(grad_loss), None, None, None, None, None
 
 
+@no_autocast
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                   z_loss: float = 0.0,
                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
