@@ -19,10 +19,12 @@ def _randn(*shape, seed, scale=1.0):
     return scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _cases():
-    """name -> (function of the inputs returning a tensor or tuple, inputs, which inputs train)."""
-    n, h, v, inter, r = 7, 16, 23, 24, 4
-    labels = torch.tensor([1, -100, 5, 22, 0, 3, -100])
+def cases(n: int = 7):
+    """name -> (function of the inputs returning a tensor or tuple, inputs, which inputs train),
+    for ``n`` tokens."""
+    h, v, inter, r = 16, 23, 24, 4
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(22))
+    labels[1::3] = -100
     hidden = _randn(n, h, seed=0)
     rms_w = 1 + _randn(h, seed=1, scale=0.1)
     q, k = _randn(2, 3, 2, 8, seed=2), _randn(2, 3, 1, 8, seed=3)
@@ -50,7 +52,7 @@ def _cases():
     }
 
 
-CASES = _cases()
+CASES = cases()
 
 
 def _run(fn, inputs, trained, autocast_dtype):
