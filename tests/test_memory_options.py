@@ -296,3 +296,22 @@ def test_plan_on_a_card_without_bf16_chooses_fp16(plan_config):
         full = plan(*plan_config("model.dtype=bf16"), profile)
         assert full["settings"]["dtype"] == "fp32"  # full fine-tuning has no frozen fp16 base
     assert load_profile("rtx4090").bf16
+
+
+def test_planner_frees_offloaded_gradients(plan_config):
+    from fastune.bench.plan import Target, trace_step
+
+    short = ("dataset.max_seq_len=8", "batch_size=1")
+    kept = trace_step(*plan_config("optimizer=cpu_offload_adamw", *short), Target("cuda"))
+    freed = trace_step(*plan_config("optimizer=cpu_offload_adamw", "optimizer.offload_gradients=true", *short),
+                       Target("cuda"))
+    assert kept.by_category["gradients"] > 0 and freed.by_category["gradients"] == 0
+
+
+def test_offloaded_gradients_refuse_accumulation(plan_config):
+    from fastune.training.memory_optim import check_optimizer_config
+
+    cfg, _ = plan_config("optimizer=cpu_offload_adamw", "optimizer.offload_gradients=true",
+                         "gradient_accumulation_steps=2")
+    with pytest.raises(ConfigError, match=r"^optimizer.offload_gradients: true .* needs gradient_accumulation_steps: 1"):
+        check_optimizer_config(cfg, sharded=False)

@@ -6,8 +6,9 @@ run: torchao's optimizers, the optimizer step in backward, and fp16 on cards wit
   state is counted from its layout (``fastune.training.memory_optim.state_bytes``:
   block-quantized moments plus an fp32 scale per block; fp32 moments for tensors under
   4096 elements; nothing on the GPU for an offloaded tensor).
-- ``optimizer_in_backward``: each gradient is freed by a post-accumulate-grad hook in
-  the traced backward, as the training step frees it after its parameter's update.
+- ``optimizer_in_backward`` (and ``cpu_offload_adamw`` with ``offload_gradients``):
+  each gradient is freed by a post-accumulate-grad hook in the traced backward, as the
+  training step frees it after its parameter's update (or its copy to the host).
 - A profile whose card has no bf16 (``bf16: false``: T4, RTX 2080) plans a bf16 LoRA
   config in fp16, as training there must run it; full fine-tuning in fp32.
 """
@@ -20,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fastune.training.memory_optim import counted_in_planner, state_bytes
+from fastune.training.memory_optim import CPU_OFFLOAD, counted_in_planner, state_bytes
 
 
 def optimizer_for_trace(cfg: DictConfig) -> dict[str, Any]:
@@ -43,8 +44,10 @@ def counted_state(cfg: DictConfig, model: nn.Module, device: str) -> list[torch.
 
 
 def free_grads_in_backward(cfg: DictConfig, model: nn.Module) -> None:
-    """With ``optimizer_in_backward``: each gradient freed as soon as it is complete."""
-    if not cfg.get("optimizer_in_backward", False):
+    """With ``optimizer_in_backward``, or ``cpu_offload_adamw`` with ``offload_gradients``:
+    each gradient freed (applied, or copied to the host) as soon as it is complete."""
+    offloaded = cfg.optimizer.get("_component_") == CPU_OFFLOAD and cfg.optimizer.get("offload_gradients", False)
+    if not (cfg.get("optimizer_in_backward", False) or offloaded):
         return
 
     def free(p: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ def _write(out_dir: str, name: str, data: dict, markdown: str) -> None:
 @click.argument("config")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE | ~KEY]...")
 @click.option("--profile", default=None,
-              help="Device to plan for: a file name in profiles/ (rtx3090, rtx4090, rtx5090, t4, l4, a10g, "
+              help="Device to plan for: a file name in profiles/ (rtx3090, rtx4090, rtx5090, t4, rtx2080, l4, a10g, "
                    "a100_40gb, a100_80gb, h100_sxm, h200, cpu); default cpu when the config's device is cpu.")
 @click.option("--verify", is_flag=True, help="CPU only: also run the step on real tensors and compare the peaks.")
 @click.option("--out", default="fastune_reports", show_default=True, help="Folder for plan_*.json and .md.")

@@ -110,13 +110,14 @@ def train_step(run: TrainingRun, micro_batches: list[Batch]
     if run.world is not None:  # the whole step's count: every rank divides by the same number
         normalizer = int(distributed.sum_over_ranks(torch.tensor(normalizer, dtype=torch.float64), run.world))
     denominator = max(normalizer, 1)  # an all-masked step contributes zero gradient, not NaN
+    scaler = getattr(run, "scaler", None)  # fp16 only; stand-in runs built by hand may not carry the field
     step_loss = torch.zeros((), device=run.device)
     metric_sums: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         loss_sum, _, metrics = objective(model, batch, run.forward_context)
         scaled = loss_sum / denominator
-        (scaled if run.scaler is None else run.scaler.scale(scaled)).backward()
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
         step_loss += loss_sum.detach()
         for name, value in metrics.items():
             metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
@@ -125,7 +126,7 @@ def train_step(run: TrainingRun, micro_batches: list[Batch]
         names = sorted(metric_sums)
         totals = distributed.sum_over_ranks(torch.stack([metric_sums[n] for n in names]), run.world)
         metric_sums = {n: t / denominator for n, t in zip(names, totals)}
-    if run.scaler is not None:
+    if scaler is not None:
         grad_norm = _scaled_step(run)
     else:
         in_backward = isinstance(run.optimizer, OptimizerInBackward)  # clipping refused there

@@ -10,7 +10,8 @@ AdamW for one GPU, and the optimizer step run inside backward.
   (``build_optimizer`` imports it before a resume reads the state).
 - ``optimizer=cpu_offload_adamw`` (``cpu_offload_adamw`` below): torchao's
   ``CPUOffloadOptimizer``; parameters of 4096 elements or more keep their AdamW state
-  and step on the CPU. CUDA only (torchao's rule).
+  and step on the CPU. CUDA only (torchao's rule). With ``optimizer.offload_gradients:
+  true`` each gradient leaves the GPU as soon as backward has formed it.
 - ``optimizer_in_backward: true`` (``OptimizerInBackward``): one optimizer per
   trainable parameter, stepped by the parameter's post-accumulate-grad hook, which
   then frees the gradient: at most one parameter's gradient exists at a time. The
@@ -60,6 +61,10 @@ def check_optimizer_config(cfg, sharded: bool) -> None:
     if sharded and component == CPU_OFFLOAD:
         raise ConfigError("optimizer: cpu_offload_adamw is for one GPU; under torchrun use "
                           "distributed.fsdp_cpu_offload: true")
+    if component == CPU_OFFLOAD and cfg.optimizer.get("offload_gradients") and cfg.gradient_accumulation_steps != 1:
+        raise ConfigError("optimizer.offload_gradients: true frees each GPU gradient once it is copied to the CPU, "
+                          "so it needs gradient_accumulation_steps: 1, not "
+                          f"{cfg.gradient_accumulation_steps}")
     if sharded and component in TORCHAO_LOW_BIT:
         raise ConfigError(f"optimizer: {component} under torchrun: fastune's sharded checkpoints do not "
                           "save torchao's quantized states yet; use optimizer=adamw with FSDP")
