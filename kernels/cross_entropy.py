@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from fastune.kernels.dispatch import use_triton
+from fastune.kernels.autocast import no_autocast
 from fastune.kernels.interpreter import cast, tanh
 
 # Widest vocabulary block a program loads at once: 4096 fp32 values over 8 warps are 16
@@ -286,6 +287,7 @@ class _CrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss):
         (grad_logits,) = ctx.saved_tensors
         if grad_logits is None:
@@ -295,6 +297,7 @@ class _CrossEntropy(torch.autograd.Function):
         return grad_logits.mul_(grad_loss), None, None, None, None, None, None
 
 
+@no_autocast
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                   z_loss: float = 0.0,
                   label_smoothing: float = 0.0,

@@ -50,6 +50,7 @@ import torch
 from fastune.kernels.cross_entropy import (REFERENCE_BLOCK, check_labels, cross_entropy_rows_,
                                            supervised_count)
 from fastune.kernels.dispatch import use_triton
+from fastune.kernels.autocast import no_autocast
 
 # Largest chunk of logits, in elements, that one forward holds at a time.
 LOGITS_BUDGET = 1 << 26
@@ -257,6 +258,7 @@ def _scaled_grad_weight(grad_weight: torch.Tensor, grad_loss: torch.Tensor,
     return out
 
 
+@no_autocast
 def _backward(ctx, grad_loss, _grad_hidden_out, _grad_weight_out):
     """The gradients were formed in forward for a unit upstream gradient: scale them."""
     grad_hidden, grad_weight = ctx.saved_tensors
@@ -269,6 +271,7 @@ def _backward(ctx, grad_loss, _grad_hidden_out, _grad_weight_out):
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@no_autocast
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int = -100, z_loss: float = 0.0,
                          label_smoothing: float = 0.0,

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from fastune.kernels.dispatch import use_triton
 from fastune.kernels.nf4 import dequantize_parts, is_nf4, nf4_parts
+from fastune.kernels.autocast import no_autocast
 
 
 class LoRAKernelError(ValueError):
@@ -163,6 +164,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # xa is an output only so that it can be saved
 
 
+@no_autocast
 def _backward(ctx, dy, _dxa):
     x, xa, lora_a, lora_b, *weight = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -187,6 +189,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
 
 
+@no_autocast
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:

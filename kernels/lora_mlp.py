@@ -46,6 +46,7 @@ from fastune.kernels.lora import (
     weight_args,
 )
 from fastune.kernels.swiglu import swiglu_bwd_into, swiglu_fwd_into
+from fastune.kernels.autocast import no_autocast
 
 # --- op registration -------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@no_autocast
 def _backward(ctx, dy, _dg, _du):
     x, g, u, gate_a, gate_b, up_a, up_b, down_a, down_b, *flat_w = ctx.saved_tensors
     n_gate, n_up, _ = ctx.n_weights
@@ -161,6 +163,7 @@ def lora_mlp_reference(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down
     return lora_linear_reference(F.silu(g) * u, down_w, down_a, down_b, scale)
 
 
+@no_autocast
 def lora_mlp(x: torch.Tensor, gate_w: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor,
              up_w: torch.Tensor, up_a: torch.Tensor, up_b: torch.Tensor,
              down_w: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor,

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from fastune.kernels.dispatch import use_triton
 from fastune.kernels.interpreter import cast
+from fastune.kernels.autocast import no_autocast
 
 # Bytes of quantized_data per program: 2048 output elements, 4 KiB of bf16 stores.
 _BLOCK_BYTES = 1024
@@ -135,6 +136,7 @@ def nf4_parts(weight: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
     return parts, [weight.block_size, weight.scaler_block_size, *weight.shape]
 
 
+@no_autocast
 def nf4_dequantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense copy of an NF4 weight in ``dtype`` (default: its own), equal bit for bit
     to ``weight.to(dtype)``: the Triton kernel on CUDA, torchao's dequantization elsewhere."""

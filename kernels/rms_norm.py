@@ -35,6 +35,7 @@ import triton.language as tl
 
 from fastune.kernels.dispatch import use_triton
 from fastune.kernels.interpreter import cast
+from fastune.kernels.autocast import no_autocast
 
 # Longest row the kernels take: the whole row sits in registers, and the backward
 # spills beyond 8192 (ptxas, sm_80..sm_90). Longer rows (Llama 3.1 405B's 16384)
@@ -226,6 +227,7 @@ def _setup_rms_norm(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output[1])
 
 
+@no_autocast
 def _backward_rms_norm(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[1]
@@ -240,6 +242,7 @@ def _setup_add_rms_norm(ctx, inputs, output):
     ctx.save_for_backward(s, weight, rstd)
 
 
+@no_autocast
 def _backward_add_rms_norm(ctx, ds, dy, _drstd):
     s, weight, rstd = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[2]
@@ -281,6 +284,7 @@ def _check(name: str, x: torch.Tensor, weight: torch.Tensor, residual: Optional[
                          f"x {tuple(x.shape)} {x.dtype}")
 
 
+@no_autocast
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
              weight_offset: float = 0.0, weight_in_fp32: bool = False) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` ([..., N]) with ``weight`` [N], as HF Llama;
@@ -291,6 +295,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return rms_norm_reference(x, weight, eps, weight_offset, weight_in_fp32)
 
 
+@no_autocast
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float = 1e-6, weight_offset: float = 0.0,
                  weight_in_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from fastune.kernels.dispatch import use_triton
 from fastune.kernels.interpreter import cast
+from fastune.kernels.autocast import no_autocast
 
 
 @triton.jit
@@ -157,6 +158,7 @@ def _setup_rope(ctx, inputs, output):
     ctx.dtype = q.dtype
 
 
+@no_autocast
 def _backward_rope(ctx, dq_out, dk_out):
     cos, sin = ctx.saved_tensors
     dq, dk = torch.ops.fastune.apply_rope_backward(dq_out, dk_out, cos, sin, ctx.dtype)
@@ -200,6 +202,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                          f"k ({k.dtype}) of one dtype")
 
 
+@no_autocast
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, S, Hq, D] and k [B, S, Hk, D] by per-token angles; cos/sin are

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from fastune.kernels.dispatch import use_triton
 from fastune.kernels.interpreter import cast
+from fastune.kernels.autocast import no_autocast
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -90,6 +91,7 @@ def _setup_swiglu(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@no_autocast
 def _backward_swiglu(ctx, dout):
     gate, up = ctx.saved_tensors
     return torch.ops.fastune.swiglu_backward(dout, gate, up)
@@ -103,6 +105,7 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@no_autocast
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for tensors of one shape and dtype."""
     if gate.shape != up.shape or gate.dtype != up.dtype:

@@ -33,6 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fastune.bench.plan_offload import offloading_hooks
+from fastune.bench.plan_options import (counted_state, dtype_for_profile, free_grads_in_backward,
+                                         optimizer_for_trace)
 from fastune.bench.profiles import Profile
 from fastune.checkpoint.layout import CONFIG_NAME
 from fastune.errors import FastuneError
@@ -145,16 +147,18 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
         ac = cfg.activation_checkpointing
         apply_activation_checkpointing(model, "full" if ac is True else ac)
         loss_fn = build_loss(model, cfg.loss)
-        optimizer = build_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), model,
-                                    torch.device(target.device), _lora_plus_ratio(cfg))
+        optimizer = build_optimizer(optimizer_for_trace(cfg), model, torch.device(target.device),
+                                    _lora_plus_ratio(cfg))
         batch = worst_case_batch(cfg, model_config.vocab_size)
         offload = target.fake and target.device == "cuda" and cfg.activation_offloading
 
         _create_optimizer_state(model, optimizer)
+        free_grads_in_backward(cfg, model)
 
         tracker = MemoryTracker(round_to=target.round_to)
         tracker.track_existing([*model.parameters(), *model.buffers()], "parameters")
-        tracker.track_existing(_optimizer_tensors(optimizer), "optimizer_state")
+        counted = counted_state(cfg, model, target.device)  # alive through the step, as the real state
+        tracker.track_existing(_optimizer_tensors(optimizer) + counted, "optimizer_state")
         tracker.track_existing(batch.values(), "activations")
         with tracker:
             grads = _step(model, loss_fn, optimizer, batch, cfg.clip_grad_norm, tracker,
@@ -290,6 +294,7 @@ def plan(cfg: DictConfig, model_config: ModelConfig, profile: Profile,
     variant (in ``candidates`` order) that does. Returns the report as a dict."""
     if profile.memory_gib is None:
         raise PlanError(f"profile {profile.name!r}: no memory size to plan against")
+    cfg = dtype_for_profile(cfg, profile)
     progress("tracing the config as configured")
     evaluated = [evaluate(cfg, model_config, profile, Candidate({}, []))]
     if not evaluated[0].fits:

@@ -44,6 +44,7 @@ class Profile:
     peak_fp32_flops: Optional[float] = None
     memory_bandwidth: Optional[float] = None  # bytes per second
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    bf16: bool = True  # False: the card has no bf16 (T4, RTX 20): training runs fp16 or fp32
 
     def peak_flops(self, dtype: str) -> Optional[float]:
         return self.peak_bf16_flops if dtype in ("bf16", "bfloat16") else self.peak_fp32_flops
@@ -70,7 +71,7 @@ def load_profile(key: str) -> Profile:
         raise ProfileError(f"profiles/{key}.yaml: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or "name" not in data or data.get("kind") not in ("cuda", "cpu"):
         raise ProfileError(f"profiles/{key}.yaml: needs `name` and `kind: cuda | cpu`")
-    profile = Profile(key=key, name=data["name"], kind=data["kind"])
+    profile = Profile(key=key, name=data["name"], kind=data["kind"], bf16=bool(data.get("bf16", True)))
     if data.get("measured"):
         profile.memory_gib = _cpu_memory_gib()
         profile.sources["memory_gib"] = "MemTotal in /proc/meminfo, read at run time"

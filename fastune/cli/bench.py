@@ -21,8 +21,8 @@ def _write(out_dir: str, name: str, data: dict, markdown: str) -> None:
 @click.argument("config")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE | ~KEY]...")
 @click.option("--profile", default=None,
-              help="Device to plan for: a file name in profiles/ (rtx4060, rtx3090, rtx4090, rtx5090, t4, l4, a10g, "
-                   "a100_40gb, a100_80gb, h100_sxm, h200, cpu); default cpu when the config's device is cpu.")
+              help="Device to plan for: a file name in profiles/ (rtx4060, rtx3090, rtx4090, rtx5090, t4, rtx2080, "
+                   "l4, a10g, a100_40gb, a100_80gb, h100_sxm, h200, cpu); default cpu when the config's device is cpu.")
 @click.option("--verify", is_flag=True, help="CPU only: also run the step on real tensors and compare the peaks.")
 @click.option("--max-context", "max_context", is_flag=True,
               help="Search the longest sequence (batch 1) that fits the profile, beside published figures.")

@@ -301,7 +301,9 @@ SCHEMA = Section({
     "method": Key(Choice("full", "lora", "dora", "qlora"), "lora", "full fine-tuning, LoRA, DoRA, or LoRA on an NF4 base (QLoRA)"),
     "model": Section({
         "checkpoint_dir": Key(PathTo("dir"), MISSING, "HF-format checkpoint folder (config.json + *.safetensors), e.g. from `fastune download`"),
-        "dtype": Key(Choice("bf16", "fp32", aliases={"bfloat16": "bf16", "float32": "fp32"}), "bf16", "parameter and compute dtype"),
+        "dtype": Key(Choice("bf16", "fp16", "fp32", aliases={"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}),
+                     "bf16", "parameter and compute dtype; fp16 (cards without bf16): fp16 frozen base, fp32 adapters "
+                     "and optimizer state, dynamic loss scaling (LoRA methods)"),
         "kernels": Key(Maybe(KERNELS), None, f"fused kernels to swap in: all, none, or a list of {', '.join(KERNEL_OPS)}; null: all"),
         "use_kernels": Key(Maybe(Bool()), None, "old alias of kernels: true = all, false = none"),
     }),
@@ -340,7 +342,15 @@ SCHEMA = Section({
         "fused": Key(Maybe(Bool()), None, "null: fused on CUDA, foreach elsewhere"),
     }, "an optimizer class, called with the trainable parameters", component=True, default_component="torch.optim.AdamW",
         aliases={"adamw": {COMPONENT: "torch.optim.AdamW"}, "adam": {COMPONENT: "torch.optim.Adam"},
-                 "sgd": {COMPONENT: "torch.optim.SGD"}}),
+                 "sgd": {COMPONENT: "torch.optim.SGD"},
+                 # Memory-saving AdamW (fastune/training/memory_optim.py): torchao's low-bit states,
+                 # and torchao's CPU offload for one GPU.
+                 "adamw8bit": {COMPONENT: "torchao.optim.AdamW8bit"},
+                 "adamw4bit": {COMPONENT: "torchao.optim.AdamW4bit"},
+                 "adamw_fp8": {COMPONENT: "torchao.optim.AdamWFp8"},
+                 "cpu_offload_adamw": {COMPONENT: "fastune.training.memory_optim.cpu_offload_adamw"}}),
+    "optimizer_in_backward": Key(Bool(), False, "step each parameter in its backward hook and free its gradient "
+                                 "at once (one process; no clipping, no accumulation)"),
     "lr_scheduler": Section({
         "warmup_steps": Key(Int(ge=0), 0, "linear warm-up over this many optimizer steps, then cosine decay"),
         "min_lr_ratio": Key(Float(ge=0, le=1), 0.0, "the cosine ends at min_lr_ratio * lr"),

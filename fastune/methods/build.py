@@ -34,7 +34,8 @@ def build_model(
 
     ``model_config`` (a ``ModelConfig``) replaces ``checkpoint_dir/config.json`` for
     ``meta`` and ``random``. ``kernels``: the fused ops swapped in (``apply_kernels``),
-    before the method adapts the model, so LoRA layers see the choice.
+    before the method adapts the model, so LoRA layers see the choice. In fp16 the
+    trainable parameters are fp32 (``fastune.training.precision``).
     """
     from fastune.checkpoint.hf import load_hf_checkpoint, parse_dtype
     from fastune.models.config import ModelConfig
@@ -45,7 +46,7 @@ def build_model(
     if weights == "load":
         model = load_hf_checkpoint(checkpoint_dir, dtype=dtype, device=device, kernels=kernels)
         method.adapt(model)
-        return model
+        return _trainable_fp32_under_fp16(model, dtype)
     if weights not in ("meta", "random"):
         raise ValueError(f"weights: expected load, meta or random, got {weights!r}")
     config = model_config if model_config is not None else ModelConfig.from_json(checkpoint_dir)
@@ -55,7 +56,7 @@ def build_model(
             model = spec.build(config).to(dtype)
         apply_kernels(model, kernels)
         method.adapt(model, quantize=False)
-        return model
+        return _trainable_fp32_under_fp16(model, dtype)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in the training dtype, like a load
     try:
@@ -65,4 +66,14 @@ def build_model(
     model.reset_buffers()  # the RoPE frequencies stay fp32
     apply_kernels(model, kernels)
     method.adapt(model)
+    return _trainable_fp32_under_fp16(model, dtype)
+
+
+def _trainable_fp32_under_fp16(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """fp16 mixed precision (``fastune.training.precision``): the frozen base stays fp16,
+    the trainable parameters (the adapters) go back to fp32."""
+    if dtype == torch.float16:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype == torch.float16:
+                p.data = p.data.float()
     return model

@@ -200,21 +200,28 @@ class LoRALinear(nn.Module):
         if self.fused and self.dropout == 0:  # the fused op has no dropout
             from fastune.kernels.lora import lora_linear
 
-            return lora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.bias)
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+            return lora_linear(x, self.weight, *self._adapter(x.dtype), self.scale, self.bias)
+        lora_a, lora_b = self._adapter(x.dtype)
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.lora_dropout(x), lora_a), lora_b) * self.scale
+
+    def _adapter(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in the input's dtype: under fp16 mixed precision they are fp32 parameters
+        over an fp16 base (autograd casts their gradients back); otherwise a no-op."""
+        return self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._dense_weight(x.dtype)
         with torch.no_grad():  # the norm is a constant for autograd (DoRA §4.3, as PEFT)
             norm = torch.linalg.norm(self._adapted_weight(weight), dim=1)
-        gain = self.lora_magnitude_vector / norm
+        gain = self.lora_magnitude_vector.to(x.dtype) / norm
         base = F.linear(x, weight)
         dropping = self.training and self.dropout > 0
         x_lora = self.lora_dropout(x) if dropping else x
         # The frozen part of the DoRA correction sees the adapter's (dropped-out)
         # input; without dropout it is the base output itself.
         base_lora = F.linear(x_lora, weight) if dropping else base
-        lora = self.lora_B(self.lora_A(x_lora)) * self.scale
+        lora_a, lora_b = self._adapter(x.dtype)
+        lora = F.linear(F.linear(x_lora, lora_a), lora_b) * self.scale
         y = base + (gain - 1) * base_lora + gain * lora
         return y if self.bias is None else y + self.bias
 

@@ -25,6 +25,7 @@ from fastune import distributed
 from fastune.data import IGNORE_INDEX, SFTDataLoader
 from fastune.training.evaluation import evaluate, report
 from fastune.training.loggers import MetricLogger
+from fastune.training.memory_optim import OptimizerInBackward
 from fastune.training.memory import peak_memory_stats
 from fastune.training.objective import Batch
 from fastune.training.outputs import report_outputs
@@ -65,7 +66,9 @@ def fit(run: TrainingRun, logger: MetricLogger) -> dict[str, float]:
                 micro_batches = list(itertools.islice(batches, accumulation))
                 if not micro_batches:
                     break
-                lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                # The rate this step uses; float(): torchao's optimizers hold it as a tensor that
+                # the scheduler fills in place.
+                lr = float(run.optimizer.param_groups[0]["lr"])
                 loss, grad_norm, metrics = train_step(run, micro_batches)
                 meter.add(micro_batches, time.perf_counter() - started)
                 run.global_step += 1
@@ -115,12 +118,14 @@ def train_step(run: TrainingRun, micro_batches: list[Batch]
     if run.world is not None:  # the whole step's count: every rank divides by the same number
         normalizer = int(distributed.sum_over_ranks(torch.tensor(normalizer, dtype=torch.float64), run.world))
     denominator = max(normalizer, 1)  # an all-masked step contributes zero gradient, not NaN
+    scaler = getattr(run, "scaler", None)  # fp16 only; stand-in runs built by hand may not carry the field
     step_loss = torch.zeros((), device=run.device)
     metric_sums: dict[str, torch.Tensor] = {}
     for batch, count in zip(micro_batches, counts):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         loss_sum, _, metrics = objective(model, batch, run.forward_context, count)
-        (loss_sum / denominator).backward()
+        scaled = loss_sum / denominator
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
         step_loss += loss_sum.detach()
         for name, value in metrics.items():
             metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
@@ -129,11 +134,29 @@ def train_step(run: TrainingRun, micro_batches: list[Batch]
         names = sorted(metric_sums)
         totals = distributed.sum_over_ranks(torch.stack([metric_sums[n] for n in names]), run.world)
         metric_sums = {n: t / denominator for n, t in zip(names, totals)}
-    grad_norm = clip_gradients(model, cfg.clip_grad_norm)
-    run.optimizer.step()
+    if scaler is not None:
+        grad_norm = _scaled_step(run)
+    else:
+        in_backward = isinstance(run.optimizer, OptimizerInBackward)  # clipping refused there
+        grad_norm = run.optimizer.take_grad_norm() if in_backward else clip_gradients(model, cfg.clip_grad_norm)
+        run.optimizer.step()  # in backward: a no-op (the hooks stepped), which the scheduler expects
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return step_loss / denominator, grad_norm, metric_sums
+
+
+def _scaled_step(run: TrainingRun) -> torch.Tensor:
+    """fp16: unscale, clip, and step unless a gradient is inf or NaN; then the scaler
+    halves its scale (or grows it after enough good steps). A skipped step is counted;
+    the schedule goes on, so the run's learning rates do not depend on the skips."""
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = clip_gradients(run.model, run.cfg.clip_grad_norm)
+    scale = run.scaler.get_scale()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.scaler.get_scale() < scale:  # the scaler backs off exactly when it found inf/NaN
+        run.skipped_steps += 1
+    return grad_norm
 
 
 def clip_gradients(model: nn.Module, max_norm: Optional[float]) -> torch.Tensor:
@@ -189,6 +212,8 @@ def log_step(run: TrainingRun, logger: MetricLogger, bar: tqdm, loss: torch.Tens
         **meter.rates(run.world),
         **{name: value.item() for name, value in objective_metrics.items()},
     }
+    if run.scaler is not None:
+        metrics.update(loss_scale=run.scaler.get_scale(), skipped_steps=run.skipped_steps)
     if run.cfg.log_peak_memory_stats:
         metrics.update(peak_memory_stats(run.device))
     logger.log_dict(metrics, step=run.global_step)

@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from fastune.config import instantiate
 from fastune.config.schema import COMPONENT
 from fastune.errors import ConfigError
+from fastune.training.memory_optim import OptimizerInBackward
 
 _ADAM_FAMILY = ("torch.optim.AdamW", "torch.optim.Adam")
 
@@ -52,12 +53,14 @@ def param_groups(model: nn.Module, weight_decay: float, lora_b_lr: Optional[floa
 
 
 def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.device,
-                    lora_plus_lr_ratio: Optional[float] = None) -> torch.optim.Optimizer:
+                    lora_plus_lr_ratio: Optional[float] = None, in_backward: bool = False
+                    ) -> torch.optim.Optimizer:
     """The config's optimizer (``_component_`` plus keyword arguments) over the trainable
-    parameters, in two weight-decay groups (see ``param_groups``).
+    parameters, in two weight-decay groups (see ``param_groups``); with ``in_backward``,
+    one per parameter, stepped during backward (``memory_optim.OptimizerInBackward``).
 
     For Adam/AdamW, ``fused: null`` picks the device's fastest implementation:
-    fused on CUDA, foreach elsewhere.
+    fused on CUDA, foreach elsewhere (a single tensor per optimizer in backward).
     """
     kwargs = dict(node)
     component = kwargs[COMPONENT]
@@ -66,8 +69,11 @@ def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.dev
     lora_b_lr = None if ratio is None else float(kwargs.get("lr", 1e-3)) * float(ratio)
     if component in _ADAM_FAMILY and kwargs.get("fused") is None:
         kwargs["fused"] = device.type == "cuda"
-        kwargs["foreach"] = not kwargs["fused"]
-    return instantiate(kwargs, param_groups(model, weight_decay, lora_b_lr))
+        kwargs["foreach"] = not kwargs["fused"] and not in_backward
+    groups = param_groups(model, weight_decay, lora_b_lr)
+    if in_backward:
+        return OptimizerInBackward(groups, lambda group: instantiate(kwargs, group))
+    return instantiate(kwargs, groups)
 
 
 def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):

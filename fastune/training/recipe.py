@@ -24,6 +24,8 @@ Metrics, logged every ``log_every_n_steps`` optimizer steps (``global_step``):
   counts as padding. ``tokens_per_second_supervised``: positions with a label only
   (what torchtune's tokens/s counted).
 - ``peak_memory_active``/``_alloc``/``_reserved`` (GiB) on CUDA, ``peak_rss_gib`` on CPU.
+- ``loss_scale`` and ``skipped_steps`` (steps skipped for an inf/NaN gradient, so far)
+  with ``model.dtype: fp16`` (``fastune.training.precision``).
 - ``val_loss`` (and ``exact_match``, when ``eval_exact_match`` is set) before
   training, every ``eval_every_n_steps`` (or at each epoch's end) and at the end.
 """
@@ -56,8 +58,10 @@ from fastune.training.memory import apply_activation_checkpointing, offload_acti
 from fastune.training.loss import build_loss
 from fastune.methods.method import method_from_config
 from fastune.training.objective import SFTObjective
+from fastune.training.memory_optim import check_optimizer_config
 from fastune.training.optim import build_lr_scheduler, build_optimizer
 from fastune.training.plot import keep_history
+from fastune.training.precision import build_grad_scaler, check_precision
 from fastune.training.run import TrainingError, TrainingRun
 from fastune.training.saving import restore_training_state, save_checkpoint, shard_and_load_resumed
 
@@ -120,6 +124,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
                 f"resume_from_checkpoint: {resume} was written by a method={progress.get('method')} run, "
                 f"this run has method={method.name}"
             )
+    check_precision(cfg.model.dtype, method.lora is None, device, sharded=world is not None)
+    check_optimizer_config(cfg, sharded=world is not None)
     seed_everything(cfg.seed)
 
     # Data first: a bad dataset fails in seconds, before a model is loaded.
@@ -152,7 +158,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
         shard_and_load_resumed(model, method, DistributedSection.from_config(cfg), world, resume)
 
     optimizer = build_optimizer(_plain(cfg.optimizer), model, device,
-                                method.lora.lora_plus_lr_ratio if method.lora is not None else None)
+                                method.lora.lora_plus_lr_ratio if method.lora is not None else None,
+                                in_backward=cfg.optimizer_in_backward)
     lr_scheduler = build_lr_scheduler(_plain(cfg.lr_scheduler), optimizer, cfg.epochs * steps_per_epoch)
     run = TrainingRun(
         cfg=cfg, device=device, method=method, model=model, objective=SFTObjective(loss_fn), optimizer=optimizer,
@@ -163,6 +170,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
         world=world,
         saver=None if world is None else distributed.CheckpointSaver(world, cfg.distributed.async_save,
                                                                       commit=checkpointer.save_checkpoint),
+        scaler=build_grad_scaler(cfg.model.dtype, device),
     )
     if resume is not None:
         restore_training_state(run, resume, progress)

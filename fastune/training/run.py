@@ -46,6 +46,8 @@ class TrainingRun:
     resumed_from: Optional[Path] = None
     world: Optional[distributed.World] = None  # None: a single process
     saver: Optional[distributed.CheckpointSaver] = None  # checkpoints of a sharded run
+    scaler: Optional[torch.amp.GradScaler] = None  # dynamic loss scaling of an fp16 run
+    skipped_steps: int = 0  # fp16: optimizer steps skipped for an inf/NaN gradient
 
     @property
     def total_steps(self) -> int:

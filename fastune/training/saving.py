@@ -35,6 +35,8 @@ def save_checkpoint(run: TrainingRun, logger: MetricLogger, name: str) -> Path:
         "rng": checkpointer.rng_state(),
         "dataloader": run.train_loader.state_dict(),
     }
+    if run.scaler is not None:
+        training_state["grad_scaler"] = {**run.scaler.state_dict(), "skipped_steps": run.skipped_steps}
     log.info("saving checkpoint %s", Path(cfg.output_dir) / name)  # merging and writing take a while
     if run.world is not None:
         return _save_sharded_checkpoint(run, logger, name, training_state, progress)
@@ -96,6 +98,10 @@ def restore_training_state(run: TrainingRun, ckpt_dir: Path, progress: dict[str,
     else:
         run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if run.scaler is not None and "grad_scaler" in state:
+        scaler_state = dict(state["grad_scaler"])
+        run.skipped_steps = scaler_state.pop("skipped_steps")
+        run.scaler.load_state_dict(scaler_state)
     run.epoch, run.step_in_epoch = progress["epochs_run"], progress["step_in_epoch"]
     run.global_step = progress["global_step"]
     if run.step_in_epoch:  # a step checkpoint: the loader continues inside the epoch
