@@ -20,6 +20,7 @@ update twice, silently.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Optional
@@ -32,7 +33,9 @@ from fastune.checkpoint.layout import ADAPTER_DIR, copy_tokenizer_files
 from fastune.checkpoint.peft import load_peft_adapter, save_peft_adapter
 from fastune.config.sections import LoraSection
 from fastune.hub import base_model_name
+from fastune.modules.lora import disable_adapters
 from fastune.modules.peft import apply_lora, merge_lora
+from fastune.training.preference import Reference
 
 METHODS = ("full", "lora", "dora", "qlora")
 
@@ -96,6 +99,13 @@ class Method:
         """The method name the planner tries when this one does not fit (or None)."""
         return None
 
+    def preference_reference(self, model: nn.Module) -> Reference:
+        """Where a preference objective's reference log-probs come from: here the base
+        weights themselves train, so a frozen copy of the model as built (before any
+        step: call it before the optimizer first steps). It costs one more model's
+        weights in memory."""
+        return Reference(model=copy.deepcopy(model).requires_grad_(False))
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRAMethod(Method):
@@ -147,6 +157,10 @@ class LoRAMethod(Method):
     def describe(self) -> str:
         o = self.options
         return f"{self.name} (rank {o.rank}, alpha {o.alpha:g}, on {', '.join(o.targets)})"
+
+    def preference_reference(self, model: nn.Module) -> Reference:
+        """The same model with every adapter disabled: the frozen base, no second copy."""
+        return Reference(context=disable_adapters)
 
     def lighter_variant(self) -> Optional[str]:
         # DoRA has no NF4 counterpart here; QLoRA is already the lightest.
