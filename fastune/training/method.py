@@ -35,6 +35,7 @@ from fastune.config.sections import LoraSection
 from fastune.hub import base_model_name
 from fastune.modules.lora import disable_adapters
 from fastune.modules.peft import apply_lora, merge_lora
+from fastune.training.loss import build_token_loss
 from fastune.training.preference import Reference
 
 METHODS = ("full", "lora", "dora", "qlora")
@@ -104,7 +105,8 @@ class Method:
         weights themselves train, so a frozen copy of the model as built (before any
         step: call it before the optimizer first steps). It costs one more model's
         weights in memory."""
-        return Reference(model=copy.deepcopy(model).requires_grad_(False))
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        return Reference(model=frozen, token_loss=build_token_loss(frozen))
 
 
 @dataclasses.dataclass(frozen=True)

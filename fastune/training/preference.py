@@ -15,9 +15,10 @@ chosen/rejected halves, beta, label smoothing e and margin gamma, per pair:
 - ``ipo``:   loss = ((p_c - r_c) / n_c - (p_r - r_r) / n_r - 1 / (2 beta))^2
              (length-normalized, as TRL's DPOTrainer computes it)
 - ``simpo``: d = beta (p_c / n_c - p_r / n_r) - gamma,  loss as dpo's (no reference)
-- ``orpo``:  a = p / n;  loss = -a_c - beta log s(log odds(a_c) - log odds(a_r)),
-             log odds(a) = a - log(1 - exp(a))  (no reference; the SFT term is the
-             chosen response's mean token NLL, per pair)
+- ``orpo``:  a = p / n;  loss = NLL_c - beta log s(log odds(a_c) - log odds(a_r)),
+             log odds(a) = a - log(1 - exp(a))  (no reference; NLL_c, the SFT term, is
+             the mean token NLL of the whole chosen sequence, prompt included, as in
+             the ORPO paper's code and TRL, per pair)
 
 The loss and metrics are sums over pairs; the loop divides them by the step's
 normalizer, the number of pairs. Metrics use TRL's names: ``rewards/chosen``,
@@ -62,9 +63,12 @@ class PreferenceOptions:
 @dataclasses.dataclass
 class Reference:
     """Where reference log-probs come from: ``model`` (None: the policy model itself)
-    run inside ``context(policy)`` (e.g. ``disable_adapters``) and ``no_grad``."""
+    run inside ``context(policy)`` (e.g. ``disable_adapters``) and ``no_grad``, with
+    ``token_loss``: a separate model needs its own (the policy's closes over the
+    policy's lm_head)."""
 
     model: Optional[nn.Module] = None
+    token_loss: Optional[TokenLossFn] = None
     context: Callable[[nn.Module], contextlib.AbstractContextManager] = \
         lambda _: contextlib.nullcontext()
 
@@ -81,6 +85,16 @@ def sequence_logps(model: nn.Module, token_loss: TokenLossFn, tokens: torch.Tens
     """Each row's summed response log-prob [rows] (fp32)."""
     hidden = model(tokens, return_hidden=True)
     return -token_loss(hidden, labels).sum(-1)
+
+
+def sequence_labels(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Labels that supervise every next token of each row's sequence (prompt included),
+    which ends one token after its last supervised label (padding follows)."""
+    positions = torch.arange(labels.shape[1], device=labels.device)
+    last = torch.where(labels != IGNORE_INDEX, positions, -1).amax(-1, keepdim=True)
+    shifted = torch.full_like(tokens, IGNORE_INDEX)
+    shifted[:, :-1] = tokens[:, 1:]
+    return torch.where(positions <= last, shifted, IGNORE_INDEX)
 
 
 def _smoothed_sigmoid_loss(d: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -108,7 +122,7 @@ def pair_losses(kind: str, options: PreferenceOptions, policy: torch.Tensor,
         loss = _smoothed_sigmoid_loss(beta * (a_c - a_r) - options.gamma, options.label_smoothing)
     elif kind == "orpo":
         log_odds = (a_c - a_r) - (torch.log1p(-torch.exp(a_c)) - torch.log1p(-torch.exp(a_r)))
-        loss = -a_c - beta * F.logsigmoid(log_odds)
+        loss = -beta * F.logsigmoid(log_odds)  # + the SFT term, added by the objective
     else:
         raise ValueError(f"unknown preference objective {kind!r}")
     return loss, beta * a_c.detach(), beta * a_r.detach()
@@ -132,9 +146,10 @@ class PreferenceObjective:
                         labels: torch.Tensor) -> Optional[torch.Tensor]:
         if self.reference is None:
             return None
-        ref_model = self.reference.model or model
-        with torch.no_grad(), self.reference.context(model):
-            return sequence_logps(ref_model, self.token_loss, tokens, labels)
+        ref = self.reference
+        with torch.no_grad(), ref.context(model):
+            return sequence_logps(model if ref.model is None else ref.model,
+                                  ref.token_loss or self.token_loss, tokens, labels)
 
     def __call__(self, model: nn.Module, batch: Batch,
                  forward_context: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -142,10 +157,20 @@ class PreferenceObjective:
         tokens, labels = pair_batch(batch)
         lengths = (labels != IGNORE_INDEX).sum(-1)
         reference = self.reference_logps(model, tokens, labels)
+        supervised = labels != IGNORE_INDEX
+        if self.kind == "orpo":
+            # ORPO's SFT term is the NLL of the whole chosen sequence, prompt included (as in
+            # the ORPO paper's code and TRL): the chosen rows get every next token as label.
+            n_pairs = labels.shape[0] // 2
+            labels = torch.cat([sequence_labels(tokens[:n_pairs], labels[:n_pairs]), labels[n_pairs:]])
         with forward_context:
             hidden = model(tokens, return_hidden=True)
-        policy = -self.token_loss(hidden, labels).sum(-1)
+        token_losses = self.token_loss(hidden, labels)
+        policy = -(token_losses * supervised).sum(-1)
         loss, chosen, rejected = pair_losses(self.kind, self.options, policy, reference, lengths)
+        if self.kind == "orpo":
+            full = token_losses[:n_pairs]
+            loss = loss + full.sum(-1) / (labels[:n_pairs] != IGNORE_INDEX).sum(-1).clamp(min=1)
         logps_c, logps_r = policy.detach().chunk(2)
         metrics = {
             "rewards/chosen": chosen.sum(),
