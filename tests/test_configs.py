@@ -48,7 +48,7 @@ MODELS = {
         rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
         tie_word_embeddings=False), 7_615_616_512),
 }
-MODEL_CONFIGS = [n for n in shipped_config_names() if n != "demo"]
+MODEL_CONFIGS = [n for n in shipped_config_names() if n not in ("demo", "dpo_demo")]
 DOWNLOAD = re.compile(r"^#\s+fastune download (\S+) --output-dir (\S+)", re.MULTILINE)
 
 
