@@ -3,8 +3,6 @@ dpo_demo config), the preference data formats and their errors, the metrics ever
 gets, and exact resume. Parity with TRL is in tests/test_preference_trl.py, the per-token
 kernel in tests/kernels/test_linear_cross_entropy_tokens.py."""
 
-import json
-import random
 import shutil
 
 import pytest
@@ -16,7 +14,7 @@ from fastune.data.preference import FIELDS, tokenize_pairs
 from fastune.errors import ConfigError
 from fastune.training.preference import sequence_labels
 from train_helpers import single_thread  # noqa: F401 (autouse fixture)
-from train_helpers import DEMO_TOKENIZER, hf_llama, make_config, run, save_base
+from train_helpers import DEMO_TOKENIZER, hf_llama, make_config, preference_dataset, run, save_base
 
 METRICS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected"}
@@ -126,26 +124,13 @@ def test_sequence_labels_supervise_the_whole_sequence():
 # ------------------------------------------------------------------------- training
 
 
-def write_pairs(path, n, seed):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 8)))
-            f.write(json.dumps({"prompt": f"Write the word backwards.\n\n{word}", "chosen": word[::-1],
-                                "rejected": word[::-1] + rng.choice("xyz")}) + "\n")
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return save_base(hf_llama(seed=7), tmp_path_factory.mktemp("base"))
 
 
 def dpo_config(tmp_path, base, name="cfg.yaml", **values):
-    write_pairs(tmp_path / "pairs.jsonl", 16, 0)
-    write_pairs(tmp_path / "val_pairs.jsonl", 4, 1)
-    dataset = {"source": "json", "format": "preference", "max_seq_len": 64, "val_split": "validation",
-               "data_files": {"train": str(tmp_path / "pairs.jsonl"),
-                              "validation": str(tmp_path / "val_pairs.jsonl")}}
+    dataset = preference_dataset(tmp_path)
     values = {"objective": "dpo", "optimizer": {"lr": 5e-3, "weight_decay": 0.0}, **values}
     return make_config(tmp_path, base, name=name, dataset=dataset, **values)
 
