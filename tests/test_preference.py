@@ -115,6 +115,16 @@ def test_truncation_keeps_the_prompt_end_and_reports_an_emptied_answer(tok):
         tokenize_pairs([row], tok, format="preference", max_seq_len=10)
 
 
+def test_exact_match_reads_a_preference_row_as_prompt_and_chosen_answer(tok):
+    from fastune.data import prompt_answer_pairs
+
+    pairs = prompt_answer_pairs([{"prompt": "Add the two numbers.\n\n3 + 4", "chosen": "7", "rejected": "8"}],
+                                tok, format="preference")
+    ids, _ = tok.tokenize_messages([{"role": "user", "content": "Add the two numbers.\n\n3 + 4"}],
+                                   add_generation_prompt=True)
+    assert pairs == [(ids, "7")]
+
+
 def test_sequence_labels_supervise_the_whole_sequence():
     tokens = torch.tensor([[5, 6, 7, 8, 0, 0]])
     labels = torch.tensor([[-100, -100, 8, -100, -100, -100]])
@@ -169,10 +179,48 @@ def test_dpo_demo_smoke(tmp_path):
     from train_helpers import RecordingLogger
 
     cfg = load_config("dpo_demo", [f"output_dir={tmp_path / 'out'}", "max_steps_per_epoch=2",
-                                   "batch_size=4", "dataset.val_split=null", "log_every_n_steps=1"])
+                                   "batch_size=4", "dataset.val_split=null", "log_every_n_steps=1",
+                                   "eval_exact_match.max_examples=2", "eval_exact_match.max_new_tokens=2"])
     state = setup(cfg)
     logger = RecordingLogger()
-    fit(state, logger)
+    results = fit(state, logger)
+    assert {"exact_match_before", "exact_match_after"} <= set(results)
     first = next(r for r in logger.records if "loss" in r)
     assert first["loss"] == pytest.approx(0.6931, abs=1e-4)  # LoRA B = 0: policy = reference
     assert METRICS <= set(first)
+
+
+def test_fused_and_eager_log_probs_agree_in_a_model(tmp_path, base, tok):
+    """The fused per-token loss (the loss kernel on) against eager F.linear +
+    F.cross_entropy (off): the same DPO loss and LoRA gradients, fp32 (bf16 is held to the bf16
+    rule at the kernel level, tests/kernels/test_linear_cross_entropy_tokens.py)."""
+    from fastune.config.sections import LoraSection
+    from fastune.data.collate import collate_padded
+    from fastune.training.build import build_model
+    from fastune.training.loss import build_token_loss
+    from fastune.training.method import LoRAMethod
+    from fastune.training.preference import PreferenceObjective, PreferenceOptions
+
+    rows = [{"prompt": f"Write the word backwards.\n\n{w}", "chosen": w[::-1], "rejected": w}
+            for w in ("abc", "hgfedcba", "ij")]
+    data = tokenize_pairs(rows, tok, format="preference")
+    batch = collate_padded([data[i] for i in range(len(data))], data.pad_id)
+    method = LoRAMethod(options=LoraSection(targets=("q_proj", "v_proj"), rank=4, alpha=8.0))
+    results = []
+    # Only the loss op differs between the two models.
+    for kernels in ("all", ["rms_norm", "rope", "swiglu", "lora"]):
+        torch.manual_seed(0)
+        model = build_model(base, method, "fp32", "cpu", kernels=kernels)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        objective = PreferenceObjective("dpo", build_token_loss(model), PreferenceOptions(beta=0.5),
+                                        method.preference_reference(model))
+        loss, _, metrics = objective(model, batch)
+        loss.backward()
+        results.append((loss.detach(), metrics,
+                         {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (fused_loss, fused_metrics, fused_grads), (eager_loss, eager_metrics, eager_grads) = results
+    torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_metrics, eager_metrics, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_grads, eager_grads, rtol=1e-5, atol=1e-5)

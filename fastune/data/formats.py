@@ -59,7 +59,8 @@ class DatasetFormat:
     fallback_columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
     messages: bool = True  # False: a plain-text format, with no assistant answer to score
     # True: ``to_sample`` gives a ``{"prompt", "chosen", "rejected"}`` dict of message
-    # lists, for the preference objectives (fastune.data.preference tokenizes it).
+    # lists, for the preference objectives (fastune.data.preference tokenizes it);
+    # elsewhere (exact match) a row reads as the prompt and its chosen answer.
     preference: bool = False
 
     @property
@@ -123,6 +124,8 @@ def row_to_sample(
 ) -> Optional[Sample]:
     """The messages (or text) of one row; None for an empty sample, with nothing to train on."""
     sample = FORMATS[fmt].to_sample(row, columns)
+    if FORMATS[fmt].preference:  # as a conversation: the prompt and the chosen answer
+        sample = sample["prompt"] + sample["chosen"]
     if isinstance(sample, str):
         return sample if sample.strip() else None
     messages = sample
@@ -227,9 +230,9 @@ register_format(DatasetFormat("instruct", ("instruction", "output"), _instruct_m
 register_format(DatasetFormat("chat", ("messages",), _chat_messages, fallback_columns={"messages": "conversations"}))
 register_format(DatasetFormat("text", ("text",), lambda row, columns: _text(row, columns["text"]), messages=False))
 register_format(DatasetFormat("preference", ("prompt", "chosen", "rejected"), _preference_strings,
-                              messages=False, preference=True))
+                              preference=True))
 register_format(DatasetFormat("chat_preference", ("chosen", "rejected"), _preference_chat,
-                              optional=("prompt",), messages=False, preference=True))
+                              optional=("prompt",), preference=True))
 
 
 def tokenize_sample(

@@ -194,9 +194,6 @@ def _check_objective(cfg: DictConfig, method, world) -> None:
     if cfg.objective in NEEDS_REFERENCE and world is not None and method.lora is None:
         raise ConfigError(f"objective: {cfg.objective} with method=full needs a reference copy, not built "
                           "on the sharded path yet; use a LoRA method or one process")
-    if preference and cfg.eval_exact_match.source is not None:
-        raise ConfigError("eval_exact_match.source: exact match reads the dataset format, which is a "
-                          "preference format here; leave it unset for preference training")
 
 
 def resolve_device(name: str) -> torch.device:
