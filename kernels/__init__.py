@@ -9,6 +9,7 @@ Add an op's public functions below, one import line per op file.
 from fastune.kernels.cross_entropy import cross_entropy
 from fastune.kernels.geglu import geglu
 from fastune.kernels.linear_cross_entropy import linear_cross_entropy
+from fastune.kernels.linear_cross_entropy_tokens import linear_cross_entropy_tokens_reference
 from fastune.kernels.lora import lora_linear
 from fastune.kernels.lora_mlp import lora_mlp
 from fastune.kernels.nf4 import nf4_dequantize
@@ -17,4 +18,5 @@ from fastune.kernels.rope import apply_rope
 from fastune.kernels.swiglu import swiglu
 
 __all__ = ["add_rms_norm", "apply_rope", "cross_entropy", "geglu", "linear_cross_entropy",
-           "lora_linear", "lora_mlp", "nf4_dequantize", "rms_norm", "swiglu"]
+           "linear_cross_entropy_tokens_reference", "lora_linear", "lora_mlp", "nf4_dequantize",
+           "rms_norm", "swiglu"]

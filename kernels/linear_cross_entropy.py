@@ -38,6 +38,10 @@ compiled by the op itself when the caller is being compiled.
 Only supervised rows are computed: ignored rows (masked prompts, padding) are dropped
 before the first GEMM, and their gradient rows are zero. Counting them costs a host sync
 unless the caller passes the count it knows on the host (``num_supervised``).
+
+``reduction="none"`` (per-token losses, for sequence log-probs) is a second pair of ops
+in linear_cross_entropy_tokens.py, on the same per-row cross-entropy: there the
+gradient is formed in backward, since it is not one scalar times the forward's.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ import torch
 
 from fastune.kernels.cross_entropy import (REFERENCE_BLOCK, check_labels, cross_entropy_rows_,
                                            supervised_count)
-from fastune.kernels.dispatch import use_triton
 from fastune.kernels.autocast import no_autocast
+from fastune.kernels.dispatch import use_triton
+from fastune.kernels.linear_cross_entropy_tokens import linear_cross_entropy_tokens
 
 # Largest chunk of logits, in elements, that one forward holds at a time.
 LOGITS_BUDGET = 1 << 26
@@ -277,7 +282,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          label_smoothing: float = 0.0,
                          chunk_size: Optional[int] = None,
                          num_supervised: Optional[int] = None,
-                         softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         softcap: Optional[float] = None,
+                         reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``labels``, chunked.
 
     hidden [..., H], weight [V, H] (the lm_head, possibly tied to the embedding, trained
@@ -296,7 +302,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     ``softcap`` (Gemma 2's ``final_logit_softcapping``; None or 0: off): the loss is of
     ``softcap * tanh(logits / softcap)``, capped per chunk inside the cross-entropy, so
     no capped [tokens, vocab] tensor exists either.
+
+    ``reduction="none"``: the first output is instead the fp32 per-token losses, shaped
+    like ``labels`` (0 at ignored positions), and backward takes a gradient per token
+    (linear_cross_entropy_tokens.py; ``num_supervised`` is not used there).
     """
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
     hidden_size = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != hidden_size:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but hidden states of size "
@@ -310,12 +322,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          f"got {num_supervised}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    shape = labels.shape
     hidden = hidden.reshape(-1, hidden_size)
     labels = labels.reshape(-1)
+    chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    if reduction == "none":
+        losses = linear_cross_entropy_tokens(hidden, weight, labels, ignore_index,
+                                             float(z_loss), float(label_smoothing), chunk_size,
+                                             float(softcap or 0.0))
+        return losses.reshape(shape), supervised_count(labels, ignore_index)
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = _linear_cross_entropy_op(
         hidden, weight, labels, ignore_index, float(z_loss), float(label_smoothing),
-        chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0]),
+        chunk_size,
         grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
         # Traced by torch.compile: the caller wants inductor's code, which cannot reach
         # into the opaque op, so the op compiles its per-chunk reference itself.

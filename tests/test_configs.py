@@ -60,7 +60,7 @@ MODELS = {
         PHI, vocab_size=32064, num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
         rope_scaling=dict(PHI_LONGROPE, short_factor=[1.0] * 48, long_factor=[1.5] * 48)), 3_821_079_552),
 }
-MODEL_CONFIGS = [n for n in shipped_config_names() if n != "demo"]
+MODEL_CONFIGS = [n for n in shipped_config_names() if n not in ("demo", "dpo_demo")]
 DOWNLOAD = re.compile(r"^#\s+fastune download (\S+) --output-dir (\S+)", re.MULTILINE)
 
 

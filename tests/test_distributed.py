@@ -28,7 +28,7 @@ import torch
 from fastune.data import build_dataloader, load_sft_dataset, load_tokenizer
 from fastune.data.errors import DataError
 from fastune.distributed import DistributedError, torchrun_args
-from train_helpers import DEMO_TOKENIZER, hf_llama, make_config, run, save_base, write_rows
+from train_helpers import DEMO_TOKENIZER, hf_llama, make_config, preference_dataset, run, save_base, write_rows
 
 TESTS = Path(__file__).parent
 STEPS = 4  # optimizer steps per run; checkpoints at step_2 and epoch_0 (step 4)
@@ -43,6 +43,17 @@ OPTIONS = {
     "dora": {"distributed": {"fsdp_reshard_after_forward": False}, "save_adapter_weights_only": True},
     "qlora": {"distributed": {"fsdp_cpu_offload": True}},
 }
+
+
+# method -> the logged step records of its single-process reference run.
+_STEP_RECORDS: dict[str, list[dict]] = {}
+
+
+def _dpo(root: Path) -> dict:
+    """make_config values of LoRA DPO on preference pairs written into ``root``."""
+    return {"objective": "dpo", "preference": {"beta": 0.5}, "dataset": preference_dataset(root)}
+
+
 # NF4 shards over 2 ranks need every projection to hold a multiple of 2 * 64 * 256 elements.
 NF4_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 
@@ -143,6 +154,9 @@ def job(tmp_path_factory, one_process_runs):
         (root / f"{method}_resume.yaml").write_text(text)
         configs.append(str(root / f"{method}_resume.yaml"))
     configs += [str(folder / f"{method}_resume_2ranks.yaml") for method, (folder, _) in one_process_runs.items()]
+    # LoRA DPO: pairs dealt to the ranks, the reference with adapters disabled under FSDP.
+    make_config(root, bases["dense"], name="dpo.yaml", **_values("lora", root / "dpo_2ranks", **_dpo(root)))
+    configs.append(str(root / "dpo.yaml"))
     started = time.perf_counter()
     result = _torchrun([str(TESTS / "distributed_worker.py"), *configs])
     assert result.returncode == 0, result.stderr[-4000:]
@@ -160,9 +174,12 @@ def references(job):
         if method not in cache:
             base = bases["nf4" if method == "qlora" else "dense"]
             out = root / f"{method}_1proc"
-            cfg = make_config(root, base, name=f"{method}_1proc.yaml", **_values(method, out, batch_size=4))
+            extra = _dpo(root) if method == "dpo" else {}
+            cfg = make_config(root, base, name=f"{method}_1proc.yaml",
+                              **_values("lora" if method == "dpo" else method, out, batch_size=4, **extra))
             _, logger = run(cfg)
             cache[method] = (out, _recorded(logger))
+            _STEP_RECORDS[method] = [r for r in logger.records if "loss" in r]
         return cache[method]
 
     return reference
@@ -176,6 +193,24 @@ def test_two_ranks_train_like_one_process(job, references, method):
     got = _logged(root / f"{method}_2ranks")
     assert len([k for k in got if isinstance(k, int)]) == STEPS
     _assert_same_curve(got, want)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_dpo_like_one_process(job, references):
+    """The pair count and the reward metrics are summed over ranks like the loss."""
+    root, _ = job
+    _, want = references("dpo")
+    _assert_same_curve(_logged(root / "dpo_2ranks"), want)
+    got_steps, ref_steps = _metrics(root / "dpo_2ranks"), _STEP_RECORDS["dpo"]
+    assert len(got_steps) == len(ref_steps) == STEPS
+    for got, ref in zip(got_steps, ref_steps):
+        for name in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert abs(got[name] - ref[name]) <= TOL * max(1.0, abs(ref[name])), (name, got, ref)
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
 
 
 @pytest.mark.slow

@@ -81,6 +81,27 @@ def write_rows(path: Path, n: int = 24, seed: int = 0) -> Path:
     return path
 
 
+def write_pairs(path: Path, n: int = 16, seed: int = 0) -> Path:
+    """Preference rows (prompt, chosen, rejected) of varied lengths: the reversed word
+    against it with a letter too many."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 8)))
+            f.write(json.dumps({"prompt": f"Write the word backwards.\n\n{word}", "chosen": word[::-1],
+                                "rejected": word[::-1] + rng.choice("xyz")}) + "\n")
+    return path
+
+
+def preference_dataset(folder: Path) -> dict:
+    """A ``dataset`` section of preference pairs (written into ``folder`` once)."""
+    if not (folder / "pairs.jsonl").exists():
+        write_pairs(folder / "pairs.jsonl", 16, 0)
+        write_pairs(folder / "val_pairs.jsonl", 4, 1)
+    return {"source": "json", "format": "preference", "max_seq_len": 64, "val_split": "validation",
+            "data_files": {"train": str(folder / "pairs.jsonl"), "validation": str(folder / "val_pairs.jsonl")}}
+
+
 def make_config(tmp_path: Path, base_dir: Path, overrides: Optional[list[str]] = None,
                 name: str = "cfg.yaml", **values: Any):
     """A validated config for a tiny fp32 eager run on ``base_dir``; ``values`` replace

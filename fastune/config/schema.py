@@ -328,6 +328,7 @@ SCHEMA = Section({
         "packed": Key(Bool(), False, "pack samples into max_seq_len rows (document-masked attention)"),
         "max_seq_len": Key(Int(ge=1), 2048, "samples are truncated (or packed) to this many tokens"),
         "truncation": Key(Bool(), True, "false: a sample longer than max_seq_len is an error"),
+        "max_prompt_len": Key(Maybe(Int(ge=1)), None, "preference formats: keep only the last N prompt tokens; null: no limit"),
         "shuffle": Key(Bool(), True, "reshuffle every epoch (seeded)"),
         "val_split": Key(Maybe(Str()), None, "split to validate on"),
         "val_fraction": Key(Maybe(Float(gt=0, lt=1)), None, "or: hold out this fraction of the training split"),
@@ -360,6 +361,13 @@ SCHEMA = Section({
     "activation_checkpointing": Key(AnyOf(Bool(), Choice("full", "selective")), False, "false, true (= full), full, or selective"),
     "activation_offloading": Key(Bool(), False, "offload saved activations to CPU (CUDA only)"),
     "chunked_mlp": Key(Maybe(Int(ge=1)), None, "run each MLP over the tokens in chunks of this many (long context: no full-length [tokens, intermediate] tensor)"),
+    "objective": Key(Choice("sft", "dpo", "ipo", "simpo", "orpo"), "sft",
+                     "sft (next-token loss), or a preference loss over chosen/rejected pairs: dpo, ipo, simpo, orpo"),
+    "preference": Section({
+        "beta": Key(Float(gt=0), 0.1, "dpo/ipo/simpo: reward scale (ipo: its tau); orpo: weight of the odds-ratio term"),
+        "label_smoothing": Key(Float(ge=0, lt=0.5), 0.0, "dpo/simpo: conservative-DPO label noise"),
+        "gamma": Key(Float(ge=0), 0.5, "simpo: target reward margin"),
+    }, "options of the preference objectives"),
     "loss": Section({
         "chunk_size": Key(Maybe(Int(ge=1)), None, "tokens per chunk of the fused output-projection + cross-entropy; null: kernel default"),
         "z_loss": Key(Float(ge=0), 0.0, "weight of the z-loss (logsumexp^2) term"),

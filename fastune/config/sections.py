@@ -87,6 +87,7 @@ class DatasetSection:
     packed: bool = False
     max_seq_len: int = 2048
     truncation: bool = True
+    max_prompt_len: Optional[int] = None
     shuffle: bool = True
     val_split: Optional[str] = None
     val_fraction: Optional[float] = None

@@ -52,6 +52,10 @@ _Paths = Union[str, Path, Sequence[Union[str, Path]]]
 DataFiles = Union[None, _Paths, Mapping[str, _Paths]]  # paths, or {split: paths}
 
 
+def _is_tokens(field: str) -> bool:
+    return field == "tokens" or field.endswith("_tokens")
+
+
 class TokenizedDataset:
     """Samples of named, token-aligned fields, each stored flat: sample ``i`` is
     ``{name: fields[name][offsets[i]:offsets[i+1]]}``. A supervised fine-tuning
@@ -61,8 +65,8 @@ class TokenizedDataset:
 
     def __init__(self, fields: Mapping[str, np.ndarray], offsets: np.ndarray, *, source: str,
                  max_seq_len: int, pad_id: int):
-        if "tokens" not in fields or any(len(v) != offsets[-1] for v in fields.values()):
-            raise ValueError(f"{source}: fields need 'tokens', and all as long as the samples "
+        if not any(_is_tokens(k) for k in fields) or any(len(v) != offsets[-1] for v in fields.values()):
+            raise ValueError(f"{source}: fields need 'tokens' (or '*_tokens'), and all as long as the samples "
                              f"({offsets[-1]} tokens): {', '.join(f'{k} {len(v)}' for k, v in fields.items())}")
         self.fields, self.offsets = dict(fields), offsets
         self.source = source
@@ -90,7 +94,7 @@ class TokenizedDataset:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens)
+        return sum(len(v) for k, v in self.fields.items() if _is_tokens(k))
 
     @property
     def num_supervised_tokens(self) -> int:

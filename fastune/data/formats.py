@@ -11,6 +11,11 @@ read (rename with ``column_map={"field": "my_column"}``):
   list of OpenAI ``{"role", "content"}`` messages or ShareGPT ``{"from", "value"}``
   ones, ``from`` being human, gpt or system (user and assistant are accepted too).
 - ``text``: ``text``, trained on whole, between bos and eos.
+- ``preference``: ``prompt``, ``chosen``, ``rejected`` strings: a user message and two
+  assistant answers (for the preference objectives; ``fastune.data.preference``).
+- ``chat_preference``: ``chosen`` and ``rejected`` message lists (UltraFeedback-binarized,
+  HH-RLHF as chat): the last message of each is the assistant's answer, the ones before
+  it the prompt, unless an optional ``prompt`` column (text or messages) gives it.
 
 Masking: with ``train_on_input=False`` (the default) only assistant messages and
 the token closing each of them are trained on; ``True`` trains on every token.
@@ -53,6 +58,10 @@ class DatasetFormat:
     # field -> a column read when the field's own column is absent (ShareGPT's "conversations").
     fallback_columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
     messages: bool = True  # False: a plain-text format, with no assistant answer to score
+    # True: ``to_sample`` gives a ``{"prompt", "chosen", "rejected"}`` dict of message
+    # lists, for the preference objectives (fastune.data.preference tokenizes it);
+    # elsewhere (exact match) a row reads as the prompt and its chosen answer.
+    preference: bool = False
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -115,6 +124,8 @@ def row_to_sample(
 ) -> Optional[Sample]:
     """The messages (or text) of one row; None for an empty sample, with nothing to train on."""
     sample = FORMATS[fmt].to_sample(row, columns)
+    if FORMATS[fmt].preference:  # as a conversation: the prompt and the chosen answer
+        sample = sample["prompt"] + sample["chosen"]
     if isinstance(sample, str):
         return sample if sample.strip() else None
     messages = sample
@@ -146,8 +157,10 @@ def _instruct_messages(row: Mapping[str, Any], columns: Mapping[str, str]) -> li
 
 
 def _chat_messages(row: Mapping[str, Any], columns: Mapping[str, str]) -> list[Message]:
-    column = columns["messages"]
-    value = row.get(column)
+    return _messages(row.get(columns["messages"]), columns["messages"])
+
+
+def _messages(value: Any, column: str) -> list[Message]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -172,9 +185,54 @@ def _chat_messages(row: Mapping[str, Any], columns: Mapping[str, str]) -> list[M
     return messages
 
 
+def _check_pair(sample: dict, columns: Mapping[str, str]) -> dict:
+    for side in ("chosen", "rejected"):
+        if not sample[side] or not sample[side][-1]["content"].strip():
+            raise RowError(columns[side], f"the {side} answer is empty")
+    if sample["chosen"] == sample["rejected"]:
+        raise RowError(columns["rejected"], "chosen and rejected are identical")
+    return sample
+
+
+def _preference_strings(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict:
+    return _check_pair({
+        "prompt": [{"role": "user", "content": _text(row, columns["prompt"])}],
+        "chosen": [{"role": "assistant", "content": _text(row, columns["chosen"])}],
+        "rejected": [{"role": "assistant", "content": _text(row, columns["rejected"])}],
+    }, columns)
+
+
+def _preference_chat(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict:
+    sample = {}
+    for side in ("chosen", "rejected"):
+        messages = _messages(row.get(columns[side]), columns[side])
+        if not messages or messages[-1]["role"] != "assistant":
+            raise RowError(columns[side], "the last message must be the assistant's answer")
+        sample[side] = messages[-1:]
+        sample[side + "_prefix"] = messages[:-1]
+    if "prompt" in columns and row.get(columns["prompt"]) is not None:
+        value = row[columns["prompt"]]
+        prompt = (_messages(value, columns["prompt"]) if isinstance(value, list)
+                  else [{"role": "user", "content": _text(row, columns["prompt"])}])
+        # UltraFeedback repeats the prompt in both lists; a prompt column alone is fine too.
+        for side in ("chosen", "rejected"):
+            if sample[side + "_prefix"] not in ([], prompt):
+                raise RowError(columns[side], "its messages before the answer differ from the prompt")
+    else:
+        prompt = sample["chosen_prefix"]
+        if sample["rejected_prefix"] != prompt:
+            raise RowError(columns["rejected"], "its messages before the answer differ from the chosen ones")
+    return _check_pair({"prompt": prompt, "chosen": sample["chosen"], "rejected": sample["rejected"]},
+                       columns)
+
+
 register_format(DatasetFormat("instruct", ("instruction", "output"), _instruct_messages, optional=("input",)))
 register_format(DatasetFormat("chat", ("messages",), _chat_messages, fallback_columns={"messages": "conversations"}))
 register_format(DatasetFormat("text", ("text",), lambda row, columns: _text(row, columns["text"]), messages=False))
+register_format(DatasetFormat("preference", ("prompt", "chosen", "rejected"), _preference_strings,
+                              preference=True))
+register_format(DatasetFormat("chat_preference", ("chosen", "rejected"), _preference_chat,
+                              optional=("prompt",), preference=True))
 
 
 def tokenize_sample(

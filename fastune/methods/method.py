@@ -16,6 +16,7 @@ Checkpoint folders (written by ``write_model_files``):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Optional
@@ -92,6 +93,12 @@ class Method:
         """The method name the planner tries when this one does not fit (or None)."""
         return None
 
+    def reference_model(self, model: nn.Module) -> Optional[nn.Module]:
+        """The model a preference objective's reference log-probs come from: here the
+        base weights themselves train, so a frozen copy of the model as built (call it
+        before the optimizer first steps). It costs one more model's weights in memory."""
+        return copy.deepcopy(model).requires_grad_(False)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRAMethod(Method):
@@ -142,6 +149,10 @@ class LoRAMethod(Method):
     def describe(self) -> str:
         o = self.options
         return f"{self.name} (rank {o.rank}, alpha {o.alpha:g}, on {', '.join(o.targets)})"
+
+    def reference_model(self, model: nn.Module) -> Optional[nn.Module]:
+        """None: the same model with every adapter disabled is the frozen base, no copy."""
+        return None
 
     def lighter_variant(self) -> Optional[str]:
         # DoRA has no NF4 counterpart here; QLoRA is already the lightest.

@@ -18,6 +18,7 @@ from fastune.data import (
     load_sft_dataset,
     prompt_answer_pairs,
 )
+from fastune.data.preference import is_preference_format, load_preference_dataset
 from fastune.training.run import TrainingError
 
 
@@ -52,6 +53,10 @@ def build_data(section: DataSection, tokenizer, device: torch.device, world: Opt
 def _load_split(data: DatasetSection, source: tuple[str, str], tokenizer) -> TokenizedDataset:
     """One split of the built-in dataset: ``source`` is ``(path or name, split in it)``."""
     source, split_in_source = source
+    if is_preference_format(data.format):
+        return load_preference_dataset(source, tokenizer, format=data.format, split=split_in_source,
+                                       column_map=data.column_map, max_seq_len=data.max_seq_len,
+                                       max_prompt_len=data.max_prompt_len)
     return load_sft_dataset(
         source, tokenizer, format=data.format, split=split_in_source, column_map=data.column_map,
         train_on_input=data.train_on_input, max_seq_len=data.max_seq_len, truncation=data.truncation,

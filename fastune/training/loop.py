@@ -181,9 +181,12 @@ class ThroughputMeter:
 
     def add(self, micro_batches: list[Batch], seconds: float) -> None:
         self.seconds += seconds
-        for batch in micro_batches:
-            self.tokens += int((batch["tokens"] != self.pad_id).sum())
-            self.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
+        for batch in micro_batches:  # preference pairs: chosen_* and rejected_* fields
+            for name, values in batch.items():
+                if name == "tokens" or name.endswith("_tokens"):
+                    self.tokens += int((values != self.pad_id).sum())
+                elif name == "labels" or name.endswith("_labels"):
+                    self.supervised += int((values != IGNORE_INDEX).sum())
 
     def rates(self, world: Optional[distributed.World] = None) -> dict[str, float]:
         """Every rank must call it under torchrun (the counts are summed over ranks)."""

@@ -63,3 +63,31 @@ def build_loss(model: nn.Module, loss_cfg: Mapping[str, Any]) -> LossFn:
         return cross_entropy(head(hidden), labels, **options)
 
     return head_then_loss
+
+
+TokenLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build_token_loss(model: nn.Module, chunk_size=None) -> TokenLossFn:
+    """``token_loss(hidden, labels) -> per-token cross-entropy`` shaped like ``labels``
+    (fp32, 0 at ignored positions): minus the tokens' log-probs, for the sequence
+    log-probs of a preference objective. No label smoothing or z-loss: those would not
+    be log-probs. Fused (``linear_cross_entropy(reduction="none")``) with the ``loss``
+    kernel and a plain linear head; eager ``F.linear`` + ``F.cross_entropy`` otherwise."""
+    head = model.lm_head
+    if "loss" in enabled_kernels(model) and type(head) is nn.Linear:
+        from fastune.kernels import linear_cross_entropy
+
+        def fused_token_loss(hidden, labels):
+            return linear_cross_entropy(hidden, head.weight, labels, ignore_index=IGNORE_INDEX,
+                                        chunk_size=chunk_size, reduction="none")[0]
+
+        return fused_token_loss
+
+    def eager_token_loss(hidden, labels):
+        logits = head(hidden).float()
+        loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none",
+                               ignore_index=IGNORE_INDEX)
+        return loss.reshape(labels.shape)
+
+    return eager_token_loss

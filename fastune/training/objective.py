@@ -14,11 +14,12 @@ they ask an ``Objective``:
   counted on the host: an objective that needs the count inside its forward takes it
   from there instead of reading it back from the device (a sync per micro-batch).
 
-``SFTObjective`` is next-token cross-entropy on the supervised tokens. A preference
-objective (DPO and its kin) fits the same shape: its normalizer is the number of
-pairs; it runs the model once for chosen and rejected, takes per-sequence
-log-probs from the fused loss, and gets the reference log-probs from the same model
-under ``fastune.modules.lora.disable_adapters`` (LoRA methods) and ``no_grad``.
+``SFTObjective`` is next-token cross-entropy on the supervised tokens. The preference
+objectives (DPO and its kin, ``fastune.training.preference``) fit the same shape: their
+normalizer is the number of pairs; they run the model once for chosen and rejected,
+take per-sequence log-probs from the fused per-token loss, and get the reference
+log-probs from the same model under ``fastune.modules.lora.disable_adapters`` (LoRA
+methods) or a frozen copy (full fine-tuning), under ``no_grad``.
 """
 
 from __future__ import annotations

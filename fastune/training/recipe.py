@@ -46,6 +46,8 @@ from fastune import distributed
 from fastune.config.sections import DataSection, DistributedSection
 from fastune.checkpoint.layout import ADAPTER_DIR
 from fastune.data import load_tokenizer
+from fastune.data.preference import is_preference_format
+from fastune.errors import ConfigError
 from fastune.modules.peft import count_parameters
 from fastune.training import checkpointer
 from fastune.methods.build import build_model
@@ -55,10 +57,12 @@ from fastune.training.loggers import build_metric_logger, check_metric_logger
 from fastune.training.loop import clip_gradients, fit, steps_in_epoch, train_step
 from fastune.modules.chunked import apply_chunked_mlp
 from fastune.training.memory import apply_activation_checkpointing, offload_activations
-from fastune.training.loss import build_loss
 from fastune.methods.method import method_from_config
-from fastune.training.objective import SFTObjective
+from fastune.training.loss import build_loss, build_token_loss
 from fastune.training.memory_optim import check_optimizer_config
+from fastune.training.objective import SFTObjective
+from fastune.training.preference import (NEEDS_REFERENCE, PreferenceObjective, PreferenceOptions,
+                                        build_reference)
 from fastune.training.optim import build_lr_scheduler, build_optimizer
 from fastune.training.plot import keep_history
 from fastune.training.precision import build_grad_scaler, check_precision
@@ -128,6 +132,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     check_optimizer_config(cfg, sharded=world is not None)
     seed_everything(cfg.seed)
 
+    _check_objective(cfg, method, world)
     # Data first: a bad dataset fails in seconds, before a model is loaded.
     tokenizer = load_tokenizer(cfg.tokenizer)
     data = DataSection.from_config(cfg)
@@ -149,11 +154,21 @@ def setup(cfg: DictConfig) -> TrainingRun:
     trainable, total = count_parameters(model)
     log.info("%s: %s trainable of %s parameters (%.3f%%)", method.name,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    # The reference (a frozen copy for full fine-tuning) is taken before AC and compile.
+    reference = build_reference(method, model) if cfg.objective in NEEDS_REFERENCE else None
     apply_chunked_mlp(model, cfg.get("chunked_mlp"))
     apply_activation_checkpointing(model, _ac_mode(cfg.activation_checkpointing))
-    loss_fn = build_loss(model, cfg.loss)
+    if cfg.objective == "sft":
+        loss_fn = build_loss(model, cfg.loss)
+    else:
+        loss_fn = build_token_loss(model, cfg.loss.chunk_size)
     if cfg.compile:
         loss_fn = apply_compile(model, loss_fn)
+    if cfg.objective == "sft":
+        objective = SFTObjective(loss_fn)
+    else:
+        objective = PreferenceObjective(cfg.objective, loss_fn, PreferenceOptions.from_config(cfg.preference),
+                                        reference)
     if world is not None:
         shard_and_load_resumed(model, method, DistributedSection.from_config(cfg), world, resume)
 
@@ -162,7 +177,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
                                 in_backward=cfg.optimizer_in_backward)
     lr_scheduler = build_lr_scheduler(_plain(cfg.lr_scheduler), optimizer, cfg.epochs * steps_per_epoch)
     run = TrainingRun(
-        cfg=cfg, device=device, method=method, model=model, objective=SFTObjective(loss_fn), optimizer=optimizer,
+        cfg=cfg, device=device, method=method, model=model, objective=objective, optimizer=optimizer,
         lr_scheduler=lr_scheduler, tokenizer=tokenizer, train_loader=train_loader,
         val_loader=val_loader, exact_match_examples=exact_match_examples,
         steps_per_epoch=steps_per_epoch,
@@ -175,6 +190,23 @@ def setup(cfg: DictConfig) -> TrainingRun:
     if resume is not None:
         restore_training_state(run, resume, progress)
     return run
+
+
+def _check_objective(cfg: DictConfig, method, world) -> None:
+    """A preference objective needs a preference dataset format and padded pairs, and
+    the reverse; checked before anything is loaded."""
+    data = cfg.dataset
+    if "_component_" in data:
+        return
+    preference = is_preference_format(data.format)
+    if (cfg.objective != "sft") != preference:
+        need = "a preference format (preference, chat_preference)" if cfg.objective != "sft" else "an SFT format"
+        raise ConfigError(f"dataset.format: {data.format} does not fit objective={cfg.objective}; it needs {need}")
+    if preference and data.packed:
+        raise ConfigError("dataset.packed: preference pairs are not packed; set dataset.packed=false")
+    if cfg.objective in NEEDS_REFERENCE and world is not None and method.lora is None:
+        raise ConfigError(f"objective: {cfg.objective} with method=full needs a reference copy, not built "
+                          "on the sharded path yet; use a LoRA method or one process")
 
 
 def resolve_device(name: str) -> torch.device:
