@@ -163,7 +163,19 @@ def test_dpo_run_logs_trl_metrics_and_resumes_exactly(tmp_path, base):
     _, resumed = run(cfg)
     again = {r["step"]: r["loss"] for r in resumed.records if "loss" in r}
     assert sorted(again) == [4] and again == {4: uninterrupted[4]}  # exact, not close
-    assert (tmp_path / "out" / "epoch_1" / "adapter" / "adapter_model.safetensors").is_file()
+    # The layout is SFT's: the PEFT adapter at the top of the checkpoint, which
+    # transformers loads (base + adapter) with the logits of fastune's merged model.
+    import transformers
+
+    import fastune
+
+    epoch = tmp_path / "out" / "epoch_1"
+    assert (epoch / "adapter_model.safetensors").is_file()
+    tokens = torch.tensor([[1, 5, 9, 2, 7]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(epoch).eval()
+    ours = fastune.from_pretrained(epoch, dtype="fp32").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("objective, method", [("ipo", "full"), ("orpo", "lora"), ("simpo", "lora")])
