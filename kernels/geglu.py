@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastune.kernels.autocast import no_autocast
 from fastune.kernels.dispatch import use_triton
 from fastune.kernels.interpreter import cast
 
@@ -112,6 +113,7 @@ def _setup_geglu(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@no_autocast
 def _backward_geglu(ctx, dout):
     gate, up = ctx.saved_tensors
     return torch.ops.fastune.geglu_backward(dout, gate, up)
@@ -126,6 +128,7 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+@no_autocast
 def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up for tensors of one shape and dtype."""
     if gate.shape != up.shape or gate.dtype != up.dtype:

@@ -46,6 +46,15 @@ def cases(n: int = 7):
         "add_rms_norm": (lambda x, res, w: kernels.add_rms_norm(x, res, w), [hidden, _randn(n, h, seed=19), rms_w],
                          [0, 1, 2]),
         "swiglu": (lambda g, u: kernels.swiglu(g, u), [_randn(n, inter, seed=20), _randn(n, inter, seed=21)], [0, 1]),
+        "geglu": (lambda g, u: kernels.geglu(g, u), [_randn(n, inter, seed=20), _randn(n, inter, seed=21)], [0, 1]),
+        "rms_norm_gemma": (lambda x, w: kernels.rms_norm(x, w, weight_offset=1.0, weight_in_fp32=True),
+                           [hidden, rms_w], [0, 1]),
+        "linear_cross_entropy_softcap": (
+            lambda x, w: kernels.linear_cross_entropy(x, w, labels, chunk_size=3, softcap=2.0)[0], [hidden, head],
+            [0, 1]),
+        "linear_cross_entropy_tokens": (
+            lambda x, w: kernels.linear_cross_entropy(x, w, labels, chunk_size=3, reduction="none")[0].sum(),
+            [hidden, head], [0, 1]),
         "rope": (lambda q, k: kernels.apply_rope(q, k, cos, sin), [q, k], [0, 1]),
         "lora_linear": (lambda x, w, a, b: kernels.lora_linear(x, w, a, b, 2.0), [hidden, *lora], [0, 2, 3]),
         "lora_mlp": (lambda x, *ws: kernels.lora_mlp(x, *ws, 2.0), [hidden, *mlp], [0, 2, 3, 5, 6, 8, 9]),
