@@ -37,6 +37,15 @@ VARIANTS = {
     "llama_head_dim": ("llama", dict(num_key_value_heads=2, head_dim=32)),
     "llama_linear_rope": ("llama", dict(rope_theta=50000.0,
                                         rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    # Windows shorter than the test sequences (45 tokens).
+    "mistral_window": ("mistral", dict(num_key_value_heads=2, sliding_window=16)),
+    # Qwen2 slides on layers >= max_window_layers.
+    "qwen2_window": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
+                                   max_window_layers=1)),
+    "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=32, rope_theta=1000000.0,
+                            use_sliding_window=True, sliding_window=12,
+                            layer_types=["sliding_attention", "full_attention"])),
+    "qwen3_tied": ("qwen3", dict(num_key_value_heads=2, tie_word_embeddings=True)),
 }
 
 
@@ -49,6 +58,7 @@ def build_hf_model(variant: str, seed: int = 0):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**BASE, **overrides}))

@@ -22,6 +22,7 @@ from fastune.errors import ConfigError
 from fastune.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
 from fastune.kernels.rope import apply_rope_reference
 from fastune.kernels.swiglu import swiglu_reference
+from fastune.models.attention import AttentionMasks, LayerAttention, attend
 from fastune.models.config import ModelConfig
 from fastune.models.rope import rope_cos_sin, rope_inv_freq
 from fastune.models.spec import LLAMA_NUMERICS, Numerics, get_spec
@@ -52,17 +53,26 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Grouped-query attention; ``layer`` holds this layer's window and softcap
+    (``fastune.models.attention``), and ``config.qk_norm`` adds per-head RMSNorms of
+    q and k before RoPE (Qwen3)."""
+
+    def __init__(self, config: ModelConfig, layer: LayerAttention = LayerAttention(),
+                 numerics: Numerics = LLAMA_NUMERICS):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.layer = layer
         bias = config.attention_bias
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, numerics)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, numerics)
         # Seam for generation: an object with ``update(input_pos, k, v) -> (k, v)``
         # holding [B, Hk, max_len, D] buffers. None during training.
         self.kv_cache = None
@@ -72,23 +82,20 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
+        masks: AttentionMasks,
         input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x).view(bsz, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        out = attend(q, k, v, self.layer, masks)
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -117,16 +124,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, numerics: Numerics = LLAMA_NUMERICS):
+    def __init__(self, config: ModelConfig, numerics: Numerics = LLAMA_NUMERICS, index: int = 0):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, numerics)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, config.layer_attention(index), numerics)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, numerics)
         self.mlp = MLP(config, numerics)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, masks: AttentionMasks, input_pos=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, masks, input_pos)
         h, normed = self.post_attention_layernorm.forward_add(attn, x)  # h = x + attn
         return h + self.mlp(normed)
 
@@ -140,17 +147,26 @@ class Transformer(nn.Module):
         self.config = config
         numerics = get_spec(config.model_type).numerics
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, numerics) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, numerics, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, numerics)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
+        # One RoPE per layer type with its own base (config.layer_rope); the others share
+        # ``rope_inv_freq``.
+        types = [config.layer_type(i) for i in range(config.num_hidden_layers)]
+        self.rope_keys = [t if t in config.layer_rope else "" for t in types]
+        for key in dict.fromkeys(self.rope_keys):
+            self.register_buffer(_rope_buffer(key), rope_inv_freq(config.layer_rope_config(key)), persistent=False)
+        if "" not in self.rope_keys:
+            self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
 
     def reset_buffers(self, device: Optional[torch.device] = None) -> None:
         """Recompute non-persistent buffers, after building on the meta device."""
         device = device or self.embed_tokens.weight.device
         self.rope_inv_freq = rope_inv_freq(self.config, device=device)
+        for key in dict.fromkeys(self.rope_keys):
+            setattr(self, _rope_buffer(key), rope_inv_freq(self.config.layer_rope_config(key), device=device))
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -175,21 +191,18 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
-        if mask is None and document_ids is not None:
-            mask = document_causal_mask(document_ids)
+        masks = AttentionMasks.build([layer.self_attn.layer for layer in self.layers], bsz, seqlen,
+                                     tokens.device, document_ids, mask, input_pos)
         h = self.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, input_pos)
+        rope = {key: rope_cos_sin(getattr(self, _rope_buffer(key)), position_ids, h.dtype)
+                for key in dict.fromkeys(self.rope_keys)}
+        for layer, key in zip(self.layers, self.rope_keys):
+            h = layer(h, *rope[key], masks, input_pos)
         h = self.norm(h)
         if return_hidden:
             return h
         return self.lm_head(h)
 
 
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask [B, 1, S, S]: token i sees j iff j <= i and same document."""
-    seqlen = document_ids.shape[1]
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same_doc & causal)[:, None]
+def _rope_buffer(layer_type: str) -> str:
+    return f"rope_inv_freq_{layer_type}" if layer_type else "rope_inv_freq"
