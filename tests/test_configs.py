@@ -21,6 +21,9 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                   "original_max_position_embeddings": 8192}
 LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, rms_norm_eps=1e-5,
               rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, max_position_embeddings=131072)
+QWEN3 = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, num_key_value_heads=8,
+             head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+             attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=28)
 # The shape keys of each model's config.json on the Hub, and its parameter count as published
 # (tied embeddings counted once).
 MODELS = {
@@ -47,6 +50,15 @@ MODELS = {
         intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
         tie_word_embeddings=False), 7_615_616_512),
+    # Qwen3: the model cards' non-embedding counts (0.44B, 1.4B, 3.6B, 6.95B) plus embeddings.
+    "Qwen/Qwen3-0.6B": (dict(QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                             num_attention_heads=16, tie_word_embeddings=True), 596_049_920),
+    "Qwen/Qwen3-1.7B": (dict(QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                             num_attention_heads=16, tie_word_embeddings=True), 1_720_574_976),
+    "Qwen/Qwen3-4B": (dict(QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                           num_attention_heads=32, tie_word_embeddings=True), 4_022_468_096),
+    "Qwen/Qwen3-8B": (dict(QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                           num_attention_heads=32, tie_word_embeddings=False), 8_190_735_360),
 }
 MODEL_CONFIGS = [n for n in shipped_config_names() if n != "demo"]
 DOWNLOAD = re.compile(r"^#\s+fastune download (\S+) --output-dir (\S+)", re.MULTILINE)
@@ -81,6 +93,8 @@ def test_the_issue_s_model_configs_ship():
         "llama3_2/3B_full", "llama3_2/3B_lora", "llama3_2/3B_qlora",
         "llama3_1/8B_lora", "llama3_1/8B_qlora", "llama3_1/8B_full",
         "llama2/7B_lora", "llama2/7B_qlora", "mistral/7B_lora", "qwen2_5/7B_lora",
+        "qwen3/0.6B_lora", "qwen3/0.6B_qlora", "qwen3/0.6B_full", "qwen3/1.7B_lora", "qwen3/1.7B_qlora",
+        "qwen3/1.7B_full", "qwen3/4B_lora", "qwen3/4B_qlora", "qwen3/8B_lora", "qwen3/8B_qlora",
     }
 
 

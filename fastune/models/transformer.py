@@ -1,4 +1,4 @@
-"""The shared Llama-style decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, TinyLlama, SmolLM).
+"""The shared Llama-style decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM).
 
 Module and parameter names follow Hugging Face's ``LlamaModel``; the family's
 ``StateDictAdapter`` (``fastune.models.spec``) maps checkpoint keys. Everything is
@@ -184,7 +184,8 @@ class Transformer(nn.Module):
         """
         tokens: [B, S] token ids.
         position_ids: [B, S]; defaults to 0..S-1 (packed batches restart per document).
-        document_ids: [B, S]; when given, attention never crosses a document boundary.
+        document_ids: [B, S]; when given, attention never crosses a document boundary
+            (no dense mask: see ``fastune.models.attention``).
         mask: an explicit boolean SDPA mask [B or 1, 1, S, S_kv] (generation).
         input_pos: [S] cache positions when a KV cache is set up.
         """
