@@ -46,6 +46,13 @@ VARIANTS = {
                             use_sliding_window=True, sliding_window=12,
                             layer_types=["sliding_attention", "full_attention"])),
     "qwen3_tied": ("qwen3", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # Gemma 3: local layer (window 12, RoPE base 10k) then global (1M, linear x4), head_dim 32
+    # scaled by query_pre_attn_scalar 24, tied.
+    "gemma3": ("gemma3", dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
+                              tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"],
+                              rope_parameters={
+                                  "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 
 
@@ -59,6 +66,7 @@ def build_hf_model(variant: str, seed: int = 0):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**BASE, **overrides}))

@@ -17,9 +17,10 @@ Dispatch rule, first match wins:
    inside the window) built once per forward, and the softcap as a ``score_mod``.
 4. **Anywhere else** (CPU): query blocks of ``BLOCK`` rows, each against only the keys
    it can reach (causal, and the window), with a [B, 1, BLOCK, keys] mask per block.
-   FlexAttention does run on CPU here (torch 2.13): eagerly it materializes the whole
-   [B, H, S, S] score matrix (worse than the mask it replaces), and compiled it costs
-   a long compile per shape, so CPU takes the blocked path.
+   FlexAttention does run on CPU here (torch 2.13), but not for training: eagerly it
+   materializes the whole [B, H, S, S] score matrix (worse than the mask it
+   replaces), and compiled it has no backward on CPU ("FlexAttention does not
+   support backward on CPU"), so CPU takes the blocked path.
 
 Conventions follow transformers 5: a sliding window of W lets query i see keys j
 with i - W < j <= i (W keys, itself included); the softcap is
@@ -44,6 +45,7 @@ class LayerAttention:
 
     sliding_window: Optional[int] = None  # W: query i sees keys i-W+1 .. i
     softcap: Optional[float] = None  # scores -> softcap * tanh(scores / softcap)
+    scale: Optional[float] = None  # of q.k; None: 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar)
 
     @property
     def plain(self) -> bool:
@@ -80,17 +82,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerAttent
     if masks.explicit is not None:
         mask = masks.explicit[layer.sliding_window]
         if layer.softcap is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return _softcapped(q, k, v, mask, layer.softcap)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=layer.scale)
+        return _softcapped(q, k, v, mask, layer.softcap, layer.scale)
     if masks.document_ids is None and layer.plain:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=layer.scale)
     if masks.block_masks is not None:
-        return _flex(q, k, v, masks.block_masks[layer.sliding_window], layer.softcap, gqa)
-    return blocked_attention(q, k, v, masks.document_ids, layer.sliding_window, layer.softcap, BLOCK)
+        return _flex(q, k, v, masks.block_masks[layer.sliding_window], layer.softcap, gqa, layer.scale)
+    return blocked_attention(q, k, v, masks.document_ids, layer.sliding_window, layer.softcap, BLOCK,
+                             layer.scale)
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: Optional[torch.Tensor],
-                      window: Optional[int], softcap: Optional[float], block: int) -> torch.Tensor:
+                      window: Optional[int], softcap: Optional[float], block: int,
+                      scale: Optional[float] = None) -> torch.Tensor:
     """Path 4: queries in blocks of ``block`` rows; a block attends to keys from the
     start of its window (or 0) to its last row, masked causally, by window and by
     document. No tensor spans [S, S] unless S <= block."""
@@ -110,19 +114,19 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documen
             keep = keep & (document_ids[:, None, start:end, None] == document_ids[:, None, None, first:end])
         qb, kb, vb = q[:, :, start:end], k[:, :, first:end], v[:, :, first:end]
         if softcap is None:
-            outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=keep, enable_gqa=gqa))
+            outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=keep, enable_gqa=gqa, scale=scale))
         else:
-            outs.append(_softcapped(qb, kb, vb, keep, softcap))
+            outs.append(_softcapped(qb, kb, vb, keep, softcap, scale))
     return torch.cat(outs, dim=2)
 
 
-def _softcapped(q, k, v, keep: torch.Tensor, softcap: float) -> torch.Tensor:
+def _softcapped(q, k, v, keep: torch.Tensor, softcap: float, scale: Optional[float] = None) -> torch.Tensor:
     """Attention with ``softcap * tanh(scores / softcap)``, softmax in fp32 (as HF's eager
     path). Grouped-query heads are folded into the rows, not repeated."""
     bsz, heads, rows, dim = q.shape
     kv_heads = k.shape[1]
     qg = q.reshape(bsz, kv_heads, heads // kv_heads * rows, dim)
-    scores = (qg @ k.transpose(-1, -2)) * dim ** -0.5
+    scores = (qg @ k.transpose(-1, -2)) * (dim ** -0.5 if scale is None else scale)
     scores = softcap * torch.tanh(scores / softcap)
     scores = scores.view(bsz, kv_heads, heads // kv_heads, rows, -1)
     scores = scores.masked_fill(~keep.view(keep.shape[0], 1, 1, rows, -1), float("-inf"))
@@ -158,7 +162,7 @@ def _block_mask(document_ids: Optional[torch.Tensor], window: Optional[int], bat
 _COMPILED_FLEX = None
 
 
-def _flex(q, k, v, block_mask, softcap: Optional[float], gqa: bool) -> torch.Tensor:
+def _flex(q, k, v, block_mask, softcap: Optional[float], gqa: bool, scale: Optional[float] = None) -> torch.Tensor:
     """FlexAttention through ``torch.compile`` (eager flex attention is the unfused
     reference). Under an outer ``torch.compile`` the call is traced inline."""
     global _COMPILED_FLEX
@@ -171,4 +175,4 @@ def _flex(q, k, v, block_mask, softcap: Optional[float], gqa: bool) -> torch.Ten
     if softcap is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
             return softcap * torch.tanh(score / softcap)
-    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)

@@ -45,6 +45,7 @@ class ModelConfig:
     sliding_window: Optional[int] = None
     layer_types: Optional[tuple[str, ...]] = None
     attn_logit_softcapping: Optional[float] = None  # every layer's score softcap (Gemma 2)
+    query_pre_attn_scalar: Optional[float] = None  # scores scaled by its rsqrt, not head_dim's (Gemma)
     # Per-layer-type RoPE: layer type -> {"rope_theta": ..., "rope_scaling": ...}
     # overriding the top-level ones for layers of that type (Gemma 3's local layers).
     layer_rope: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -78,8 +79,9 @@ class ModelConfig:
         from fastune.models.attention import LayerAttention
 
         sliding = self.layer_type(i) == "sliding_attention"
+        scalar = self.query_pre_attn_scalar
         return LayerAttention(sliding_window=self.sliding_window if sliding else None,
-                              softcap=self.attn_logit_softcapping)
+                              softcap=self.attn_logit_softcapping, scale=scalar ** -0.5 if scalar else None)
 
     def layer_rope_config(self, layer_type: str) -> "ModelConfig":
         """This config with the RoPE base and scaling of layers of ``layer_type``."""

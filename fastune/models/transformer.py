@@ -27,8 +27,13 @@ from fastune.models.config import ModelConfig
 from fastune.models.rope import rope_cos_sin, rope_inv_freq
 from fastune.models.spec import LLAMA_NUMERICS, Numerics, get_spec
 
+def geglu_tanh_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh approximation) of gate, times up: Gemma's gated MLP."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
 # The MLP's gated activations, act(gate) * up, by config.json's hidden_act name.
-GATED_ACTIVATIONS = {"silu": swiglu_reference}
+GATED_ACTIVATIONS = {"silu": swiglu_reference, "gelu_pytorch_tanh": geglu_tanh_reference}
 
 
 class RMSNorm(nn.Module):
@@ -140,14 +145,18 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     """Decoder-only LM. ``forward`` returns logits, or the final normed hidden
-    states with ``return_hidden=True`` (for a loss that applies ``lm_head`` itself)."""
+    states with ``return_hidden=True`` (for a loss that applies ``lm_head`` itself).
+    A family with other layers or a scaled embedding subclasses it (``layer_class``,
+    ``embed``)."""
+
+    layer_class = DecoderLayer
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         numerics = get_spec(config.model_type).numerics
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, numerics, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_class(config, numerics, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, numerics)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -194,7 +203,7 @@ class Transformer(nn.Module):
             position_ids = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
         masks = AttentionMasks.build([layer.self_attn.layer for layer in self.layers], bsz, seqlen,
                                      tokens.device, document_ids, mask, input_pos)
-        h = self.embed_tokens(tokens)
+        h = self.embed(tokens)
         rope = {key: rope_cos_sin(getattr(self, _rope_buffer(key)), position_ids, h.dtype)
                 for key in dict.fromkeys(self.rope_keys)}
         for layer, key in zip(self.layers, self.rope_keys):
@@ -203,6 +212,9 @@ class Transformer(nn.Module):
         if return_hidden:
             return h
         return self.lm_head(h)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)
 
 
 def _rope_buffer(layer_type: str) -> str:
