@@ -80,7 +80,7 @@ def test_plain_causal_takes_sdpa_is_causal(monkeypatch):
                         lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     q, k, v = qkv()
     attend(q, k, v, LayerAttention(), AttentionMasks.build([LayerAttention()], 2, 37, q.device))
-    assert seen == [{"is_causal": True, "enable_gqa": True}]
+    assert seen == [{"is_causal": True, "enable_gqa": True, "scale": None}]
 
 
 @pytest.fixture(scope="module")
