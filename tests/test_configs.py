@@ -14,7 +14,7 @@ from torch import nn
 from fastune.cli import main
 from fastune.config import load_config, shipped_config, shipped_config_names
 from fastune.models.config import ModelConfig
-from fastune.models.transformer import Transformer
+from fastune.models.spec import get_spec
 from fastune.modules.lora import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -25,6 +25,9 @@ PHI = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_size=307
            num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=131072,
            original_max_position_embeddings=4096, sliding_window=262144, hidden_act="silu")
 PHI_LONGROPE = {"type": "longrope"}
+QWEN3 = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, num_key_value_heads=8,
+             head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+             attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=28)
 # The shape keys of each model's config.json on the Hub, and its parameter count as published
 # (tied embeddings counted once).
 MODELS = {
@@ -59,6 +62,22 @@ MODELS = {
     "microsoft/Phi-3.5-mini-instruct": (dict(
         PHI, vocab_size=32064, num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
         rope_scaling=dict(PHI_LONGROPE, short_factor=[1.0] * 48, long_factor=[1.5] * 48)), 3_821_079_552),
+    # Qwen3: the model cards' non-embedding counts (0.44B, 1.4B, 3.6B, 6.95B) plus embeddings.
+    "Qwen/Qwen3-0.6B": (dict(QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                             num_attention_heads=16, tie_word_embeddings=True), 596_049_920),
+    "Qwen/Qwen3-1.7B": (dict(QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                             num_attention_heads=16, tie_word_embeddings=True), 1_720_574_976),
+    "Qwen/Qwen3-4B": (dict(QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                           num_attention_heads=32, tie_word_embeddings=True), 4_022_468_096),
+    "Qwen/Qwen3-8B": (dict(QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                           num_attention_heads=32, tie_word_embeddings=False), 8_190_735_360),
+    "google/gemma-3-1b-it": (dict(
+        model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=262144, hidden_size=1152,
+        intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=256, rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        rope_scaling=None, sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=256,
+        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None, attn_logit_softcapping=None,
+        max_position_embeddings=32768, tie_word_embeddings=True), 999_885_952),
 }
 MODEL_CONFIGS = [n for n in shipped_config_names() if n not in ("demo", "dpo_demo")]
 DOWNLOAD = re.compile(r"^#\s+fastune download (\S+) --output-dir (\S+)", re.MULTILINE)
@@ -94,6 +113,9 @@ def test_the_issue_s_model_configs_ship():
         "llama3_1/8B_lora", "llama3_1/8B_qlora", "llama3_1/8B_full",
         "llama2/7B_lora", "llama2/7B_qlora", "mistral/7B_lora", "qwen2_5/7B_lora",
         "phi4/mini_lora", "phi4/mini_qlora", "phi3_5/mini_lora", "phi3_5/mini_qlora",
+        "qwen3/0.6B_lora", "qwen3/0.6B_qlora", "qwen3/0.6B_full", "qwen3/1.7B_lora", "qwen3/1.7B_qlora",
+        "qwen3/1.7B_full", "qwen3/4B_lora", "qwen3/4B_qlora", "qwen3/8B_lora", "qwen3/8B_qlora",
+        "gemma3/1B_lora", "gemma3/1B_qlora", "gemma3/1B_full",
     }
 
 
@@ -109,7 +131,7 @@ def test_shipped_config_validates_against_its_model(name, tmp_path):
     model_config = fake_checkpoint(name, tmp_path / "model")
     cfg = load_config(name, [f"model.checkpoint_dir={tmp_path / 'model'}"])
     with torch.device("meta"):
-        model = Transformer(model_config)
+        model = get_spec(model_config.model_type).build(model_config)
     assert sum(p.numel() for p in model.parameters()) == MODELS[repo][1]
     if cfg.method == "qlora":  # NF4 stores every decoder projection in blocks
         for module_name, module in model.named_modules():

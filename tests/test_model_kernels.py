@@ -19,21 +19,25 @@ from tests.kernels.numerics import assert_bf16_close, fwd_bwd
 BSZ, SEQLEN, VOCAB = 2, 7, 37
 
 
-def tiny_config() -> ModelConfig:
+# Qwen3: per-head q/k norms (swapped for the fused RMSNorm too) and a window on layer 1.
+QWEN3 = dict(model_type="qwen3", qk_norm=True, sliding_window=3, layer_types=("full_attention", "sliding_attention"))
+
+
+def tiny_config(**changes) -> ModelConfig:
     # GQA (3 q heads, 1 kv head), head_dim 16 != hidden / heads, odd sizes elsewhere.
     return ModelConfig(vocab_size=VOCAB, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
-                       num_attention_heads=3, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5)
+                       num_attention_heads=3, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5, **changes)
 
 
-def models(dtype=torch.float32):
+def models(dtype=torch.float32, **changes):
     """(kernels off, kernels on) with the same random weights, norm weights included."""
     torch.manual_seed(0)
-    off = Transformer(tiny_config())
+    off = Transformer(tiny_config(**changes))
     with torch.no_grad():
         for name, p in off.named_parameters():
             if "norm" in name:
                 p.normal_(1.0, 0.3)
-    on = Transformer(tiny_config())
+    on = Transformer(tiny_config(**changes))
     on.load_state_dict(off.state_dict())
     apply_kernels(on, "all")
     return off.to(dtype), on.to(dtype)
@@ -58,9 +62,12 @@ def logits_and_grads(model):
     return logits.detach(), grads
 
 
+@pytest.mark.parametrize("family", [{}, QWEN3], ids=["llama", "qwen3"])
 @pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
-def test_fp32_logits_and_grads_match_kernels_off(triton_path):
-    off, on = models()
+def test_fp32_logits_and_grads_match_kernels_off(triton_path, family):
+    off, on = models(**family)
+    if family:
+        assert type(on.layers[0].self_attn.q_norm).__name__ == "FusedRMSNorm"
     want_logits, want_grads = logits_and_grads(off)
     with force_triton(triton_path):
         got_logits, got_grads = logits_and_grads(on)

@@ -27,8 +27,8 @@ transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-# (variant, use_dora); qwen2 has q/k/v biases.
-CASES = [("llama_gqa_llama3", False), ("llama_gqa_llama3", True), ("qwen2_bias", True)]
+# (variant, use_dora); qwen2 has q/k/v biases; qwen3 q/k norms and a sliding layer.
+CASES = [("llama_gqa_llama3", False), ("llama_gqa_llama3", True), ("qwen2_bias", True), ("qwen3", False)]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fastune.config.sections import DataSection
 from fastune.training.recipe import build_data, fit, setup
 from train_helpers import single_thread  # noqa: F401 (autouse fixture)
-from train_helpers import RecordingLogger, hf_llama, make_config, save_base
+from train_helpers import SMALL, VOCAB, RecordingLogger, hf_llama, make_config, save_base
 
 IGNORE = -100
 STEPS = 4
@@ -72,11 +72,27 @@ def assert_same_curve(ours, theirs):
                                torch.tensor(theirs, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("method, tied", [("lora", False), ("lora", True), ("dora", False)])
+def hf_qwen3(seed: int = 0):
+    """A random tied Qwen3ForCausalLM (q/k norms) whose layers all slide over 8 tokens,
+    fewer than the demo rows hold, initialized as hf_llama."""
+    import transformers
+
+    config = transformers.Qwen3Config(vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=256,
+                                      tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
+                                      max_window_layers=0, **SMALL)
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.08)
+    return model
+
+
+@pytest.mark.parametrize("method, tied", [("lora", False), ("lora", True), ("dora", False), ("lora", "qwen3")])
 def test_lora_loss_curve_matches_hf_peft(tmp_path, method, tied):
     import peft
 
-    hf = hf_llama(tie_word_embeddings=tied)
+    hf = hf_qwen3() if tied == "qwen3" else hf_llama(tie_word_embeddings=tied)
     base = save_base(hf, tmp_path / "base")
     cfg, state, batches = fastune_run_and_batches(tmp_path, base, method=method, gradient_accumulation_steps=2)
 

@@ -37,6 +37,22 @@ VARIANTS = {
     "llama_head_dim": ("llama", dict(num_key_value_heads=2, head_dim=32)),
     "llama_linear_rope": ("llama", dict(rope_theta=50000.0,
                                         rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    # Windows shorter than the test sequences (45 tokens).
+    "mistral_window": ("mistral", dict(num_key_value_heads=2, sliding_window=16)),
+    # Qwen2 slides on layers >= max_window_layers.
+    "qwen2_window": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
+                                   max_window_layers=1)),
+    "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=32, rope_theta=1000000.0,
+                            use_sliding_window=True, sliding_window=12,
+                            layer_types=["sliding_attention", "full_attention"])),
+    "qwen3_tied": ("qwen3", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # Gemma 3: local layer (window 12, RoPE base 10k) then global (1M, linear x4), head_dim 32
+    # scaled by query_pre_attn_scalar 24, tied.
+    "gemma3": ("gemma3", dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
+                              tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"],
+                              rope_parameters={
+                                  "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 
 # original_max_position_embeddings=32 with beta_fast=8 puts the ramp inside head_dim 16.
@@ -78,6 +94,8 @@ def build_hf_model(variant: str, seed: int = 0):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**BASE, **overrides}))

@@ -123,10 +123,11 @@ def write_random_checkpoint(cfg, out_dir: Path) -> Path:
     import fastune
     from fastune.checkpoint.hf import parse_dtype
     from fastune.models.config import ModelConfig
-    from fastune.models.transformer import Transformer
+    from fastune.models.spec import get_spec
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(ModelConfig.from_json(cfg.model.checkpoint_dir))
+    config = ModelConfig.from_json(cfg.model.checkpoint_dir)
+    model = get_spec(config.model_type).build(config)  # the family's own modules
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(1.0) if p.ndim == 1 else p.normal_(0.0, 0.02)

@@ -10,8 +10,11 @@ Masking: the trained span of assistant message ``i`` runs from the end of
 ``render(messages[:i], add_generation_prompt=True)`` to the end of
 ``render(messages[:i + 1])``: its content plus whatever closes the turn (for
 example ``<|eot_id|>``). A token is trained iff it starts inside such a span. This
-needs a template that renders a conversation's prefix as a prefix of the whole;
-the rare template that rewrites earlier turns gets a clear error.
+needs a template that renders a conversation's prefix as a prefix of the whole,
+with one allowance: an earlier assistant turn may lose its head once later turns
+exist (Qwen3's template drops the ``<think>`` block of turns before the last user
+message); the span is then what the whole conversation keeps of that turn. Any
+other rewriting of earlier turns gets a clear error.
 """
 
 from __future__ import annotations
@@ -125,12 +128,15 @@ class HFTokenizer:
             before = self.render(messages[:i], add_generation_prompt=True)
             last = i == len(messages) - 1 and not add_generation_prompt
             through = text if last else self.render(messages[: i + 1])
-            if not (through.startswith(before) and text.startswith(through)):
+            end = len(through) if text.startswith(through) else None
+            if end is None and through.startswith(before) and text.startswith(before):
+                end = _rewritten_turn_end(through[len(before):], text, len(before), message)
+            if end is None or not through.startswith(before):
                 raise TokenizerError(
                     f"{self.source}: the chat_template renders earlier turns differently once later "
                     "turns are added, so fastune cannot tell which tokens are the assistant's"
                 )
-            spans.append((len(before), len(through)))
+            spans.append((len(before), end))
         encoding = self._tok.encode(text, add_special_tokens=False)
         starts = [start for start, _ in encoding.offsets]  # non-decreasing
         mask = [True] * len(starts)
@@ -138,6 +144,21 @@ class HFTokenizer:
             lo, hi = bisect.bisect_left(starts, start), bisect.bisect_left(starts, end)
             mask[lo:hi] = [False] * (hi - lo)
         return encoding.ids, mask
+
+
+def _rewritten_turn_end(turn: str, text: str, start: int, message: Message) -> Optional[int]:
+    """Where an earlier assistant turn ends in the whole conversation ``text`` when the
+    template renders it shorter once later turns exist (Qwen3 drops the ``<think>``
+    block of turns before the last user message): the longest tail of the turn as
+    rendered last (``turn``) that ``text`` has at ``start``. None if that tail does not
+    hold the last line of the message's content (the template rewrote more than a head)."""
+    content = message.get("content")
+    last_line = content.strip().splitlines()[-1] if isinstance(content, str) and content.strip() else ""
+    for cut in range(len(turn)):
+        tail = turn[cut:]
+        if text.startswith(tail, start):
+            return start + len(tail) if last_line in tail else None
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from fastune.lazy import lazy_attributes
 # The built-in families register their specs on import (no torch at module level); any
 # import of a ``fastune.models`` module runs this first, so the registry is never empty.
 import fastune.models.families  # noqa: F401,E402
+import fastune.models.gemma  # noqa: F401,E402
 import fastune.models.phi3  # noqa: F401,E402
 
 _LAZY = {

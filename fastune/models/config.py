@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 # One error type for bad configs, shared with the training config (fastune.config).
 from fastune.errors import ConfigError
 from fastune.models.spec import get_spec
+
+if TYPE_CHECKING:
+    from fastune.models.attention import LayerAttention
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 # The scaled types that need the pretraining context length (as transformers 5).
@@ -37,13 +40,22 @@ class ModelConfig:
     rope_scaling: Optional[dict[str, Any]] = None
     # The fraction of each head that RoPE rotates (the first rotary_dim dims; Phi-4-mini).
     partial_rotary_factor: float = 1.0
-    # Attention window of the model's sliding-window layers; None: full attention.
-    sliding_window: Optional[int] = None
     max_position_embeddings: int = 2048
     # Gemma 2: logits = cap * tanh(logits / cap) (forward, generation, and the losses).
     final_logit_softcapping: Optional[float] = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has a bias
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3)
+    # Per-layer attention, in transformers 5's vocabulary: layer_types[i] is
+    # "full_attention" or "sliding_attention" (None: all full); sliding layers see
+    # the last ``sliding_window`` keys, themselves included.
+    sliding_window: Optional[int] = None
+    layer_types: Optional[tuple[str, ...]] = None
+    attn_logit_softcapping: Optional[float] = None  # every layer's score softcap (Gemma 2)
+    query_pre_attn_scalar: Optional[float] = None  # scores scaled by its rsqrt, not head_dim's (Gemma)
+    # Per-layer-type RoPE: layer type -> {"rope_theta": ..., "rope_scaling": ...}
+    # overriding the top-level ones for layers of that type (Gemma 3's local layers).
+    layer_rope: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     model_type: str = "llama"  # the key of its ModelSpec (fastune.models.spec)
     # Everything else from config.json, written back unchanged on save.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
@@ -70,6 +82,26 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         return cls.from_hf_dict(d, source=str(path))
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types else "full_attention"
+
+    def layer_attention(self, i: int) -> "LayerAttention":
+        """The attention settings of layer ``i`` (window only on sliding layers)."""
+        from fastune.models.attention import LayerAttention
+
+        sliding = self.layer_type(i) == "sliding_attention"
+        scalar = self.query_pre_attn_scalar
+        return LayerAttention(sliding_window=self.sliding_window if sliding else None,
+                              softcap=self.attn_logit_softcapping, scale=scalar ** -0.5 if scalar else None)
+
+    def layer_rope_config(self, layer_type: str) -> "ModelConfig":
+        """This config with the RoPE base and scaling of layers of ``layer_type``."""
+        override = self.layer_rope.get(layer_type)
+        if not override:
+            return self
+        return dataclasses.replace(self, rope_theta=float(override.get("rope_theta", self.rope_theta)),
+                                   rope_scaling=override.get("rope_scaling", self.rope_scaling), layer_rope={})
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json contents, as the family's spec writes them."""

@@ -1,4 +1,4 @@
-"""The built-in model families: Llama, Mistral and Qwen2, on one shared decoder
+"""The built-in model families: Llama, Mistral, Qwen2 and Qwen3, on one shared decoder
 (``fastune.models.transformer``). A family that reuses the decoder is one
 ``decoder_spec(...)`` call below; one with other modules or fused checkpoint
 tensors passes its own ``build`` or ``adapter`` to ``ModelSpec``.
@@ -7,7 +7,7 @@ tensors passes its own ``build`` or ``adapter`` to ``ModelSpec``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from fastune.models.config import ModelConfig, normalize_rope_scaling
 from fastune.models.spec import ModelSpec, register
@@ -24,10 +24,34 @@ TORCHTUNE_ALIASES = {
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def parse_decoder_config(d: dict[str, Any], source: str, attention_bias: bool = False) -> ModelConfig:
+Windows = Callable[[dict[str, Any], int], tuple[Optional[int], Optional[tuple[str, ...]]]]
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def mistral_windows(d: dict[str, Any], layers: int):
+    """Mistral (transformers 5): ``sliding_window`` set means every layer slides."""
+    window = d.get("sliding_window")
+    return (window, (SLIDING,) * layers) if window else (None, None)
+
+
+def qwen_windows(d: dict[str, Any], layers: int):
+    """Qwen2/Qwen3 (transformers 5): a window only with ``use_sliding_window``; the layers
+    are ``layer_types`` if given, else those from ``max_window_layers`` on (default 28)."""
+    window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
+    if window is None:
+        return None, None
+    types = d.get("layer_types") or [SLIDING if i >= d.get("max_window_layers", 28) else FULL
+                                     for i in range(layers)]
+    return window, tuple(types)
+
+
+def parse_decoder_config(d: dict[str, Any], source: str, attention_bias: bool = False, qk_norm: bool = False,
+                         windows: Optional[Windows] = None) -> ModelConfig:
     """A Llama-style config.json in either dialect (4.x top-level rope_theta and
     rope_scaling with "type" or "rope_type"; 5.x rope_parameters).
-    ``attention_bias``: the family's default for q/k/v biases."""
+    ``attention_bias``: the family's default for q/k/v biases; ``qk_norm``: whether it
+    norms q and k per head; ``windows``: its reading of the sliding-window keys (None:
+    the family has none). The raw window keys stay in ``extra``, written back as read."""
     from fastune.errors import ConfigError
 
     for key in _REQUIRED:
@@ -42,6 +66,8 @@ def parse_decoder_config(d: dict[str, Any], source: str, attention_bias: bool = 
     # The rope dict's own value wins over the top-level one (transformers 5's setdefault).
     partial = (raw_scaling or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     known = {f.name for f in dataclasses.fields(ModelConfig)} | {"rope_parameters"}
+    known -= {"sliding_window", "layer_types"}
+    window, layer_types = windows(d, d["num_hidden_layers"]) if windows else (None, None)
     return ModelConfig(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
@@ -54,10 +80,12 @@ def parse_decoder_config(d: dict[str, Any], source: str, attention_bias: bool = 
         rope_theta=float(rope_theta),
         rope_scaling=scaling,
         partial_rotary_factor=float(partial),
-        sliding_window=d.get("sliding_window"),
         max_position_embeddings=max_positions,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", attention_bias)),
+        qk_norm=qk_norm,
+        sliding_window=window,
+        layer_types=layer_types,
         model_type=d.get("model_type", "llama"),
         final_logit_softcapping=d.get("final_logit_softcapping"),
         extra={k: v for k, v in d.items() if k not in known},
@@ -91,8 +119,10 @@ def decoder_hf_config(config: ModelConfig, architecture: str, activation: str,
         d["final_logit_softcapping"] = config.final_logit_softcapping
     if write_attention_bias:
         d["attention_bias"] = config.attention_bias
-    if write_sliding_window or config.sliding_window is not None:
+    if config.sliding_window is not None:
         d["sliding_window"] = config.sliding_window
+    elif write_sliding_window:  # the config class's default may not be None
+        d.setdefault("sliding_window", None)
     if config.partial_rotary_factor != 1.0:
         d["partial_rotary_factor"] = config.partial_rotary_factor
     return d
@@ -119,8 +149,9 @@ def decoder_model_flops(c: ModelConfig, rows: int, seq: int, micro_batches: int 
     math needs, not what the implementation does: every matmul costs 2 FLOPs per
     multiply-add; a frozen weight costs its forward and its input gradient (2 matmuls),
     a trained one also its weight gradient (3); attention scores and values cost
-    2 * 2 * S^2/2 * H * D per row and layer in forward (causal: half the square), twice
-    that in backward. Recomputation by activation checkpointing is not counted.
+    2 * 2 * P * H * D per row and layer in forward, with P the (query, key) pairs a
+    layer attends to (causal: S^2/2; a window W < S: S*W - W^2/2), twice that in
+    backward. Recomputation by activation checkpointing is not counted.
     Padding positions count: the model computes them. ``full``: every weight trains;
     else LoRA of ``lora_rank`` on ``lora_targets``."""
     tokens = rows * seq * micro_batches
@@ -140,17 +171,22 @@ def decoder_model_flops(c: ModelConfig, rows: int, seq: int, micro_batches: int 
         trained += lora_rank * (c.hidden_size + c.vocab_size)
     matmuls = tokens * (2 * 2 * frozen + 2 * 3 * trained)
     q_out = c.num_attention_heads * c.head_dim
-    attention_forward = 2 * 2 * (seq * seq / 2) * q_out * c.num_hidden_layers * rows * micro_batches
+    pairs = 0.0
+    for i in range(c.num_hidden_layers):
+        window = c.layer_attention(i).sliding_window
+        pairs += seq * window - window * window / 2 if window and window < seq else seq * seq / 2
+    attention_forward = 2 * 2 * pairs * q_out * rows * micro_batches
     return matmuls + 3 * attention_forward
 
 
 def decoder_spec(model_type: str, architecture: str, attention_bias: bool = False,
-                 write_attention_bias: bool = True, write_sliding_window: bool = False) -> ModelSpec:
+                 write_attention_bias: bool = True, write_sliding_window: bool = False, qk_norm: bool = False,
+                 windows: Optional[Windows] = None) -> ModelSpec:
     """A family on the shared Llama-style decoder."""
     return ModelSpec(
         model_type=model_type,
         architecture=architecture,
-        parse_config=lambda d, source: parse_decoder_config(d, source, attention_bias),
+        parse_config=lambda d, source: parse_decoder_config(d, source, attention_bias, qk_norm, windows),
         to_hf_config=lambda c: decoder_hf_config(c, architecture, "silu", write_attention_bias,
                                                  write_sliding_window),
         build=build_decoder,
@@ -162,7 +198,11 @@ def decoder_spec(model_type: str, architecture: str, attention_bias: bool = Fals
 
 LLAMA = register(decoder_spec("llama", "LlamaForCausalLM"))
 # Mistral's and Qwen2's config classes have a sliding_window key with a non-None default.
-MISTRAL = register(decoder_spec("mistral", "MistralForCausalLM", write_sliding_window=True))
+MISTRAL = register(decoder_spec("mistral", "MistralForCausalLM", write_sliding_window=True,
+                                windows=mistral_windows))
 # Qwen2 has q/k/v biases, and its config class has no attention_bias key.
 QWEN2 = register(decoder_spec("qwen2", "Qwen2ForCausalLM", attention_bias=True, write_attention_bias=False,
-                              write_sliding_window=True))
+                              write_sliding_window=True, windows=qwen_windows))
+# Qwen3: no q/k/v biases, q_norm and k_norm per head before RoPE; small sizes tie embeddings.
+QWEN3 = register(decoder_spec("qwen3", "Qwen3ForCausalLM", qk_norm=True, write_sliding_window=True,
+                              windows=qwen_windows))

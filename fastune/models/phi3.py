@@ -25,6 +25,7 @@ from typing import Any, Iterable
 from fastune.models.config import ModelConfig
 from fastune.models.families import (
     OUTPUT,
+    mistral_windows,
     build_decoder,
     decoder_hf_config,
     decoder_model_flops,
@@ -51,7 +52,8 @@ def parse_phi3_config(d: dict[str, Any], source: str) -> ModelConfig:
         d[key] = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "longrope"}
     # Phi3Config's own default for the pretraining context.
     d.setdefault("original_max_position_embeddings", 4096)
-    return parse_decoder_config(d, source)
+    # Phi-3's attention slides on every layer where the config sets a window (as Mistral).
+    return parse_decoder_config(d, source, windows=mistral_windows)
 
 
 def phi3_model_flops(c: ModelConfig, rows: int, seq: int, micro_batches: int = 1, *, full: bool,

@@ -127,3 +127,31 @@ def test_bad_files(hf_dir, tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(TokenizerError, match="no such tokenizer"):
         load_tokenizer(tmp_path / "missing")
+
+
+def _qwen3_template() -> str:
+    """Qwen3's own chat template, as trl ships it (skipped without trl)."""
+    from importlib import resources
+
+    trl = pytest.importorskip("trl")
+    return (resources.files(trl) / "chat_templates" / "qwen3.jinja").read_text()
+
+
+def test_qwen3_thinking_template_masks_every_assistant_turn(hf_dir, tmp_path, hf_reference):
+    """Qwen3 drops the <think> block of assistant turns before the last user message;
+    each turn is trained as the whole conversation renders it."""
+    folder = _copy(hf_dir, tmp_path, {"chat_template": _qwen3_template()})
+    tok = load_tokenizer(folder)
+    chat = [dict(m) for m in CHAT]
+    chat[2]["content"] = "<think>\nadd them\n</think>\n\nFour, of course. 😀"
+    chat[4]["content"] = "<think>\nsix\n</think>\n\nSix.\n\nDone."
+    ids, mask = tok.tokenize_messages(chat)
+    assert ids == hf_reference.apply_chat_template(chat, chat_template=tok.chat_template, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+    trained = tok.decode([i for i, m in zip(ids, mask) if not m], skip_special_tokens=False)
+    assert trained == ("Four, of course. 😀<|im_end|>\n"
+                       "<think>\nsix\n</think>\n\nSix.\n\nDone.<|im_end|>\n")
+    # With a generation prompt every assistant turn is an earlier one.
+    ids, mask = tok.tokenize_messages(chat[:-1], add_generation_prompt=True)
+    trained = tok.decode([i for i, m in zip(ids, mask) if not m], skip_special_tokens=False)
+    assert trained == "Four, of course. 😀<|im_end|>\n"
