@@ -11,6 +11,7 @@ import torch
 from tiny_hf import build_hf_model, hf_logits, random_tokens, save_hf_model
 
 import fastune
+from fastune.models.spec import KERNEL_OPS
 from fastune.modules.kernels import apply_kernels
 
 FP32_ATOL = 1e-5
@@ -52,11 +53,13 @@ def test_gemma3_round_trip_through_transformers(tmp_path):
 
 
 def test_gemma3_kernels_keep_gemma_numerics(tmp_path):
-    """rms_norm and swiglu compute Llama's numerics: left plain; rope is swapped in."""
+    """Every op applies to Gemma: the norm kernel computes its (1 + w) fp32 numerics and
+    the swiglu op swaps in the GeGLU kernel; the logits stay HF's."""
     hf = build_hf_model("gemma3")
     model = fastune.from_pretrained(save_hf_model(hf, tmp_path / "src"))
-    assert apply_kernels(model, "all") == ("rope", "lora", "loss")
-    assert type(model.layers[0].post_feedforward_layernorm).__name__ == "RMSNorm"
+    assert apply_kernels(model, "all") == KERNEL_OPS
+    assert type(model.layers[0].post_feedforward_layernorm).__name__ == "FusedRMSNorm"
+    assert type(model.layers[0].mlp).__name__ == "FusedGeGLUMLP"
     tokens = random_tokens(2, 30)
     with torch.no_grad():
         assert (model(tokens) - hf_logits(hf, tokens)).abs().max() <= FP32_ATOL

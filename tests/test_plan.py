@@ -154,6 +154,21 @@ def test_categories_of_full_fine_tuning(tiny):
     assert 2 * 4 * n_params <= memory.by_category["optimizer_state"] <= 2 * 4 * n_params + 4096
 
 
+def test_full_fine_tuning_dpo_counts_the_frozen_reference_and_both_answers(tiny):
+    """Full fine-tuning DPO keeps a frozen copy (one more model's parameters) and runs chosen
+    and rejected in one forward (twice the rows); LoRA DPO's reference is the model itself."""
+    cfg, model_config = config(tiny, "method=full", "dataset.packed=false")
+    sft = trace_step(cfg, model_config, Target("cpu"))
+    dpo = trace_step(*config(tiny, "method=full", "dataset.packed=false", "objective=dpo"), Target("cpu"))
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_model(cfg, model_config).parameters())
+    assert dpo.by_category["parameters"] - sft.by_category["parameters"] == 4 * n_params  # fp32 copy
+    assert dpo.by_category["activations"] > 1.5 * sft.by_category["activations"]
+    lora = trace_step(*config(tiny, "dataset.packed=false"), Target("cpu"))
+    lora_dpo = trace_step(*config(tiny, "dataset.packed=false", "objective=dpo"), Target("cpu"))
+    assert lora_dpo.by_category["parameters"] == lora.by_category["parameters"]
+
+
 def test_cuda_paths_and_features_change_the_estimate(tiny):
     """QLoRA shrinks the parameters, checkpointing the activations; CUDA rounds to 512 bytes."""
     base = trace_step(*config(tiny), Target("cuda"))

@@ -34,7 +34,7 @@ from torch import nn
 
 from fastune.bench.plan_offload import offloading_hooks
 from fastune.bench.plan_options import (counted_state, dtype_for_profile, free_grads_in_backward,
-                                         optimizer_for_trace)
+                                         optimizer_for_trace, reference_copy)
 from fastune.bench.profiles import Profile
 from fastune.checkpoint.layout import CONFIG_NAME
 from fastune.errors import FastuneError
@@ -117,8 +117,10 @@ def build_model(cfg: DictConfig, model_config: ModelConfig) -> nn.Module:
 
 def worst_case_batch(cfg: DictConfig, vocab_size: int) -> dict[str, torch.Tensor]:
     """``batch_size`` rows of ``max_seq_len`` tokens, every position supervised; packed
-    configs also get position and document ids (two documents per row)."""
-    shape = (cfg.batch_size, cfg.dataset.get("max_seq_len", 2048))
+    configs also get position and document ids (two documents per row). A preference
+    objective runs chosen and rejected in one forward: twice the rows."""
+    rows = cfg.batch_size * (2 if cfg.get("objective", "sft") != "sft" else 1)
+    shape = (rows, cfg.dataset.get("max_seq_len", 2048))
     batch = {"tokens": torch.randint(0, vocab_size, shape), "labels": torch.randint(0, vocab_size, shape)}
     if cfg.dataset.get("packed", False):
         half = shape[1] // 2
@@ -156,7 +158,8 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
         free_grads_in_backward(cfg, model)
 
         tracker = MemoryTracker(round_to=target.round_to)
-        tracker.track_existing([*model.parameters(), *model.buffers()], "parameters")
+        reference = reference_copy(cfg, model)  # full fine-tuning DPO/IPO: a frozen copy
+        tracker.track_existing([*model.parameters(), *model.buffers(), *reference], "parameters")
         counted = counted_state(cfg, model, target.device)  # alive through the step, as the real state
         tracker.track_existing(_optimizer_tensors(optimizer) + counted, "optimizer_state")
         tracker.track_existing(batch.values(), "activations")

@@ -43,6 +43,20 @@ def counted_state(cfg: DictConfig, model: nn.Module, device: str) -> list[torch.
     return [torch.empty(n, dtype=torch.uint8) for n in sizes if n]
 
 
+def reference_copy(cfg: DictConfig, model: nn.Module) -> list[torch.Tensor]:
+    """The frozen reference model a full fine-tuning DPO/IPO run keeps beside the policy
+    (``Method.reference_model``), as buffers of its parameters' sizes, allocated in the
+    current mode; none for LoRA methods (their reference is the model with adapters
+    off) or other objectives. The reference's own forward runs under ``no_grad`` and is
+    not traced: its transient activations are below the policy's."""
+    from fastune.methods.method import method_from_config
+    from fastune.training.preference import NEEDS_REFERENCE
+
+    if cfg.get("objective", "sft") not in NEEDS_REFERENCE or method_from_config(cfg).lora is not None:
+        return []
+    return [torch.empty_like(p, requires_grad=False) for p in model.parameters()]
+
+
 def free_grads_in_backward(cfg: DictConfig, model: nn.Module) -> None:
     """With ``optimizer_in_backward``, or ``cpu_offload_adamw`` with ``offload_gradients``:
     each gradient freed (applied, or copied to the host) as soon as it is complete."""
