@@ -16,19 +16,33 @@ SHAPES = [((67,), 37, 1003), ((3, 5), 37, 67)]
 VARIANTS = [(None, 0.0, 0.0), (16, 0.2, 1e-2)]
 
 
-def reference(labels, label_smoothing=0.0, z_loss=0.0):
+def reference(labels, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
     return lambda h, w: linear_cross_entropy_tokens_reference(h, w, labels, IGNORE, z_loss,
-                                                              label_smoothing)
+                                                              label_smoothing, softcap)
 
 
-def ours(labels, label_smoothing=0.0, z_loss=0.0, chunk_size=None, triton=False):
+def ours(labels, label_smoothing=0.0, z_loss=0.0, chunk_size=None, triton=False, softcap=None):
     def fn(hidden, weight):
         with force_triton(triton):
             losses, _ = linear_cross_entropy(hidden, weight, labels, z_loss=z_loss,
                                              label_smoothing=label_smoothing,
-                                             chunk_size=chunk_size, reduction="none")
+                                             chunk_size=chunk_size, reduction="none", softcap=softcap)
         return losses
     return fn
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_per_token_softcap_matches_float64(triton):
+    """Gemma 2's final-logit softcap inside the per-token op (DPO on Gemma 2); the cap is
+    small enough to bend the logits, so a missing cap fails."""
+    hidden, weight, labels = make_case((67,), 37, 1003, torch.float32)
+    weight = weight * 8  # logits well past the cap
+    out = fwd_bwd(ours(labels, chunk_size=16, triton=triton, softcap=2.0), [hidden, weight])
+    truth = fwd_bwd(reference(labels, softcap=2.0), to_float64([hidden, weight]), grad_dtype=torch.float32)
+    uncapped = reference(labels)(hidden, weight)
+    assert not torch.allclose(uncapped, truth[0][0].float(), rtol=1e-2)
+    assert_close_to_truth(out[0] + out[1], truth[0] + truth[1], rtol=1e-5, atol=1e-5,
+                          names=["losses"] + GRAD_NAMES)
 
 
 @pytest.mark.parametrize("tokens_shape,hidden_size,vocab", SHAPES)
