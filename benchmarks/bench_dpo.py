@@ -56,10 +56,10 @@ def run_fastune(args, data, device) -> dict:
     from fastune.data.collate import collate_padded
     from fastune.data.preference import tokenize_pairs
     from fastune.methods.build import build_model
+    from fastune.methods.method import LoRAMethod
     from fastune.training.compile import apply_compile
     from fastune.training.loss import build_token_loss
-    from fastune.methods.method import LoRAMethod
-    from fastune.training.preference import PreferenceObjective, PreferenceOptions
+    from fastune.training.preference import PreferenceObjective, PreferenceOptions, build_reference
 
     tok = load_tokenizer((asset_path("demo/tokenizer")))
     pairs = tokenize_pairs(data, tok, format="preference", max_seq_len=4096)
@@ -69,7 +69,7 @@ def run_fastune(args, data, device) -> dict:
     if args.compile:
         loss_fn = apply_compile(model, loss_fn)
     objective = PreferenceObjective("dpo", loss_fn, PreferenceOptions(beta=0.1),
-                                    method.preference_reference(model))
+                                    build_reference(method, model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     batches = [collate_padded([pairs[i] for i in range(s, s + args.pairs)], pairs.pad_id)
                for s in range(0, len(pairs) - args.pairs + 1, args.pairs)]
