@@ -30,7 +30,19 @@ LOWMEM_3B = str(CONFIGS / "llama3_2_3B_qlora_lowmem.yaml")
 # Full fine-tuning: the LoRA config's model and data, method full, batch 1.
 FULL = ("method=full", "batch_size=1", "activation_checkpointing=true", "activation_offloading=true",
         "chunked_mlp=1024")
+FULL_2K = FULL + ("dataset.max_seq_len=2048",)
+LORA_8B = str(CONFIGS / "llama3_1_8B_lora.yaml")
+LORA_3B = str(CONFIGS / "llama3_2_3B_lora.yaml")
 LONG = ("chunked_mlp=4096",)  # fewer chunks per layer at long lengths (a [4096, I] chunk is small)
+
+QWEN3_4B = ("model.checkpoint_dir=${asset:model_configs/qwen3_4b}",)  # the 3B configs' setup on Qwen3-4B
+EIGHT_BIT = ("optimizer=adamw8bit",)  # torchao's AdamW8bit: 2 bytes/param of state
+# torchao's CPUOffloadOptimizer: AdamW state on the CPU, each gradient moved there as it is produced
+OFFLOADED = ("optimizer=cpu_offload_adamw", "optimizer.offload_gradients=true")
+FULL_8B = "Llama 3.1 8B full fine-tuning, bf16, batch 1 x 2048, checkpointing + offloading + chunked MLP"
+FULL_3B = "Llama 3.2 3B full fine-tuning, bf16, batch 1 x 2048, checkpointing + offloading + chunked MLP"
+FULL_Q4B = "Qwen3 4B full fine-tuning, bf16, batch 1 x 2048, checkpointing + offloading + chunked MLP"
+FULL_ANCHOR = "issue 17: must fit 24 GB with an 8-bit or offloaded optimizer"
 
 # name -> (kind, config, overrides, profile, what, anchor text)
 ITEMS = {
@@ -41,13 +53,15 @@ ITEMS = {
     "8b_qlora_4090_lowmem": (
         "plan", LOWMEM_8B, (), "rtx4090",
         "Llama 3.1 8B QLoRA r8, batch 2 x 2048 packed, torchtune's setup + activation offloading + chunked MLP "
-        "(1024 tokens); torchtune's setup as it is: 7.24 GiB (plan.md)",
+        "(1024 tokens)",
         "goal of issue 17: at most 6 GiB; torchtune: 7.4 GiB (README, 1x 4090)"),
     "8b_full_4090": (
-        "plan", "benchmarks/configs/llama3_1_8B_lora.yaml", FULL, "rtx4090",
-        "Llama 3.1 8B full fine-tuning, bf16, batch 1 x 2048, checkpointing + offloading + chunked MLP, "
-        "torch AdamW (states in bf16, 4 bytes/param)",
-        "issue 17: must fit 24 GB with an 8-bit or offloaded optimizer (see the arithmetic below)"),
+        "plan", LORA_8B, FULL, "rtx4090", f"{FULL_8B}, torch AdamW (states in bf16, 4 bytes/param)", FULL_ANCHOR),
+    "8b_full_4090_adamw8bit": (
+        "plan", LORA_8B, FULL + EIGHT_BIT, "rtx4090", f"{FULL_8B}, 8-bit AdamW", FULL_ANCHOR),
+    "8b_full_4090_cpu_offload": (
+        "plan", LORA_8B, FULL + OFFLOADED, "rtx4090", f"{FULL_8B}, CPU-offloaded AdamW and gradients",
+        FULL_ANCHOR),
     "8b_qlora_4090_max_context": (
         "context", LOWMEM_8B, LONG, "rtx4090",
         "Llama 3.1 8B QLoRA r8, batch 1, checkpointing + offloading + chunked MLP (4096)",
@@ -57,9 +71,12 @@ ITEMS = {
         "Llama 3.2 3B QLoRA r8, batch 2 x 2048 packed, checkpointing + offloading + chunked MLP (1024)",
         "no published anchor found"),
     "3b_full_4060": (
-        "plan", "benchmarks/configs/llama3_2_3B_lora.yaml", FULL + ("dataset.max_seq_len=2048",), "rtx4060",
-        "Llama 3.2 3B full fine-tuning, bf16, batch 1 x 2048, checkpointing + offloading + chunked MLP, "
-        "torch AdamW", "no published anchor found"),
+        "plan", LORA_3B, FULL_2K, "rtx4060", f"{FULL_3B}, torch AdamW", "no published anchor found"),
+    "3b_full_4060_adamw8bit": (
+        "plan", LORA_3B, FULL_2K + EIGHT_BIT, "rtx4060", f"{FULL_3B}, 8-bit AdamW", "no published anchor found"),
+    "3b_full_4060_cpu_offload": (
+        "plan", LORA_3B, FULL_2K + OFFLOADED, "rtx4060", f"{FULL_3B}, CPU-offloaded AdamW and gradients",
+        "no published anchor found"),
     "3b_qlora_4060_max_context": (
         "context", LOWMEM_3B, LONG, "rtx4060",
         "Llama 3.2 3B QLoRA r8, batch 1, checkpointing + offloading + chunked MLP (4096)",
@@ -68,6 +85,20 @@ ITEMS = {
         "context", LOWMEM_8B, LONG, "rtx4060",
         "Llama 3.1 8B QLoRA r8, batch 1, checkpointing + offloading + chunked MLP (4096)",
         "Unsloth: up to 2,900 on 8 GB; HF + FA2: out of memory"),
+    "qwen3_4b_qlora_4060_lowmem": (
+        "plan", LOWMEM_3B, QWEN3_4B, "rtx4060",
+        "Qwen3 4B QLoRA r8, batch 2 x 2048 packed, checkpointing + offloading + chunked MLP (1024)",
+        "no published anchor found"),
+    "qwen3_4b_full_4060_adamw8bit": (
+        "plan", LORA_3B, QWEN3_4B + FULL_2K + EIGHT_BIT, "rtx4060", f"{FULL_Q4B}, 8-bit AdamW",
+        "no published anchor found"),
+    "qwen3_4b_full_4060_cpu_offload": (
+        "plan", LORA_3B, QWEN3_4B + FULL_2K + OFFLOADED, "rtx4060",
+        f"{FULL_Q4B}, CPU-offloaded AdamW and gradients", "no published anchor found"),
+    "qwen3_4b_qlora_4060_max_context": (
+        "context", LOWMEM_3B, QWEN3_4B + LONG, "rtx4060",
+        "Qwen3 4B QLoRA r8, batch 1, checkpointing + offloading + chunked MLP (4096)",
+        "no published anchor found"),
 }
 
 
@@ -84,49 +115,12 @@ def run_item(name: str) -> None:
     write_report(RESULTS / "plans", f"lowmem_{name}", report, markdown)
 
 
-def full_fine_tuning_arithmetic(r: dict) -> list[list[str]]:
-    """Two optimizers the planner on this branch does not trace, derived from the traced
-    step's categories (labelled as such; the traced peak is the optimizer step, where
-    every gradient and the whole AdamW state are live):
-
-    - 8-bit AdamW (2 bytes/param for its two states): the state is held unchanged through
-      the whole step, so every moment changes by the same amount: peak - state + 2 N.
-    - a CPU-offloaded AdamW that also moves each gradient to the CPU as it is produced
-      (torchao's CPUOffloadOptimizer(offload_gradients=True)): the device holds the
-      parameters, one gradient at a time (at most the largest, the embedding's) and the
-      backward's activations and temporaries. The latter are not in the optimizer-step
-      snapshot; they are taken from the QLoRA trace of the same model at twice the
-      tokens without offloading (plan_llama3_1_8B_qlora_rtx4090.json), which holds
-      more than this config's. An approximation, not a trace.
-    """
-    c, m = r["candidates"][0], r["model"]
-    cat, peak = c["by_category"], c["peak_bytes"]
-    n = cat["parameters"] // 2  # bf16 parameters (the RoPE buffers are negligible)
-    largest = m["vocab_size"] * m["hidden_size"] * 2  # the embedding's (or lm_head's) gradient
-    total = lambda b: b * 1.10 / 2**30 + 0.6  # noqa: E731  (device total, as the planner)
-    fits = lambda b: "fits" if total(b) <= r["profile"]["memory_gib"] else "does NOT fit"  # noqa: E731
-    eight_bit = peak - cat["optimizer_state"] + 2 * n
-    rows = [["  ... with 8-bit AdamW (derived: traced peak - traced AdamW state + 2 bytes/param)", r["profile"]["key"],
-             f"peak {eight_bit / 2**30:.2f} GiB, device total {total(eight_bit):.2f} GiB: {fits(eight_bit)}", "", ""]]
-    qlora = RESULTS / "plans" / "plan_llama3_1_8B_qlora_rtx4090.json"
-    if m["hidden_size"] == 4096 and qlora.is_file():  # the same model: its backward activations
-        q = json.loads(qlora.read_text())["candidates"][0]["by_category"]
-        backward = q["activations"] + q["temporary"]
-        offload = cat["parameters"] + largest + backward
-        rows.append(["  ... with a CPU-offloaded AdamW and gradients (derived, approximate: parameters + the "
-                     f"largest gradient + {backward / 2**30:.2f} GiB of backward activations)", r["profile"]["key"],
-                     f"peak ~{offload / 2**30:.2f} GiB, device total ~{total(offload):.2f} GiB: {fits(offload)}",
-                     "", ""])
-    return rows
-
-
 def where_the_bytes_go(items: dict) -> list[str]:
-    """The 8B QLoRA step by category: torchtune's setup (plan.md's trace) against the
+    """The 8B QLoRA step by category: torchtune's setup against the
     low-memory config, so the cut can be read category by category."""
-    before_path = RESULTS / "plans" / "plan_llama3_1_8B_qlora_rtx4090.json"
-    if "8b_qlora_4090_lowmem" not in items or not before_path.is_file():
+    if "8b_qlora_4090_lowmem" not in items or "8b_qlora_4090_torchtune_setup" not in items:
         return []
-    before = json.loads(before_path.read_text())["candidates"][0]
+    before = items["8b_qlora_4090_torchtune_setup"]["candidates"][0]
     after = items["8b_qlora_4090_lowmem"]["candidates"][0]
     names = list(before["by_category"])
     row = lambda label, c: [label] + [gib(c["by_category"][k]) for k in names] + [gib(c["peak_bytes"])]  # noqa: E731
@@ -142,9 +136,7 @@ def where_the_bytes_go(items: dict) -> list[str]:
         "Parameters: the NF4 projections plus the bf16 embedding and lm_head (1.0 GiB each). Activations: "
         "with checkpointing, each layer's saved input (batch 2 x 2048 x 4096 bf16 = 32 MiB, 32 layers); "
         "offloading moves them to CPU memory. Temporaries: the layer recomputed in backward, whose MLP "
-        "tensors ([4096, 14336] bf16 = 112 MiB each) the chunked MLP cuts to [1024, 14336] (offloading alone, traced once by hand: peak 6.30 GiB, "
-        "temporary 0.80 GiB: `fastune plan benchmarks/configs/llama3_1_8B_qlora.yaml --profile rtx4090 "
-        "activation_offloading=true`).",
+        "tensors ([4096, 14336] bf16 = 112 MiB each) the chunked MLP cuts to [1024, 14336].",
         "",
         "## Estimates and anchors",
         "",
@@ -166,8 +158,6 @@ def summary() -> tuple[dict, str]:
         else:
             estimate = f"{r['max_seq_len']:,} tokens (device total {r['device_total_gib']:.2f} GiB)"
         rows.append([item["what"], r["profile"]["key"], estimate, item["anchor"], f"`plans/lowmem_{name}.md`"])
-        if "full" in name:
-            rows += full_fine_tuning_arithmetic(r)
     markdown = "\n".join([*where_the_bytes_go(items),
         "Every fastune figure is an ESTIMATE of `fastune plan` (one training step traced on fake tensors, "
         "CUDA code paths; peak = bytes allocated at the peak, device total = peak x 1.10 + 0.6 GiB CUDA "
@@ -175,12 +165,8 @@ def summary() -> tuple[dict, str]:
         "",
         table(["setup", "profile", "fastune estimate", "published anchor", "details"], rows),
         "",
-        "Full fine-tuning rows marked 'derived' are arithmetic on the traced categories, not traces: the "
-        "8-bit and CPU-offloaded optimizers are built on another branch (consumer); rerun this script with "
-        "`optimizer=adamw8bit` / `optimizer=cpu_offload_adamw` once it is merged.",
-        "",
-        "Qwen3-4B on an 8 GB card: not planned here (no Qwen3 family on this branch); "
-        "run `fastune plan` with its config.json once the family is registered.",
+        "Qwen3 4B rows: the Llama 3.2 3B configs' settings with Qwen3-4B's config.json "
+        "(`fastune/assets/model_configs/qwen3_4b`).",
         "",
         f"Reproduce: `python benchmarks/bench_lowmem_plan.py` ({environment()['date']}).",
     ]) + "\n"
