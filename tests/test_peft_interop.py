@@ -170,14 +170,15 @@ def test_merged_export_loads_in_transformers(checkpoint, tmp_path, variant, use_
         torch.testing.assert_close(value, peft_merged[hf_key], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_adapter_written_by_peft_loads_in_fastune(checkpoint, tmp_path, use_dora):
-    hf, path = checkpoint("llama_gqa_llama3")
+@pytest.mark.parametrize(("variant", "use_dora"), [("llama_gqa_llama3", False), ("llama_gqa_llama3", True),
+                                                  ("gemma2", False)])
+def test_adapter_written_by_peft_loads_in_fastune(checkpoint, tmp_path, variant, use_dora):
+    hf, path = checkpoint(variant)
     reference = make_peft(hf, use_dora, seed=10).eval()
-    reference.save_pretrained(tmp_path)  # also writes lm_head.base_layer.weight
+    reference.save_pretrained(tmp_path)  # also writes lm_head.base_layer.weight (untied)
     model = fastune.from_pretrained(path)
     settings = load_peft_adapter(model, tmp_path)  # applies LoRA from adapter_config.json
-    assert settings.targets == tuple(TARGETS) and settings.use_dora == use_dora
+    assert settings.targets == tuple(targets_of(hf)) and settings.use_dora == use_dora
     tokens = random_tokens(2, 13)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), peft_logits(reference, tokens), atol=ATOL, rtol=0)
