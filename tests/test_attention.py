@@ -21,7 +21,7 @@ from fastune.models.config import ModelConfig
 from fastune.models.transformer import Transformer
 
 FP32_ATOL = 1e-5
-WINDOWED = ["mistral_window", "qwen2_window", "qwen3", "gemma3"]
+WINDOWED = ["mistral_window", "qwen2_window", "qwen3", "gemma3", "gemma2"]
 
 
 def dense_reference(q, k, v, document_ids=None, window=None, softcap=None):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
 
+import fastune
 from fastune.cli import main
 from fastune.config import load_config, shipped_config, shipped_config_names
 from fastune.models.config import ModelConfig
@@ -28,6 +30,10 @@ PHI_LONGROPE = {"type": "longrope"}
 QWEN3 = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, num_key_value_heads=8,
              head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
              attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=28)
+GEMMA2 = dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], vocab_size=256000, head_dim=256,
+              rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=4096, query_pre_attn_scalar=256,
+              attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_act="gelu_pytorch_tanh",
+              hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192)
 # The shape keys of each model's config.json on the Hub, and its parameter count as published
 # (tied embeddings counted once).
 MODELS = {
@@ -78,6 +84,20 @@ MODELS = {
         rope_scaling=None, sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=256,
         hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None, attn_logit_softcapping=None,
         max_position_embeddings=32768, tie_word_embeddings=True), 999_885_952),
+    # Gemma 2: config.json on the Hub leaves layer_types out (sliding, full alternate) and ties.
+    "google/gemma-2-2b": (dict(GEMMA2, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                               num_attention_heads=8, num_key_value_heads=4), 2_614_341_888),
+    "google/gemma-2-9b": (dict(GEMMA2, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                               num_attention_heads=16, num_key_value_heads=8), 9_241_705_984),
+    # Multimodal: text_config names only what differs from Gemma3TextConfig. The count is the
+    # language model's (what fastune loads), from transformers' Gemma3ForCausalLM of that config.
+    "google/gemma-3-4b-it": (dict(
+        model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"], mm_tokens_per_image=256,
+        text_config=dict(hidden_size=2560, intermediate_size=10240, model_type="gemma3_text", num_hidden_layers=34,
+                         rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024),
+        vision_config=dict(hidden_size=1152, image_size=896, intermediate_size=4304,
+                           model_type="siglip_vision_model", num_attention_heads=16, num_hidden_layers=27,
+                           patch_size=14, vision_use_head=False)), 3_880_263_168),
 }
 MODEL_CONFIGS = [n for n in shipped_config_names() if n not in ("demo", "dpo_demo")]
 DOWNLOAD = re.compile(r"^#\s+fastune download (\S+) --output-dir (\S+)", re.MULTILINE)
@@ -115,7 +135,8 @@ def test_the_issue_s_model_configs_ship():
         "phi4/mini_lora", "phi4/mini_qlora", "phi3_5/mini_lora", "phi3_5/mini_qlora",
         "qwen3/0.6B_lora", "qwen3/0.6B_qlora", "qwen3/0.6B_full", "qwen3/1.7B_lora", "qwen3/1.7B_qlora",
         "qwen3/1.7B_full", "qwen3/4B_lora", "qwen3/4B_qlora", "qwen3/8B_lora", "qwen3/8B_qlora",
-        "gemma3/1B_lora", "gemma3/1B_qlora", "gemma3/1B_full",
+        "gemma3/1B_lora", "gemma3/1B_qlora", "gemma3/1B_full", "gemma3/4B_lora", "gemma3/4B_qlora",
+        "gemma2/2B_lora", "gemma2/2B_qlora", "gemma2/9B_lora", "gemma2/9B_qlora",
     }
 
 
@@ -154,3 +175,29 @@ def test_ls_lists_every_model_config_with_its_method():
     for name in MODEL_CONFIGS:
         model, method = name.split("/")[0], load_config(name, check_paths=False).method
         assert rows[name] == [model, method]
+
+
+# The config.json files fastune plan reads for the shipped configs (fastune/assets/model_configs).
+ASSETS = {
+    "qwen3_0_6b": "Qwen/Qwen3-0.6B", "qwen3_1_7b": "Qwen/Qwen3-1.7B", "qwen3_4b": "Qwen/Qwen3-4B",
+    "qwen3_8b": "Qwen/Qwen3-8B", "phi3_5_mini": "microsoft/Phi-3.5-mini-instruct",
+    "phi4_mini": "microsoft/Phi-4-mini-instruct", "gemma3_1b": "google/gemma-3-1b-it",
+    "gemma3_4b": "google/gemma-3-4b-it", "gemma2_2b": "google/gemma-2-2b", "gemma2_9b": "google/gemma-2-9b",
+}  # the Llama ones: tests/test_plan.py
+
+
+@pytest.mark.parametrize("asset", sorted(ASSETS))
+def test_model_config_asset_is_the_model_s_config(asset):
+    """Each committed config.json builds the model of the Hub config above: the same
+    config (LongRoPE factor values and token ids aside) and the published parameter count."""
+    ours = ModelConfig.from_json(Path(fastune.__file__).parent / "assets" / "model_configs" / asset)
+    config, count = MODELS[ASSETS[asset]]
+    theirs = ModelConfig.from_hf_dict(config)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "tie_word_embeddings", "qk_norm", "sliding_window",
+                  "layer_types", "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                  "rope_theta", "layer_rope", "partial_rotary_factor", "model_type"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    with torch.device("meta"):
+        model = get_spec(ours.model_type).build(ours)
+    assert sum(p.numel() for p in model.parameters()) == count

@@ -179,6 +179,23 @@ def test_cuda_paths_and_features_change_the_estimate(tiny):
     assert base.peak_bytes % 512 == 0
 
 
+def test_cuda_plan_counts_flex_attention_memory_for_windows_and_softcaps(tiny, tmp_path):
+    """On a GPU, windowed and softcapped layers run FlexAttention (out and log-sum-exp saved),
+    not the CPU blocked path: a Gemma 2 step holds what the same step without them holds,
+    while on CPU the blocked path's scores make it larger."""
+    gemma2 = {**TINY_MODEL, "model_type": "gemma2", "head_dim": 32, "sliding_window": 16,
+              "attn_logit_softcapping": 50.0, "final_logit_softcapping": None}
+    plain = {**gemma2, "sliding_window": None, "attn_logit_softcapping": None}
+    peaks = {}
+    for name, model in (("gemma2", gemma2), ("plain", plain)):
+        (tmp_path / "model").mkdir(exist_ok=True)
+        (tmp_path / "model" / "config.json").write_text(json.dumps(model))
+        cfg, model_config = config(tiny, f"model.checkpoint_dir={tmp_path / 'model'}")
+        peaks[name] = {d: trace_step(cfg, model_config, Target(d)).by_category["activations"] for d in ("cuda", "cpu")}
+    assert peaks["gemma2"]["cuda"] == peaks["plain"]["cuda"]
+    assert peaks["gemma2"]["cpu"] > peaks["plain"]["cpu"]
+
+
 def test_recommends_the_first_variant_that_fits(tiny):
     cfg, model_config = config(tiny, "batch_size=4")
     roomy = Profile(key="roomy", name="roomy", kind="cuda", memory_gib=1000.0)

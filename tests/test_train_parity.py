@@ -88,11 +88,33 @@ def hf_qwen3(seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("method, tied", [("lora", False), ("lora", True), ("dora", False), ("lora", "qwen3")])
+def hf_gemma2(seed: int = 0):
+    """A random tied Gemma2ForCausalLM: its first layer slides over 8 tokens, and both
+    softcaps are low enough to act on these logits (fastune caps inside its fused loss).
+    Weights at std 0.3: at 0.08 the tied head gives near-uniform logits, and four steps
+    do not move the loss."""
+    import transformers
+
+    config = transformers.Gemma2Config(vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=256,
+                                       head_dim=16, query_pre_attn_scalar=12, sliding_window=8,
+                                       attn_logit_softcapping=4.0, final_logit_softcapping=5.0, **SMALL)
+    torch.manual_seed(seed)
+    model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.1) if "norm" in name else p.normal_(0.0, 0.3)
+    return model
+
+
+HF_BASES = {"qwen3": hf_qwen3, "gemma2": hf_gemma2}
+
+
+@pytest.mark.parametrize("method, tied", [("lora", False), ("lora", True), ("dora", False), ("lora", "qwen3"),
+                                          ("lora", "gemma2")])
 def test_lora_loss_curve_matches_hf_peft(tmp_path, method, tied):
     import peft
 
-    hf = hf_qwen3() if tied == "qwen3" else hf_llama(tie_word_embeddings=tied)
+    hf = HF_BASES[tied]() if tied in HF_BASES else hf_llama(tie_word_embeddings=tied)
     base = save_base(hf, tmp_path / "base")
     cfg, state, batches = fastune_run_and_batches(tmp_path, base, method=method, gradient_accumulation_steps=2)
 

@@ -53,6 +53,11 @@ VARIANTS = {
                               rope_parameters={
                                   "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # Gemma 2: Gemma 2's own layer pattern (sliding, full), window 12, both softcaps low enough
+    # to bite on these logits, head_dim 32 scaled by query_pre_attn_scalar 24, tied.
+    "gemma2": ("gemma2", dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
+                              tie_word_embeddings=True, attn_logit_softcapping=4.0, final_logit_softcapping=3.0,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
 }
 
 # original_max_position_embeddings=32 with beta_fast=8 puts the ramp inside head_dim 16.
@@ -96,6 +101,7 @@ def build_hf_model(variant: str, seed: int = 0):
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**BASE, **overrides}))

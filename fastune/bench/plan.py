@@ -11,8 +11,9 @@ reports the bytes live at the peak by category.
 
 For a GPU profile the trace takes the CUDA code paths where they change memory:
 fastune's ops dispatch to their Triton custom ops, whose fake implementations
-allocate exactly the kernels' outputs and saved tensors; AdamW is the fused
-implementation (no work buffers); activation offloading moves saved tensors off
+allocate exactly the kernels' outputs and saved tensors; attention with windows,
+softcaps or documents holds what FlexAttention holds (``planning_cuda_memory``);
+AdamW is the fused implementation (no work buffers); activation offloading moves saved tensors off
 the device; every storage is rounded up to the caching allocator's 512 bytes.
 What it cannot know is listed in ``ASSUMPTIONS`` and printed with every plan.
 
@@ -55,7 +56,8 @@ ASSUMPTIONS = {
         "peak of one micro-batch is the peak of the step (gradients are accumulated in place).",
         "Attention memory is that of PyTorch's CPU flash-attention kernel (saves the output and "
         "the log-sum-exp, no [S, S] scores), which matches CUDA's flash and memory-efficient "
-        "kernels; a CUDA fallback to the math kernel would hold [B, H, S, S] scores.",
+        "kernels and FlexAttention (sliding windows, softcaps, packed documents); a CUDA "
+        "fallback to the math kernel would hold [B, H, S, S] scores.",
         "Eager memory: torch.compile (compile=true) usually needs less, as inductor fuses "
         "element-wise temporaries.",
         "Memory an op allocates and frees inside its kernel (cuBLAS/flash workspaces) is not "
@@ -134,6 +136,7 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastune.kernels.dispatch import force_triton
+    from fastune.models.attention import planning_cuda_memory
     from fastune.modules.chunked import apply_chunked_mlp
     from fastune.training.memory import apply_activation_checkpointing
     from fastune.training.optim import build_optimizer
@@ -144,6 +147,8 @@ def trace_step(cfg: DictConfig, model_config: ModelConfig, target: Target) -> Me
             stack.enter_context(FakeTensorMode())
         if target.device == "cuda" and cfg.model.kernels:
             stack.enter_context(force_triton())  # the ops' Triton paths (their fake impls here)
+        if target.fake and target.device == "cuda":  # FlexAttention's memory, not the CPU blocked path's
+            stack.enter_context(planning_cuda_memory())
         model = build_model(cfg, model_config)
         apply_chunked_mlp(model, cfg.get("chunked_mlp"))
         ac = cfg.activation_checkpointing

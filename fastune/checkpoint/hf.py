@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Union
@@ -30,9 +31,11 @@ from fastune.checkpoint.atomic import atomic_directory
 from fastune.errors import FastuneError
 from fastune.checkpoint.layout import CONFIG_NAME, HF_INDEX, HF_WEIGHTS, copy_tokenizer_files
 from fastune.models.config import ModelConfig
-from fastune.models.spec import get_spec
+from fastune.models.spec import StateDictAdapter, get_spec
 from fastune.models.transformer import Transformer
 from fastune.modules.kernels import apply_kernels
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # Older Llama checkpoints stored RoPE's inverse frequencies as a persistent
@@ -110,7 +113,11 @@ def load_hf_checkpoint(
     dtype, device = parse_dtype(dtype), torch.device(device)
     with torch.device("meta"):
         model = spec.build(config)
-    plan = _plan_load(path, _expected_shapes(model, config), config.tie_word_embeddings)
+    plan, ignored = _plan_load(path, _expected_shapes(model, config), config.tie_word_embeddings, spec.adapter)
+    if ignored:  # a multimodal checkpoint: say that only its language model is used
+        under = sorted({p.rstrip(".") for p in spec.adapter.ignored if any(k.startswith(p) for k in ignored)})
+        log.info("%s: loading the language model only; the vision tower is ignored (%d tensors under %s)",
+                 path, len(ignored), ", ".join(under))
     for file, keys in plan.items():
         model.load_state_dict(_read_tensors(file, keys, dtype, device, config), strict=False, assign=True)
     model.reset_buffers(device)
@@ -125,34 +132,41 @@ def _expected_shapes(model: nn.Module, config: ModelConfig) -> dict[str, tuple[i
     return {k: tuple(v.shape) for k, v in hf.items()}
 
 
-def _plan_load(path: Path, expected: dict[str, tuple[int, ...]], tied: bool) -> dict[Path, list[str]]:
-    """Shard file -> HF keys to read from it, after checking every key and shape
-    against the config. Reads headers only."""
+def _plan_load(path: Path, expected: dict[str, tuple[int, ...]], tied: bool,
+               adapter: StateDictAdapter) -> tuple[dict[Path, list[tuple[str, str]]], list[str]]:
+    """(shard file -> (key in the file, HF key) pairs to read from it, the keys the
+    adapter ignores), after checking every key and shape against the config. Reads
+    headers only."""
     files, source = _weight_files(path)
-    plan: dict[Path, list[str]] = {}
-    for file, keys in files.items():
+    plan: dict[Path, list[tuple[str, str]]] = {}
+    ignored = []
+    for file, file_keys in files.items():
         with _open(file) as f:
             present = set(f.keys())
-            for key in keys:
-                if key not in present:
-                    raise CheckpointError(f"{file}: key {key!r} listed in {HF_INDEX} is not in this shard")
+            for file_key in file_keys:
+                if file_key not in present:
+                    raise CheckpointError(f"{file}: key {file_key!r} listed in {HF_INDEX} is not in this shard")
+                key = adapter.canonical_key(file_key)
+                if key is None:
+                    ignored.append(file_key)
+                    continue
                 if key.endswith(_IGNORED_SUFFIXES) or (tied and key == _LM_HEAD):
                     continue
                 if key not in expected:
                     raise CheckpointError(f"{file}: unexpected key {key!r}; config.json implies no such parameter")
-                shape = tuple(f.get_slice(key).get_shape())
+                shape = tuple(f.get_slice(file_key).get_shape())
                 if shape != expected[key]:
                     raise CheckpointError(
-                        f"{file}: key {key!r} has shape {list(shape)}, "
+                        f"{file}: key {file_key!r} has shape {list(shape)}, "
                         f"config.json implies {list(expected[key])}"
                     )
-                plan.setdefault(file, []).append(key)
-    found = {k for keys in plan.values() for k in keys}
+                plan.setdefault(file, []).append((file_key, key))
+    found = {k for keys in plan.values() for _, k in keys}
     missing = [k for k in expected if k not in found and not (tied and k == _LM_HEAD)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{source}: missing key {missing[0]!r}{more}")
-    return plan
+    return plan, ignored
 
 
 def _weight_files(path: Path) -> tuple[dict[Path, list[str]], Path]:
@@ -199,7 +213,7 @@ def _open(file: Path) -> Iterator:
         yield f
 
 
-def _read_tensors(file: Path, keys: list[str], dtype: torch.dtype, device: torch.device,
+def _read_tensors(file: Path, keys: list[tuple[str, str]], dtype: torch.dtype, device: torch.device,
                   config: ModelConfig) -> dict[str, torch.Tensor]:
     """fastune key -> tensor copied out of the shard into fresh memory (a fused HF
     tensor gives several).
@@ -212,9 +226,9 @@ def _read_tensors(file: Path, keys: list[str], dtype: torch.dtype, device: torch
     """
     adapter = get_spec(config.model_type).adapter
     out = {}
-    for key in keys:
+    for file_key, key in keys:
         with _open(file) as f:
-            out.update(adapter.from_hf(key, f.get_tensor(key).to(device=device, dtype=dtype, copy=True), config))
+            out.update(adapter.from_hf(key, f.get_tensor(file_key).to(device=device, dtype=dtype, copy=True), config))
     return out
 
 

@@ -22,6 +22,11 @@ Dispatch rule, first match wins:
    replaces), and compiled it has no backward on CPU ("FlexAttention does not
    support backward on CPU"), so CPU takes the blocked path.
 
+``fastune plan`` traces a GPU step on fake CPU tensors, where rule 4 would count the
+blocked path's per-block scores; under ``planning_cuda_memory()`` every layer takes
+SDPA's flash kernel instead, which saves what FlexAttention saves (the output and the
+log-sum-exp, no [S, S] scores). Only the memory is meant; the values are not Gemma's.
+
 Conventions follow transformers 5: a sliding window of W lets query i see keys j
 with i - W < j <= i (W keys, itself included); the softcap is
 ``cap * tanh(score / cap)`` applied to the scaled scores, before masking.
@@ -29,14 +34,28 @@ with i - W < j <= i (W keys, itself included); the softcap is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 # Query rows per block of the blocked path: its masks are [B, 1, BLOCK, <= S] booleans.
 BLOCK = 128
+_planning_cuda_memory = False
+
+
+@contextlib.contextmanager
+def planning_cuda_memory() -> Iterator[None]:
+    """For the memory planner only: every layer's attention holds, in forward and for
+    backward, what CUDA's FlexAttention holds (see the module docstring)."""
+    global _planning_cuda_memory
+    previous, _planning_cuda_memory = _planning_cuda_memory, True
+    try:
+        yield
+    finally:
+        _planning_cuda_memory = previous
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +103,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerAttent
         if layer.softcap is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=layer.scale)
         return _softcapped(q, k, v, mask, layer.softcap, layer.scale)
-    if masks.document_ids is None and layer.plain:
+    if _planning_cuda_memory or (masks.document_ids is None and layer.plain):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=layer.scale)
     if masks.block_masks is not None:
         return _flex(q, k, v, masks.block_masks[layer.sliding_window], layer.softcap, gqa, layer.scale)

@@ -1,4 +1,4 @@
-"""Gemma 3's decoder layer and model, on the shared decoder's parts (see ``gemma.py``)."""
+"""Gemma 2 and Gemma 3's decoder layer and model, on the shared decoder's parts (see ``gemma.py``)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class GemmaDecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-class Gemma3Transformer(Transformer):
+class GemmaTransformer(Transformer):
     layer_class = GemmaDecoderLayer
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 
 from fastune.errors import ConfigError
 
@@ -68,11 +68,26 @@ class Fused:
 @dataclasses.dataclass(frozen=True)
 class StateDictAdapter:
     """fastune keys <-> HF keys. A key gets ``prefix`` unless it is in
-    ``unprefixed``; a ``Fused`` tensor is split on load and concatenated on save."""
+    ``unprefixed``; a ``Fused`` tensor is split on load and concatenated on save.
+    Loading also reads other layouts of the same weights: ``renames`` maps a key prefix
+    in the file to the one it stands for, and keys under an ``ignored`` prefix belong to
+    another model in the same checkpoint (a multimodal model's vision tower)."""
 
     prefix: str = "model."
     unprefixed: tuple[str, ...] = ("lm_head.weight",)
     fused: tuple[Fused, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
+    ignored: tuple[str, ...] = ()
+
+    def canonical_key(self, file_key: str) -> Optional[str]:
+        """The HF key (as ``to_hf_key`` writes it) of a key found in a checkpoint file;
+        None for an ignored one."""
+        if file_key.startswith(self.ignored):
+            return None
+        for old, new in self.renames:
+            if file_key.startswith(old):
+                return new + file_key[len(old):]
+        return file_key
 
     def to_hf_key(self, key: str) -> str:
         return key if key in self.unprefixed else self.prefix + key
