@@ -106,11 +106,30 @@ def hf_gemma2(seed: int = 0):
     return model
 
 
-HF_BASES = {"qwen3": hf_qwen3, "gemma2": hf_gemma2}
+def hf_gemma3(seed: int = 0):
+    """A random tied Gemma3ForCausalLM (q/k norms): a local layer sliding over 8 tokens
+    with its own RoPE base, then a global one with linear RoPE scaling; weights as
+    hf_gemma2's."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=256, head_dim=16, query_pre_attn_scalar=12,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}, **SMALL)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.1) if "norm" in name else p.normal_(0.0, 0.3)
+    return model
+
+
+HF_BASES = {"qwen3": hf_qwen3, "gemma2": hf_gemma2, "gemma3": hf_gemma3}
 
 
 @pytest.mark.parametrize("method, tied", [("lora", False), ("lora", True), ("dora", False), ("lora", "qwen3"),
-                                          ("lora", "gemma2")])
+                                          ("lora", "gemma2"), ("lora", "gemma3")])
 def test_lora_loss_curve_matches_hf_peft(tmp_path, method, tied):
     import peft
 
