@@ -53,7 +53,8 @@ def offloading_hooks(model: nn.Module):
         entry.pending -= 1
         if entry.pending == 0:  # autograd holds what it still needs
             entry.back = None
-        return torch.empty(0, dtype=dtype, device=back.device).set_(
-            back.untyped_storage(), offset, size, stride)
+        # A view of the bytes, not ``set_`` as the real hooks do: under fake tensors a
+        # tensor made by ``set_`` keeps the storage alive past its last use.
+        return back.view(dtype).as_strided(size, stride, offset)
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
