@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fastune.config.sections import DataSection
 from fastune.training.recipe import build_data, fit, setup
 from train_helpers import single_thread  # noqa: F401 (autouse fixture)
-from train_helpers import SMALL, VOCAB, RecordingLogger, hf_llama, make_config, save_base
+from train_helpers import SMALL, VOCAB, RecordingLogger, hf_llama, make_config, random_hf_model, save_base
 
 IGNORE = -100
 STEPS = 4
@@ -80,12 +80,7 @@ def hf_qwen3(seed: int = 0):
     config = transformers.Qwen3Config(vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=256,
                                       tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
                                       max_window_layers=0, **SMALL)
-    torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.08)
-    return model
+    return random_hf_model(transformers.Qwen3ForCausalLM, config, seed)
 
 
 def hf_gemma2(seed: int = 0):
@@ -98,12 +93,7 @@ def hf_gemma2(seed: int = 0):
     config = transformers.Gemma2Config(vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=256,
                                        head_dim=16, query_pre_attn_scalar=12, sliding_window=8,
                                        attn_logit_softcapping=4.0, final_logit_softcapping=5.0, **SMALL)
-    torch.manual_seed(seed)
-    model = transformers.Gemma2ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1) if "norm" in name else p.normal_(0.0, 0.3)
-    return model
+    return random_hf_model(transformers.Gemma2ForCausalLM, config, seed, norm_mean=0.0, std=0.3)
 
 
 def hf_gemma3(seed: int = 0):
@@ -117,12 +107,7 @@ def hf_gemma3(seed: int = 0):
         sliding_window=8, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}, **SMALL)
-    torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1) if "norm" in name else p.normal_(0.0, 0.3)
-    return model
+    return random_hf_model(transformers.Gemma3ForCausalLM, config, seed, norm_mean=0.0, std=0.3)
 
 
 HF_BASES = {"qwen3": hf_qwen3, "gemma2": hf_gemma2, "gemma3": hf_gemma3}

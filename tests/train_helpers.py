@@ -51,11 +51,17 @@ def hf_llama(seed: int = 0, tie_word_embeddings: bool = False, **shape):
 
     config = transformers.LlamaConfig(vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=256,
                                       tie_word_embeddings=tie_word_embeddings, **{**SMALL, **shape})
+    return random_hf_model(transformers.LlamaForCausalLM, config, seed)
+
+
+def random_hf_model(model_class, config, seed: int = 0, norm_mean: float = 1.0, std: float = 0.08):
+    """``model_class(config)`` with norms drawn around ``norm_mean`` (std 0.1) and every
+    other weight at ``std``: O(1) logits that a few steps of training move visibly."""
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    model = model_class(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.08)
+            p.normal_(norm_mean, 0.1) if "norm" in name else p.normal_(0.0, std)
     return model
 
 
