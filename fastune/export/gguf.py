@@ -74,6 +74,21 @@ LLAMA_TENSORS = {
 }
 
 
+_LAYER = "model.layers.{bid}."
+QWEN3_TENSORS = {**LLAMA_TENSORS, _LAYER + "self_attn.q_norm": T.ATTN_Q_NORM, _LAYER + "self_attn.k_norm": T.ATTN_K_NORM}
+# Phi-3 keeps the checkpoint's fused projections: llama.cpp splits qkv by rows and gate_up in halves.
+PHI3_TENSORS = {**{k: v for k, v in LLAMA_TENSORS.items() if v not in (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.FFN_GATE)},
+                _LAYER + "self_attn.qkv_proj": T.ATTN_QKV, _LAYER + "mlp.gate_up_proj": T.FFN_UP}
+# Gemma's post_attention_layernorm norms the attention output; the pre-FFN norm has its own name.
+GEMMA_TENSORS = {**QWEN3_TENSORS, _LAYER + "post_attention_layernorm": T.ATTN_POST_NORM,
+                 _LAYER + "pre_feedforward_layernorm": T.FFN_PRE_NORM,
+                 _LAYER + "post_feedforward_layernorm": T.FFN_POST_NORM}
+
+
+def _no_hparams(writer: gguf.GGUFWriter, config) -> None:
+    pass
+
+
 @dataclasses.dataclass(frozen=True)
 class GGUFFamily:
     """What llama.cpp expects of one HF ``model_type``."""
@@ -81,16 +96,62 @@ class GGUFFamily:
     arch: gguf.MODEL_ARCH
     tensors: dict  # HF key prefix -> gguf.MODEL_TENSOR
     # Reorder Q/K rows from the half-split rotation to the adjacent-pairs one (llama.cpp's NORM rope).
-    permute_qk: bool
-    # The architecture reads Llama 3.1 rope scaling from a rope_freqs tensor.
-    rope_freqs: bool
+    permute_qk: bool = False
+    # The RoPE scaling types llama.cpp's graph for this architecture applies as fastune does.
+    rope_types: tuple[str, ...] = ("default", "linear")
+    # Added to every norm weight: Gemma's RMSNorm multiplies by (1 + w), llama.cpp's by the stored w.
+    norm_offset: float = 0.0
+    # llama.cpp's own choice of sliding layers (layer index -> slides), None where its graph never slides.
+    sliding: Optional[Callable[[int], bool]] = None
+    hparams: Callable[[gguf.GGUFWriter, object], None] = _no_hparams  # the architecture's own metadata
+    # Multiplies Q (its per-head norm where there is one) so that llama.cpp's attention scale gives fastune's scores.
+    query_scale: Callable[[object], float] = lambda config: 1.0
+
+
+def _phi3_hparams(writer: gguf.GGUFWriter, config) -> None:
+    from fastune.models.rope import rope_attention_scaling
+
+    original = (config.rope_scaling or {}).get("original_max_position_embeddings",
+                                               config.extra.get("original_max_position_embeddings"))
+    if original:
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+    writer.add_sliding_window(config.sliding_window or 0)  # llama.cpp reads it, and then disables Phi-3 SWA
+    if config.rope_scaling and config.rope_scaling["rope_type"] == "longrope":
+        writer.add_rope_scaling_attn_factors(rope_attention_scaling(config))
+
+
+def _gemma_query_scale(config) -> float:
+    """llama.cpp ignores query_pre_attn_scalar: it scales Gemma's scores by 1/sqrt(head_dim),
+    or 1/sqrt(hidden / heads) for the 27B models it recognizes by their layer count. The
+    ratio to the checkpoint's scale is folded into Q (1 for Google's models)."""
+    big = config.num_hidden_layers == {"gemma2": 46, "gemma3_text": 62}[config.model_type]
+    theirs = config.hidden_size // config.num_attention_heads if big else config.head_dim
+    return (theirs / config.query_pre_attn_scalar) ** 0.5
+
+
+def _gemma_hparams(writer: gguf.GGUFWriter, config) -> None:
+    writer.add_sliding_window(config.sliding_window)
+    if config.attn_logit_softcapping:
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if config.final_logit_softcapping:
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    local = config.layer_rope.get("sliding_attention")
+    if local:
+        writer.add_rope_freq_base_swa(local["rope_theta"])
 
 
 # One entry per HF model_type fastune supports; a new family is one line here.
 FAMILIES = {
-    "llama": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True, rope_freqs=True),
-    "mistral": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True, rope_freqs=True),
-    "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, LLAMA_TENSORS, permute_qk=False, rope_freqs=False),
+    "llama": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True, rope_types=("default", "linear", "llama3")),
+    "mistral": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True,
+                          rope_types=("default", "linear", "llama3")),
+    "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, LLAMA_TENSORS),
+    "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, QWEN3_TENSORS),
+    "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, PHI3_TENSORS, rope_types=("default", "longrope"), hparams=_phi3_hparams),
+    "gemma2": GGUFFamily(gguf.MODEL_ARCH.GEMMA2, GEMMA_TENSORS, norm_offset=1.0, sliding=lambda i: i % 2 == 0,
+                         hparams=_gemma_hparams, query_scale=_gemma_query_scale),
+    "gemma3_text": GGUFFamily(gguf.MODEL_ARCH.GEMMA3, GEMMA_TENSORS, norm_offset=1.0, sliding=lambda i: i % 6 < 5,
+                              hparams=_gemma_hparams, query_scale=_gemma_query_scale),
 }
 
 
@@ -159,20 +220,45 @@ def _check_family(ckpt: Path, config) -> None:
     if config.model_type not in FAMILIES:
         raise GGUFExportError(f"{ckpt / CONFIG_NAME}: model_type {config.model_type!r} has no GGUF export; "
                               f"supported: {', '.join(FAMILIES)}")
+    family = FAMILIES[config.model_type]
+    arch = gguf.MODEL_ARCH_NAMES[family.arch]
     rope_type = config.rope_scaling["rope_type"] if config.rope_scaling else "default"
-    if rope_type not in ("default", "linear", "llama3") or config.partial_rotary_factor != 1.0:
-        # The metadata written below says nothing of them: llama.cpp would rotate wrongly.
-        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: GGUF export does not write {rope_type!r} RoPE "
-                              "scaling or partial rotary yet")
+    if rope_type not in family.rope_types:
+        # The metadata written below cannot say it: llama.cpp would rotate wrongly.
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: llama.cpp's {arch} architecture does not apply "
+                              f"{rope_type!r} RoPE scaling")
+    if family.permute_qk and config.partial_rotary_factor != 1.0:
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: GGUF export does not write partial rotary for {arch}")
+    if family.sliding is not None and _sliding_layers(config) != [family.sliding(i) for i in
+                                                                  range(config.num_hidden_layers)]:
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: llama.cpp's {arch} architecture fixes which layers slide, "
+                              "and this checkpoint's layer_types differ")
+
+
+def _sliding_layers(config) -> list[bool]:
+    return [t == "sliding_attention" for t in config.layer_types or ["full_attention"] * config.num_hidden_layers]
+
+
+def _warnings(config, family: GGUFFamily) -> list[str]:
+    if family.sliding is None and any(_sliding_layers(config)) and config.sliding_window:
+        return [f"llama.cpp's {gguf.MODEL_ARCH_NAMES[family.arch]} architecture has no sliding window: "
+                f"attention differs from fastune's past {config.sliding_window} tokens"]
+    return []
+
+
+def _hf_state(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under their checkpoint names (fused where the checkpoint fuses them)."""
+    from fastune.models.spec import get_spec
+
+    return get_spec(model.config.model_type).adapter.to_hf(model.state_dict(), model.config)
 
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    from fastune.checkpoint.hf import to_hf_key
-    from fastune.models.transformer import Transformer
+    from fastune.models.spec import get_spec
 
     with torch.device("meta"):
-        model = Transformer(config)
-    shapes = {to_hf_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+        model = get_spec(config.model_type).build(config)
+    shapes = {k: tuple(v.shape) for k, v in _hf_state(model).items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
@@ -230,12 +316,11 @@ def _checked_shapes(ckpt: Path, files: dict[str, Path], expected: dict[str, tupl
 def _merged_weights(ckpt: Path, raw: dict):
     """An adapter-only checkpoint: (config, its base model with the adapter merged in, in
     memory), in the dtype of its config.json (fp32 when it has none)."""
-    from fastune.checkpoint.hf import to_hf_key
     from fastune.generation import load_model
 
     dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
     model, _ = load_model(ckpt, dtype=dtype, device="cpu", use_kernels=False)
-    state = {to_hf_key(k): v for k, v in model.state_dict().items()}
+    state = _hf_state(model)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return model.config, _Weights({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
@@ -273,6 +358,7 @@ def _tensor_type(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizatio
 
 def _plan(config, weights: _Weights, family: GGUFFamily, wanted, source: str) -> list[_Tensor]:
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    query, query_scale = ("q_norm" if config.qk_norm else "q_proj"), family.query_scale(config)
 
     def producer(key: str) -> Callable[[], np.ndarray]:
         module = key.rsplit(".", 2)[-2]
@@ -281,6 +367,10 @@ def _plan(config, weights: _Weights, family: GGUFFamily, wanted, source: str) ->
             w = weights.read(key).to(torch.float32)
             if family.permute_qk and module in heads:
                 w = to_interleaved(w, heads[module])
+            if module.endswith("norm"):
+                w = w + family.norm_offset
+            if module == query and query_scale != 1.0:
+                w = w * query_scale
             return w.contiguous().numpy()
 
         return produce
@@ -289,25 +379,27 @@ def _plan(config, weights: _Weights, family: GGUFFamily, wanted, source: str) ->
     for key, shape in weights.shapes.items():
         name = _gguf_name(key, family, source)
         plan.append(_Tensor(name, shape, _tensor_type(name, shape, wanted), producer(key)))
-    factors = _rope_freq_factors(config)
-    if factors is not None:
-        if not family.rope_freqs:
-            raise GGUFExportError(f"{source}: llama.cpp's {gguf.MODEL_ARCH_NAMES[family.arch]} architecture "
-                                  "does not support llama3 rope scaling")
-        name = gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight"
-        plan.insert(0, _Tensor(name, tuple(factors.shape), Q.F32, lambda: factors))
+    for tensor, values in reversed(_rope_tensors(config).items()):
+        name = gguf.TENSOR_NAMES[tensor] + ".weight"
+        plan.insert(0, _Tensor(name, tuple(values.shape), Q.F32, lambda values=values: values))
     return plan
 
 
-def _rope_freq_factors(config) -> Optional[np.ndarray]:
-    """Llama 3.1 scaling as llama.cpp applies it: each frequency divided by a factor,
-    here the ratio of fastune's unscaled to scaled inverse frequencies."""
+def _rope_tensors(config) -> dict[gguf.MODEL_TENSOR, np.ndarray]:
+    """Per-frequency divisors llama.cpp reads from tensors.
+    Llama 3.1: ``rope_freqs``, the ratio of fastune's unscaled to scaled inverse frequencies.
+    LongRoPE: both factor lists; llama.cpp takes the long ones when its context (n_ctx)
+    exceeds the original one, fastune and transformers when the sequence does."""
     from fastune.models.rope import rope_inv_freq
 
-    if not config.rope_scaling or config.rope_scaling["rope_type"] != "llama3":
-        return None
-    base = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
-    return (base / rope_inv_freq(config)).numpy().astype(np.float32)
+    kind = config.rope_scaling["rope_type"] if config.rope_scaling else "default"
+    if kind == "llama3":
+        base = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
+        return {T.ROPE_FREQS: (base / rope_inv_freq(config)).numpy().astype(np.float32)}
+    if kind == "longrope":
+        return {T.ROPE_FACTORS_LONG: np.array(config.rope_scaling["long_factor"], dtype=np.float32),
+                T.ROPE_FACTORS_SHORT: np.array(config.rope_scaling["short_factor"], dtype=np.float32)}
+    return {}
 
 
 # ----------------------------------------------------------------------------- metadata and writing
@@ -328,12 +420,13 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config, file_type, name: str) 
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_dimension_count(config.rotary_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if config.rope_scaling and config.rope_scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+    FAMILIES[config.model_type].hparams(writer, config)
 
 
 def _tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
@@ -392,7 +485,7 @@ def export_gguf(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    warnings = [vocab.warning] if vocab.warning else []
+    warnings = ([vocab.warning] if vocab.warning else []) + _warnings(config, family)
     return ExportResult(out, arch, {t.name: t.qtype.name for t in plan}, warnings)
 
 
