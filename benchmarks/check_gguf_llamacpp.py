@@ -93,6 +93,34 @@ def check(checkpoint, out_type: str, prompts: list[str], max_new_tokens: int, wo
             "passed": passed, "cases": cases}
 
 
+def check_ids(checkpoint, ids: list[int], max_new_tokens: int, workdir: Path, n_ctx: int) -> dict:
+    """The f32 export of a (tiny) checkpoint, from prompt ids: llama.cpp's next-token logits
+    over the prompt and greedy continuation against fastune's fp32 ones. llama.cpp rounds
+    its context up (to 256 tokens) and, for LongRoPE, takes the long factors when that
+    exceeds the original context; fastune does when the sequence does, so the prompt of
+    such a model should be longer than the original context."""
+    import llama_cpp
+
+    from fastune.export.gguf import export_gguf
+    from fastune.generation import generate, load_for_inference
+
+    model, tokenizer, ckpt = load_for_inference(checkpoint, dtype="fp32", use_kernels=False)
+    path = export_gguf(ckpt, workdir / "model-f32.gguf", "f32", force=True).path
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=1, logits_all=True, verbose=False, seed=0)
+    try:
+        llm.eval(ids)
+        theirs_logits = torch.tensor(llm.scores[: len(ids)])
+        theirs = _greedy(llm, ids, max_new_tokens, set(tokenizer.stop_ids))
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours_logits = model(torch.tensor([ids]))[0]
+    ours = generate(model, [ids], max_new_tokens, stop_ids=tokenizer.stop_ids).tokens[0]
+    return {"checkpoint": str(ckpt), "fastune": ours, "llama_cpp": theirs, "greedy_equal": ours == theirs,
+            "max_abs_logit_diff": (theirs_logits - ours_logits).abs().max().item(),
+            "max_abs_logit": ours_logits.abs().max().item()}
+
+
 def _greedy(llm, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
     """llama.cpp's greedy continuation of ``ids``, cut before the first stop id (as fastune's)."""
     out = []
