@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_hf import BASE, ROPE_VARIANTS, VARIANTS
+from tiny_hf import BASE, ROPE_VARIANTS, VARIANTS, YARN
 from train_helpers import DEMO_TOKENIZER, single_thread  # noqa: F401 (autouse fixture)
 
 from fastune.export.gguf import GGUFExportError, export_gguf
@@ -32,6 +32,10 @@ CASES = {
     "gemma2": ("gemma2", {}),
     "gemma3": ("gemma3", dict(num_hidden_layers=6, layer_types=None)),
 }
+FAMILY_CASES = list(CASES)
+# YaRN as llama.cpp applies it (whole-dim ramp ends, default attention factor), and as it does not.
+CASES.update({"llama_yarn": ("llama_yarn", {}), "qwen2_yarn": ("qwen2_yarn_mscale", dict(rope_scaling=YARN)),
+              "qwen2_yarn_mscale": ("qwen2_yarn_mscale", {})})
 ARCH = {"qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
 GEMMA_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                "post_feedforward_layernorm": "post_ffw_norm"}
@@ -50,6 +54,8 @@ def build_checkpoint(case: str, out: Path) -> Path:
     variant, extra = CASES[case]
     arch, overrides = {**VARIANTS, **ROPE_VARIANTS}[variant]
     config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
@@ -111,7 +117,7 @@ def expected_values(hf_key: str, weight: torch.Tensor, config: dict) -> torch.Te
     return w
 
 
-@pytest.mark.parametrize("case,out_type", [(c, t) for c in CASES for t in ("f32", "f16")])
+@pytest.mark.parametrize("case,out_type", [(c, t) for c in FAMILY_CASES for t in ("f32", "f16")])
 def test_tensors_equal_the_hf_weights(checkpoint, tmp_path, case, out_type):
     ckpt = checkpoint(case)
     config = json.loads((ckpt / "config.json").read_text())
@@ -203,3 +209,19 @@ def test_gemma3_layer_pattern_llama_cpp_cannot_run_is_refused(tmp_path):
         del CASES["gemma3_alternating"]
     with pytest.raises(GGUFExportError, match="fixes which layers slide"):
         export_gguf(ckpt, tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("case", ["llama_yarn", "qwen2_yarn"])
+def test_yarn_metadata(checkpoint, tmp_path, case):
+    config, _, r, arch, hp = _exported(checkpoint, tmp_path, case)
+    rope = config["rope_parameters"]
+    assert (hp["rope.scaling.type"], hp["rope.scaling.factor"]) == ("yarn", pytest.approx(rope["factor"]))
+    assert hp["rope.scaling.original_context_length"] == rope["original_max_position_embeddings"]
+    assert hp["rope.scaling.yarn_beta_fast"] == pytest.approx(rope["beta_fast"])
+    assert hp["rope.scaling.yarn_beta_slow"] == pytest.approx(rope["beta_slow"])
+
+
+def test_yarn_llama_cpp_cannot_apply_is_refused(checkpoint, tmp_path):
+    """DeepSeek's mscale attention factor and an unrounded ramp: llama.cpp would rotate otherwise."""
+    with pytest.raises(GGUFExportError, match="YaRN"):
+        export_gguf(checkpoint("qwen2_yarn_mscale"), tmp_path / "m.gguf")

@@ -40,7 +40,8 @@ def test_llama_cpp_greedy_equals_fastune_on_the_demo_model(tmp_path):
 PROMPT = ([0, 17, 5, 230, 99, 3, 41, 300, 8, 150, 64, 2] * 4)[:40]
 
 
-@pytest.mark.parametrize("case", ["qwen3_tied", "phi3", "phi3_longrope", "phi4_mini", "gemma2", "gemma3"])
+@pytest.mark.parametrize("case", ["qwen3_tied", "phi3", "phi3_longrope", "phi4_mini", "gemma2", "gemma3",
+                                  "llama_yarn", "qwen2_yarn"])
 def test_llama_cpp_runs_each_family_as_fastune(tmp_path, case):
     """The tiny qwen3 with sliding layers is left out: llama.cpp's qwen3 has no window (the export warns)."""
     result = _script().check_ids(build_checkpoint(case, tmp_path / "ckpt"), PROMPT, 8, tmp_path, n_ctx=64)

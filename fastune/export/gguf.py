@@ -4,16 +4,17 @@ The file is written with the ``gguf`` package (llama.cpp's own Python writer and
 quantizers), following the conventions of llama.cpp's ``convert_hf_to_gguf.py``:
 
 - tensor names from ``gguf.TENSOR_NAMES`` (``blk.N.attn_q.weight``, ...), per family
-  in ``FAMILIES``; ``output.weight`` is absent when the embeddings are tied;
+  in ``FAMILIES`` (``fastune.export.gguf_families``, with each family's transforms and
+  metadata: Qwen3, Phi-3, Gemma 2 and 3 there); ``output.weight`` is absent when the
+  embeddings are tied;
 - llama.cpp's ``llama`` architecture rotates adjacent pairs (dims 2i, 2i+1), while
   fastune, like Hugging Face, rotates the two halves of each head (i, i + D/2). The
   rows of Q and K (weights and biases) are therefore reordered per head: output row
   2i takes input row i and row 2i+1 takes row i + D/2 (``to_interleaved``). The
-  ``qwen2`` architecture uses the half-split ("NEOX") rotation and keeps them as
-  they are;
+  other architectures use the half-split ("NEOX") rotation and keep them as they are;
 - Llama 3.1 rope scaling becomes a ``rope_freqs`` tensor of per-frequency divisors,
-  linear scaling the ``rope.scaling`` keys;
-- 1-D tensors (norms, biases, rope_freqs) stay float32 whatever the type; a matrix
+  LongRoPE two factor tensors, linear and YaRN scaling the ``rope.scaling`` keys;
+- 1-D tensors (norms, biases, rope factors) stay float32 whatever the type; a matrix
   whose rows do not split into the type's blocks falls back to float16.
 
 Weights are streamed: the header (metadata and every tensor's shape and type) is
@@ -39,6 +40,9 @@ import torch
 
 from fastune.checkpoint.layout import CONFIG_NAME
 from fastune.errors import FastuneError
+from fastune.export.gguf_families import (
+    FAMILIES, GGUFFamily, add_rope_scaling, rope_tensors, sliding_layers, yarn_as_llama_cpp,
+)
 from fastune.export.gguf_vocab import GGUFVocab, read_vocab
 
 T = gguf.MODEL_TENSOR
@@ -56,104 +60,6 @@ TYPES = {
     "q4_1": (Q.Q4_1, F.MOSTLY_Q4_1),
     "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0),
 }
-
-# Hugging Face key -> GGUF tensor; "{bid}" is the layer index. The suffix (.weight/.bias) is kept.
-LLAMA_TENSORS = {
-    "model.embed_tokens": T.TOKEN_EMBD,
-    "model.norm": T.OUTPUT_NORM,
-    "lm_head": T.OUTPUT,
-    "model.layers.{bid}.input_layernorm": T.ATTN_NORM,
-    "model.layers.{bid}.self_attn.q_proj": T.ATTN_Q,
-    "model.layers.{bid}.self_attn.k_proj": T.ATTN_K,
-    "model.layers.{bid}.self_attn.v_proj": T.ATTN_V,
-    "model.layers.{bid}.self_attn.o_proj": T.ATTN_OUT,
-    "model.layers.{bid}.post_attention_layernorm": T.FFN_NORM,
-    "model.layers.{bid}.mlp.gate_proj": T.FFN_GATE,
-    "model.layers.{bid}.mlp.up_proj": T.FFN_UP,
-    "model.layers.{bid}.mlp.down_proj": T.FFN_DOWN,
-}
-
-
-_LAYER = "model.layers.{bid}."
-QWEN3_TENSORS = {**LLAMA_TENSORS, _LAYER + "self_attn.q_norm": T.ATTN_Q_NORM, _LAYER + "self_attn.k_norm": T.ATTN_K_NORM}
-# Phi-3 keeps the checkpoint's fused projections: llama.cpp splits qkv by rows and gate_up in halves.
-PHI3_TENSORS = {**{k: v for k, v in LLAMA_TENSORS.items() if v not in (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.FFN_GATE)},
-                _LAYER + "self_attn.qkv_proj": T.ATTN_QKV, _LAYER + "mlp.gate_up_proj": T.FFN_UP}
-# Gemma's post_attention_layernorm norms the attention output; the pre-FFN norm has its own name.
-GEMMA_TENSORS = {**QWEN3_TENSORS, _LAYER + "post_attention_layernorm": T.ATTN_POST_NORM,
-                 _LAYER + "pre_feedforward_layernorm": T.FFN_PRE_NORM,
-                 _LAYER + "post_feedforward_layernorm": T.FFN_POST_NORM}
-
-
-def _no_hparams(writer: gguf.GGUFWriter, config) -> None:
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class GGUFFamily:
-    """What llama.cpp expects of one HF ``model_type``."""
-
-    arch: gguf.MODEL_ARCH
-    tensors: dict  # HF key prefix -> gguf.MODEL_TENSOR
-    # Reorder Q/K rows from the half-split rotation to the adjacent-pairs one (llama.cpp's NORM rope).
-    permute_qk: bool = False
-    # The RoPE scaling types llama.cpp's graph for this architecture applies as fastune does.
-    rope_types: tuple[str, ...] = ("default", "linear")
-    # Added to every norm weight: Gemma's RMSNorm multiplies by (1 + w), llama.cpp's by the stored w.
-    norm_offset: float = 0.0
-    # llama.cpp's own choice of sliding layers (layer index -> slides), None where its graph never slides.
-    sliding: Optional[Callable[[int], bool]] = None
-    hparams: Callable[[gguf.GGUFWriter, object], None] = _no_hparams  # the architecture's own metadata
-    # Multiplies Q (its per-head norm where there is one) so that llama.cpp's attention scale gives fastune's scores.
-    query_scale: Callable[[object], float] = lambda config: 1.0
-
-
-def _phi3_hparams(writer: gguf.GGUFWriter, config) -> None:
-    from fastune.models.rope import rope_attention_scaling
-
-    original = (config.rope_scaling or {}).get("original_max_position_embeddings",
-                                               config.extra.get("original_max_position_embeddings"))
-    if original:
-        writer.add_rope_scaling_orig_ctx_len(int(original))
-    writer.add_sliding_window(config.sliding_window or 0)  # llama.cpp reads it, and then disables Phi-3 SWA
-    if config.rope_scaling and config.rope_scaling["rope_type"] == "longrope":
-        writer.add_rope_scaling_attn_factors(rope_attention_scaling(config))
-
-
-def _gemma_query_scale(config) -> float:
-    """llama.cpp ignores query_pre_attn_scalar: it scales Gemma's scores by 1/sqrt(head_dim),
-    or 1/sqrt(hidden / heads) for the 27B models it recognizes by their layer count. The
-    ratio to the checkpoint's scale is folded into Q (1 for Google's models)."""
-    big = config.num_hidden_layers == {"gemma2": 46, "gemma3_text": 62}[config.model_type]
-    theirs = config.hidden_size // config.num_attention_heads if big else config.head_dim
-    return (theirs / config.query_pre_attn_scalar) ** 0.5
-
-
-def _gemma_hparams(writer: gguf.GGUFWriter, config) -> None:
-    writer.add_sliding_window(config.sliding_window)
-    if config.attn_logit_softcapping:
-        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
-    if config.final_logit_softcapping:
-        writer.add_final_logit_softcapping(config.final_logit_softcapping)
-    local = config.layer_rope.get("sliding_attention")
-    if local:
-        writer.add_rope_freq_base_swa(local["rope_theta"])
-
-
-# One entry per HF model_type fastune supports; a new family is one line here.
-FAMILIES = {
-    "llama": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True, rope_types=("default", "linear", "llama3")),
-    "mistral": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True,
-                          rope_types=("default", "linear", "llama3")),
-    "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, LLAMA_TENSORS),
-    "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, QWEN3_TENSORS),
-    "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, PHI3_TENSORS, rope_types=("default", "longrope"), hparams=_phi3_hparams),
-    "gemma2": GGUFFamily(gguf.MODEL_ARCH.GEMMA2, GEMMA_TENSORS, norm_offset=1.0, sliding=lambda i: i % 2 == 0,
-                         hparams=_gemma_hparams, query_scale=_gemma_query_scale),
-    "gemma3_text": GGUFFamily(gguf.MODEL_ARCH.GEMMA3, GEMMA_TENSORS, norm_offset=1.0, sliding=lambda i: i % 6 < 5,
-                              hparams=_gemma_hparams, query_scale=_gemma_query_scale),
-}
-
 
 class GGUFExportError(FastuneError):
     """A checkpoint or an option the GGUF export cannot use."""
@@ -227,20 +133,19 @@ def _check_family(ckpt: Path, config) -> None:
         # The metadata written below cannot say it: llama.cpp would rotate wrongly.
         raise GGUFExportError(f"{ckpt / CONFIG_NAME}: llama.cpp's {arch} architecture does not apply "
                               f"{rope_type!r} RoPE scaling")
+    if rope_type == "yarn" and not yarn_as_llama_cpp(config):
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: llama.cpp applies YaRN with whole-dim ramp ends and "
+                              "the default attention factor only (no truncate: false, mscale or attention_factor)")
     if family.permute_qk and config.partial_rotary_factor != 1.0:
         raise GGUFExportError(f"{ckpt / CONFIG_NAME}: GGUF export does not write partial rotary for {arch}")
-    if family.sliding is not None and _sliding_layers(config) != [family.sliding(i) for i in
+    if family.sliding is not None and sliding_layers(config) != [family.sliding(i) for i in
                                                                   range(config.num_hidden_layers)]:
         raise GGUFExportError(f"{ckpt / CONFIG_NAME}: llama.cpp's {arch} architecture fixes which layers slide, "
                               "and this checkpoint's layer_types differ")
 
 
-def _sliding_layers(config) -> list[bool]:
-    return [t == "sliding_attention" for t in config.layer_types or ["full_attention"] * config.num_hidden_layers]
-
-
 def _warnings(config, family: GGUFFamily) -> list[str]:
-    if family.sliding is None and any(_sliding_layers(config)) and config.sliding_window:
+    if family.sliding is None and any(sliding_layers(config)) and config.sliding_window:
         return [f"llama.cpp's {gguf.MODEL_ARCH_NAMES[family.arch]} architecture has no sliding window: "
                 f"attention differs from fastune's past {config.sliding_window} tokens"]
     return []
@@ -379,27 +284,10 @@ def _plan(config, weights: _Weights, family: GGUFFamily, wanted, source: str) ->
     for key, shape in weights.shapes.items():
         name = _gguf_name(key, family, source)
         plan.append(_Tensor(name, shape, _tensor_type(name, shape, wanted), producer(key)))
-    for tensor, values in reversed(_rope_tensors(config).items()):
+    for tensor, values in reversed(rope_tensors(config).items()):
         name = gguf.TENSOR_NAMES[tensor] + ".weight"
         plan.insert(0, _Tensor(name, tuple(values.shape), Q.F32, lambda values=values: values))
     return plan
-
-
-def _rope_tensors(config) -> dict[gguf.MODEL_TENSOR, np.ndarray]:
-    """Per-frequency divisors llama.cpp reads from tensors.
-    Llama 3.1: ``rope_freqs``, the ratio of fastune's unscaled to scaled inverse frequencies.
-    LongRoPE: both factor lists; llama.cpp takes the long ones when its context (n_ctx)
-    exceeds the original one, fastune and transformers when the sequence does."""
-    from fastune.models.rope import rope_inv_freq
-
-    kind = config.rope_scaling["rope_type"] if config.rope_scaling else "default"
-    if kind == "llama3":
-        base = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
-        return {T.ROPE_FREQS: (base / rope_inv_freq(config)).numpy().astype(np.float32)}
-    if kind == "longrope":
-        return {T.ROPE_FACTORS_LONG: np.array(config.rope_scaling["long_factor"], dtype=np.float32),
-                T.ROPE_FACTORS_SHORT: np.array(config.rope_scaling["short_factor"], dtype=np.float32)}
-    return {}
 
 
 # ----------------------------------------------------------------------------- metadata and writing
@@ -423,9 +311,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config, file_type, name: str) 
     writer.add_rope_dimension_count(config.rotary_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if config.rope_scaling and config.rope_scaling["rope_type"] == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+    add_rope_scaling(writer, config)
     FAMILIES[config.model_type].hparams(writer, config)
 
 
