@@ -225,3 +225,34 @@ def test_yarn_llama_cpp_cannot_apply_is_refused(checkpoint, tmp_path):
     """DeepSeek's mscale attention factor and an unrounded ramp: llama.cpp would rotate otherwise."""
     with pytest.raises(GGUFExportError, match="YaRN"):
         export_gguf(checkpoint("qwen2_yarn_mscale"), tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("layout", ["saved", "module_names"])
+def test_multimodal_gemma3_exports_its_language_model(checkpoint, tmp_path, layout):
+    """A Gemma3ForConditionalGeneration checkpoint (4.x's saved keys, or transformers 5's module
+    names) whose language model is the text-only one: the same file but for general.name."""
+    import transformers
+    from test_gemma import as_module_names
+
+    text_ckpt = checkpoint("gemma3")
+    text = transformers.Gemma3TextConfig.from_pretrained(text_ckpt).to_dict()
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=95,
+        boi_token_index=93, eoi_token_index=94))
+    language = {k.removeprefix("model."): v for k, v in load_file(text_ckpt / "model.safetensors").items()}
+    model.model.language_model.load_state_dict(language)
+    path = tmp_path / "mm"
+    model.save_pretrained(path)
+    if layout == "module_names":
+        as_module_names(path)
+    for f in DEMO_TOKENIZER.iterdir():
+        shutil.copy2(f, path / f.name)
+    export_gguf(path, tmp_path / "mm.gguf", "f16")
+    export_gguf(text_ckpt, tmp_path / "text.gguf", "f16")
+    got, want = gguf.GGUFReader(tmp_path / "mm.gguf"), gguf.GGUFReader(tmp_path / "text.gguf")
+    assert [t.name for t in got.tensors] == [t.name for t in want.tensors]
+    for a, b in zip(got.tensors, want.tensors):
+        assert np.array_equal(a.data, b.data), a.name
+    assert field(got, "gemma3.attention.sliding_window") == field(want, "gemma3.attention.sliding_window")

@@ -183,39 +183,47 @@ def _safetensors_weights(ckpt: Path, config) -> _Weights:
         else:
             with safe_open(ckpt / WEIGHTS_NAME, framework="pt") as f:
                 files = {key: ckpt / WEIGHTS_NAME for key in f.keys()}
-        shapes = _checked_shapes(ckpt, files, _expected_shapes(config))
+        shapes, stored = _checked_shapes(ckpt, files, _expected_shapes(config), config.model_type)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise GGUFExportError(f"{ckpt}: unreadable weights ({type(e).__name__}: {e})") from None
 
     def read(key: str) -> torch.Tensor:
-        with safe_open(files[key], framework="pt") as f:
-            return f.get_tensor(key)
+        file, file_key = stored[key]
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(file_key)
 
     return _Weights(shapes, read)
 
 
-def _checked_shapes(ckpt: Path, files: dict[str, Path], expected: dict[str, tuple[int, ...]]):
-    """HF key -> shape, in model order, from the safetensors headers, checked against ``expected``."""
+def _checked_shapes(ckpt: Path, files: dict[str, Path], expected: dict[str, tuple[int, ...]], model_type: str):
+    """(HF key -> shape, in model order, from the safetensors headers, checked against
+    ``expected``; HF key -> (file, key in that file)). A file key in another layout of the
+    family (a multimodal Gemma 3's language model) is read under its canonical name, and
+    the keys of another model in the file (its vision tower) are skipped."""
     from safetensors import safe_open
 
-    shapes = {}
+    from fastune.models.spec import get_spec
+
+    canonical_key = get_spec(model_type).adapter.canonical_key
+    shapes, stored = {}, {}
     for file in sorted(set(files.values())):
         if not file.is_file():
             raise GGUFExportError(f"{ckpt}: weight file {file.name!r} not found")
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and key not in expected):
+            for file_key in f.keys():
+                key = canonical_key(file_key)
+                if key is None or key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and key not in expected):
                     continue  # recomputed from config.json / tied to the embeddings
                 if key not in expected:
                     raise GGUFExportError(f"{file}: unexpected key {key!r}; config.json implies no such tensor")
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+                shapes[key], stored[key] = tuple(f.get_slice(file_key).get_shape()), (file, file_key)
                 if shapes[key] != expected[key]:
                     raise GGUFExportError(f"{file}: key {key!r} has shape {list(shapes[key])}, "
                                           f"config.json implies {list(expected[key])}")
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise GGUFExportError(f"{ckpt}: the weights lack key {missing[0]!r}")
-    return {k: shapes[k] for k in expected}
+    return {k: shapes[k] for k in expected}, stored
 
 
 def _merged_weights(ckpt: Path, raw: dict):
