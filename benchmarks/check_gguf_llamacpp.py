@@ -14,7 +14,9 @@ demo prompts, as plain text and in the chat format, checks that
    fastune's chat-format generation;
 
 and reports the largest difference between llama.cpp's and fastune's (fp32)
-next-token logits over the prompt positions.
+next-token logits over the prompt positions. ``check_ids`` does the same from prompt
+ids for any checkpoint (tests/test_export_gguf_llamacpp.py runs it on a tiny random
+model of each family).
 
     python benchmarks/check_gguf_llamacpp.py                     # demo model, f16
     python benchmarks/check_gguf_llamacpp.py --type f32 --type q8_0
