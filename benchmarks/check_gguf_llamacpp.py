@@ -14,7 +14,9 @@ demo prompts, as plain text and in the chat format, checks that
    fastune's chat-format generation;
 
 and reports the largest difference between llama.cpp's and fastune's (fp32)
-next-token logits over the prompt positions.
+next-token logits over the prompt positions. ``check_ids`` does the same from prompt
+ids for any checkpoint (tests/test_export_gguf_llamacpp.py runs it on a tiny random
+model of each family).
 
     python benchmarks/check_gguf_llamacpp.py                     # demo model, f16
     python benchmarks/check_gguf_llamacpp.py --type f32 --type q8_0
@@ -91,6 +93,34 @@ def check(checkpoint, out_type: str, prompts: list[str], max_new_tokens: int, wo
     passed = all(c["prompt_ids_equal"] and c["greedy_equal"] and c.get("chat_mode_equal", True) for c in cases)
     return {"type": out_type, "checkpoint": str(ckpt), "llama_cpp_version": llama_cpp.__version__,
             "passed": passed, "cases": cases}
+
+
+def check_ids(checkpoint, ids: list[int], max_new_tokens: int, workdir: Path, n_ctx: int) -> dict:
+    """The f32 export of a (tiny) checkpoint, from prompt ids: llama.cpp's next-token logits
+    over the prompt and greedy continuation against fastune's fp32 ones. llama.cpp rounds
+    its context up (to 256 tokens) and, for LongRoPE, takes the long factors when that
+    exceeds the original context; fastune does when the sequence does, so the prompt of
+    such a model should be longer than the original context."""
+    import llama_cpp
+
+    from fastune.export.gguf import export_gguf
+    from fastune.generation import generate, load_for_inference
+
+    model, tokenizer, ckpt = load_for_inference(checkpoint, dtype="fp32", use_kernels=False)
+    path = export_gguf(ckpt, workdir / "model-f32.gguf", "f32", force=True).path
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=1, logits_all=True, verbose=False, seed=0)
+    try:
+        llm.eval(ids)
+        theirs_logits = torch.tensor(llm.scores[: len(ids)])
+        theirs = _greedy(llm, ids, max_new_tokens, set(tokenizer.stop_ids))
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours_logits = model(torch.tensor([ids]))[0]
+    ours = generate(model, [ids], max_new_tokens, stop_ids=tokenizer.stop_ids).tokens[0]
+    return {"checkpoint": str(ckpt), "fastune": ours, "llama_cpp": theirs, "greedy_equal": ours == theirs,
+            "max_abs_logit_diff": (theirs_logits - ours_logits).abs().max().item(),
+            "max_abs_logit": ours_logits.abs().max().item()}
 
 
 def _greedy(llm, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:

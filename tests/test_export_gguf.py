@@ -295,7 +295,8 @@ def test_cli_lists_every_type():
 
 def test_family_table():
     assert {k: (gguf.MODEL_ARCH_NAMES[f.arch], f.permute_qk) for k, f in FAMILIES.items()} == {
-        "llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+        "llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+        "phi3": ("phi3", False), "gemma2": ("gemma2", False), "gemma3_text": ("gemma3", False)}
 
 
 def test_sentencepiece_tokenizer(tmp_path, checkpoint):

@@ -4,16 +4,17 @@ The file is written with the ``gguf`` package (llama.cpp's own Python writer and
 quantizers), following the conventions of llama.cpp's ``convert_hf_to_gguf.py``:
 
 - tensor names from ``gguf.TENSOR_NAMES`` (``blk.N.attn_q.weight``, ...), per family
-  in ``FAMILIES``; ``output.weight`` is absent when the embeddings are tied;
+  in ``FAMILIES`` (``fastune.export.gguf_families``, with each family's transforms and
+  metadata: Qwen3, Phi-3, Gemma 2 and 3 there); ``output.weight`` is absent when the
+  embeddings are tied;
 - llama.cpp's ``llama`` architecture rotates adjacent pairs (dims 2i, 2i+1), while
   fastune, like Hugging Face, rotates the two halves of each head (i, i + D/2). The
   rows of Q and K (weights and biases) are therefore reordered per head: output row
   2i takes input row i and row 2i+1 takes row i + D/2 (``to_interleaved``). The
-  ``qwen2`` architecture uses the half-split ("NEOX") rotation and keeps them as
-  they are;
+  other architectures use the half-split ("NEOX") rotation and keep them as they are;
 - Llama 3.1 rope scaling becomes a ``rope_freqs`` tensor of per-frequency divisors,
-  linear scaling the ``rope.scaling`` keys;
-- 1-D tensors (norms, biases, rope_freqs) stay float32 whatever the type; a matrix
+  LongRoPE two factor tensors, linear and YaRN scaling the ``rope.scaling`` keys;
+- 1-D tensors (norms, biases, rope factors) stay float32 whatever the type; a matrix
   whose rows do not split into the type's blocks falls back to float16.
 
 Weights are streamed: the header (metadata and every tensor's shape and type) is
@@ -39,6 +40,9 @@ import torch
 
 from fastune.checkpoint.layout import CONFIG_NAME
 from fastune.errors import FastuneError
+from fastune.export.gguf_families import (
+    FAMILIES, GGUFFamily, add_rope_scaling, rope_tensors, sliding_layers, yarn_as_llama_cpp,
+)
 from fastune.export.gguf_vocab import GGUFVocab, read_vocab
 
 T = gguf.MODEL_TENSOR
@@ -56,43 +60,6 @@ TYPES = {
     "q4_1": (Q.Q4_1, F.MOSTLY_Q4_1),
     "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0),
 }
-
-# Hugging Face key -> GGUF tensor; "{bid}" is the layer index. The suffix (.weight/.bias) is kept.
-LLAMA_TENSORS = {
-    "model.embed_tokens": T.TOKEN_EMBD,
-    "model.norm": T.OUTPUT_NORM,
-    "lm_head": T.OUTPUT,
-    "model.layers.{bid}.input_layernorm": T.ATTN_NORM,
-    "model.layers.{bid}.self_attn.q_proj": T.ATTN_Q,
-    "model.layers.{bid}.self_attn.k_proj": T.ATTN_K,
-    "model.layers.{bid}.self_attn.v_proj": T.ATTN_V,
-    "model.layers.{bid}.self_attn.o_proj": T.ATTN_OUT,
-    "model.layers.{bid}.post_attention_layernorm": T.FFN_NORM,
-    "model.layers.{bid}.mlp.gate_proj": T.FFN_GATE,
-    "model.layers.{bid}.mlp.up_proj": T.FFN_UP,
-    "model.layers.{bid}.mlp.down_proj": T.FFN_DOWN,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class GGUFFamily:
-    """What llama.cpp expects of one HF ``model_type``."""
-
-    arch: gguf.MODEL_ARCH
-    tensors: dict  # HF key prefix -> gguf.MODEL_TENSOR
-    # Reorder Q/K rows from the half-split rotation to the adjacent-pairs one (llama.cpp's NORM rope).
-    permute_qk: bool
-    # The architecture reads Llama 3.1 rope scaling from a rope_freqs tensor.
-    rope_freqs: bool
-
-
-# One entry per HF model_type fastune supports; a new family is one line here.
-FAMILIES = {
-    "llama": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True, rope_freqs=True),
-    "mistral": GGUFFamily(gguf.MODEL_ARCH.LLAMA, LLAMA_TENSORS, permute_qk=True, rope_freqs=True),
-    "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, LLAMA_TENSORS, permute_qk=False, rope_freqs=False),
-}
-
 
 class GGUFExportError(FastuneError):
     """A checkpoint or an option the GGUF export cannot use."""
@@ -159,20 +126,44 @@ def _check_family(ckpt: Path, config) -> None:
     if config.model_type not in FAMILIES:
         raise GGUFExportError(f"{ckpt / CONFIG_NAME}: model_type {config.model_type!r} has no GGUF export; "
                               f"supported: {', '.join(FAMILIES)}")
+    family = FAMILIES[config.model_type]
+    arch = gguf.MODEL_ARCH_NAMES[family.arch]
     rope_type = config.rope_scaling["rope_type"] if config.rope_scaling else "default"
-    if rope_type not in ("default", "linear", "llama3") or config.partial_rotary_factor != 1.0:
-        # The metadata written below says nothing of them: llama.cpp would rotate wrongly.
-        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: GGUF export does not write {rope_type!r} RoPE "
-                              "scaling or partial rotary yet")
+    if rope_type not in family.rope_types:
+        # The metadata written below cannot say it: llama.cpp would rotate wrongly.
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: llama.cpp's {arch} architecture does not apply "
+                              f"{rope_type!r} RoPE scaling")
+    if rope_type == "yarn" and not yarn_as_llama_cpp(config):
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: llama.cpp applies YaRN with whole-dim ramp ends and "
+                              "the default attention factor only (no truncate: false, mscale or attention_factor)")
+    if family.permute_qk and config.partial_rotary_factor != 1.0:
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: GGUF export does not write partial rotary for {arch}")
+    if family.sliding is not None and sliding_layers(config) != [family.sliding(i) for i in
+                                                                  range(config.num_hidden_layers)]:
+        raise GGUFExportError(f"{ckpt / CONFIG_NAME}: llama.cpp's {arch} architecture fixes which layers slide, "
+                              "and this checkpoint's layer_types differ")
+
+
+def _warnings(config, family: GGUFFamily) -> list[str]:
+    if family.sliding is None and any(sliding_layers(config)) and config.sliding_window:
+        return [f"llama.cpp's {gguf.MODEL_ARCH_NAMES[family.arch]} architecture has no sliding window: "
+                f"attention differs from fastune's past {config.sliding_window} tokens"]
+    return []
+
+
+def _hf_state(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under their checkpoint names (fused where the checkpoint fuses them)."""
+    from fastune.models.spec import get_spec
+
+    return get_spec(model.config.model_type).adapter.to_hf(model.state_dict(), model.config)
 
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    from fastune.checkpoint.hf import to_hf_key
-    from fastune.models.transformer import Transformer
+    from fastune.models.spec import get_spec
 
     with torch.device("meta"):
-        model = Transformer(config)
-    shapes = {to_hf_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+        model = get_spec(config.model_type).build(config)
+    shapes = {k: tuple(v.shape) for k, v in _hf_state(model).items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
@@ -192,50 +183,57 @@ def _safetensors_weights(ckpt: Path, config) -> _Weights:
         else:
             with safe_open(ckpt / WEIGHTS_NAME, framework="pt") as f:
                 files = {key: ckpt / WEIGHTS_NAME for key in f.keys()}
-        shapes = _checked_shapes(ckpt, files, _expected_shapes(config))
+        shapes, stored = _checked_shapes(ckpt, files, _expected_shapes(config), config.model_type)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise GGUFExportError(f"{ckpt}: unreadable weights ({type(e).__name__}: {e})") from None
 
     def read(key: str) -> torch.Tensor:
-        with safe_open(files[key], framework="pt") as f:
-            return f.get_tensor(key)
+        file, file_key = stored[key]
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(file_key)
 
     return _Weights(shapes, read)
 
 
-def _checked_shapes(ckpt: Path, files: dict[str, Path], expected: dict[str, tuple[int, ...]]):
-    """HF key -> shape, in model order, from the safetensors headers, checked against ``expected``."""
+def _checked_shapes(ckpt: Path, files: dict[str, Path], expected: dict[str, tuple[int, ...]], model_type: str):
+    """(HF key -> shape, in model order, from the safetensors headers, checked against
+    ``expected``; HF key -> (file, key in that file)). A file key in another layout of the
+    family (a multimodal Gemma 3's language model) is read under its canonical name, and
+    the keys of another model in the file (its vision tower) are skipped."""
     from safetensors import safe_open
 
-    shapes = {}
+    from fastune.models.spec import get_spec
+
+    canonical_key = get_spec(model_type).adapter.canonical_key
+    shapes, stored = {}, {}
     for file in sorted(set(files.values())):
         if not file.is_file():
             raise GGUFExportError(f"{ckpt}: weight file {file.name!r} not found")
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and key not in expected):
+            for file_key in f.keys():
+                key = canonical_key(file_key)
+                if key is None or key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and key not in expected):
                     continue  # recomputed from config.json / tied to the embeddings
                 if key not in expected:
                     raise GGUFExportError(f"{file}: unexpected key {key!r}; config.json implies no such tensor")
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+                shapes[key], stored[key] = tuple(f.get_slice(file_key).get_shape()), (file, file_key)
                 if shapes[key] != expected[key]:
                     raise GGUFExportError(f"{file}: key {key!r} has shape {list(shapes[key])}, "
                                           f"config.json implies {list(expected[key])}")
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise GGUFExportError(f"{ckpt}: the weights lack key {missing[0]!r}")
-    return {k: shapes[k] for k in expected}
+    return {k: shapes[k] for k in expected}, stored
 
 
 def _merged_weights(ckpt: Path, raw: dict):
     """An adapter-only checkpoint: (config, its base model with the adapter merged in, in
     memory), in the dtype of its config.json (fp32 when it has none)."""
-    from fastune.checkpoint.hf import to_hf_key
     from fastune.generation import load_model
 
     dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
     model, _ = load_model(ckpt, dtype=dtype, device="cpu", use_kernels=False)
-    state = {to_hf_key(k): v for k, v in model.state_dict().items()}
+    state = _hf_state(model)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return model.config, _Weights({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
@@ -273,6 +271,7 @@ def _tensor_type(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizatio
 
 def _plan(config, weights: _Weights, family: GGUFFamily, wanted, source: str) -> list[_Tensor]:
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    query, query_scale = ("q_norm" if config.qk_norm else "q_proj"), family.query_scale(config)
 
     def producer(key: str) -> Callable[[], np.ndarray]:
         module = key.rsplit(".", 2)[-2]
@@ -281,6 +280,10 @@ def _plan(config, weights: _Weights, family: GGUFFamily, wanted, source: str) ->
             w = weights.read(key).to(torch.float32)
             if family.permute_qk and module in heads:
                 w = to_interleaved(w, heads[module])
+            if module.endswith("norm"):
+                w = w + family.norm_offset
+            if module == query and query_scale != 1.0:
+                w = w * query_scale
             return w.contiguous().numpy()
 
         return produce
@@ -289,25 +292,10 @@ def _plan(config, weights: _Weights, family: GGUFFamily, wanted, source: str) ->
     for key, shape in weights.shapes.items():
         name = _gguf_name(key, family, source)
         plan.append(_Tensor(name, shape, _tensor_type(name, shape, wanted), producer(key)))
-    factors = _rope_freq_factors(config)
-    if factors is not None:
-        if not family.rope_freqs:
-            raise GGUFExportError(f"{source}: llama.cpp's {gguf.MODEL_ARCH_NAMES[family.arch]} architecture "
-                                  "does not support llama3 rope scaling")
-        name = gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight"
-        plan.insert(0, _Tensor(name, tuple(factors.shape), Q.F32, lambda: factors))
+    for tensor, values in reversed(rope_tensors(config).items()):
+        name = gguf.TENSOR_NAMES[tensor] + ".weight"
+        plan.insert(0, _Tensor(name, tuple(values.shape), Q.F32, lambda values=values: values))
     return plan
-
-
-def _rope_freq_factors(config) -> Optional[np.ndarray]:
-    """Llama 3.1 scaling as llama.cpp applies it: each frequency divided by a factor,
-    here the ratio of fastune's unscaled to scaled inverse frequencies."""
-    from fastune.models.rope import rope_inv_freq
-
-    if not config.rope_scaling or config.rope_scaling["rope_type"] != "llama3":
-        return None
-    base = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
-    return (base / rope_inv_freq(config)).numpy().astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- metadata and writing
@@ -328,12 +316,11 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config, file_type, name: str) 
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_dimension_count(config.rotary_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if config.rope_scaling and config.rope_scaling["rope_type"] == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+    add_rope_scaling(writer, config)
+    FAMILIES[config.model_type].hparams(writer, config)
 
 
 def _tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
@@ -392,7 +379,7 @@ def export_gguf(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    warnings = [vocab.warning] if vocab.warning else []
+    warnings = ([vocab.warning] if vocab.warning else []) + _warnings(config, family)
     return ExportResult(out, arch, {t.name: t.qtype.name for t in plan}, warnings)
 
 
