@@ -14,8 +14,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny_hf import BASE, VARIANTS
-from train_helpers import DEMO_TOKENIZER, single_thread  # noqa: F401 (autouse fixture)
+from tiny_hf import build_hf_model
+from train_helpers import DEMO_TOKENIZER, save_base, single_thread  # noqa: F401 (autouse fixture)
 
 import fastune
 from fastune.cli import main
@@ -27,23 +27,10 @@ N_VOCAB = 384  # the demo tokenizer's 365 tokens, padded: llama.cpp needs one to
 Q_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k"}
 
 
-def build_checkpoint(variant: str, out: Path) -> Path:
-    """A tiny random HF checkpoint of ``variant`` (tiny_hf.VARIANTS), with the demo tokenizer."""
-    import transformers
-
-    arch, overrides = VARIANTS[variant]
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**{**BASE, **overrides, "vocab_size": N_VOCAB}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0.0, 0.1)
-    model.save_pretrained(out)
-    for f in DEMO_TOKENIZER.iterdir():
-        shutil.copy2(f, out / f.name)
-    return out
+def build_checkpoint(variant: str, out: Path, **config) -> Path:
+    """A tiny random HF checkpoint of ``variant`` (tiny_hf's variants, ``config`` overriding
+    its keys) with the demo tokenizer, its vocabulary padded to ``N_VOCAB``."""
+    return save_base(build_hf_model(variant, vocab_size=N_VOCAB, **config), out)
 
 
 @pytest.fixture(scope="module")

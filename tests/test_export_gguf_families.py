@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import gguf
@@ -15,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_hf import BASE, ROPE_VARIANTS, VARIANTS, YARN
-from train_helpers import DEMO_TOKENIZER, single_thread  # noqa: F401 (autouse fixture)
+from tiny_hf import YARN
+from test_export_gguf import build_checkpoint as build_variant_checkpoint
+from train_helpers import save_base, single_thread  # noqa: F401 (autouse fixture)
 
 from fastune.export.gguf import GGUFExportError, export_gguf
 
-N_VOCAB = 384  # the demo tokenizer's 365 tokens, padded
 # name -> (tiny_hf variant, overrides). Gemma 3 with 6 layers: llama.cpp's fixed pattern of five
 # sliding layers then one full one (tiny_hf's 2-layer gemma3 alternates, which llama.cpp cannot run).
 CASES = {
@@ -49,26 +48,8 @@ LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_
 def build_checkpoint(case: str, out: Path) -> Path:
     """A tiny random HF checkpoint of ``case`` with the demo tokenizer, in a folder whose
     name says nothing of the family (llama.cpp special-cases Phi-3 by general.name)."""
-    import transformers
-
-    variant, extra = CASES[case]
-    arch, overrides = {**VARIANTS, **ROPE_VARIANTS}[variant]
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
-        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
-        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}[arch]
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**{**BASE, **overrides, **extra, "vocab_size": N_VOCAB}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0.0, 0.1)
-    model.save_pretrained(out)
-    for f in DEMO_TOKENIZER.iterdir():
-        shutil.copy2(f, out / f.name)
-    return out
+    variant, config = CASES[case]
+    return build_variant_checkpoint(variant, out, **config)
 
 
 @pytest.fixture(scope="module")
@@ -244,11 +225,9 @@ def test_multimodal_gemma3_exports_its_language_model(checkpoint, tmp_path, layo
     language = {k.removeprefix("model."): v for k, v in load_file(text_ckpt / "model.safetensors").items()}
     model.model.language_model.load_state_dict(language)
     path = tmp_path / "mm"
-    model.save_pretrained(path)
+    save_base(model, path)
     if layout == "module_names":
         as_module_names(path)
-    for f in DEMO_TOKENIZER.iterdir():
-        shutil.copy2(f, path / f.name)
     export_gguf(path, tmp_path / "mm.gguf", "f16")
     export_gguf(text_ckpt, tmp_path / "text.gguf", "f16")
     got, want = gguf.GGUFReader(tmp_path / "mm.gguf"), gguf.GGUFReader(tmp_path / "text.gguf")

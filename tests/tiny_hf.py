@@ -89,8 +89,8 @@ ROPE_VARIANTS = {
 }
 
 
-def build_hf_model(variant: str, seed: int = 0):
-    """A random ``*ForCausalLM`` in fp32, eval mode."""
+def build_hf_model(variant: str, seed: int = 0, **config):
+    """A random ``*ForCausalLM`` in fp32, eval mode; ``config`` overrides the variant's keys."""
     import transformers
 
     arch, overrides = {**VARIANTS, **ROPE_VARIANTS}[variant]
@@ -104,7 +104,7 @@ def build_hf_model(variant: str, seed: int = 0):
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**BASE, **overrides}))
+    model = model_cls(config_cls(**{**BASE, **overrides, **config}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
