@@ -1,5 +1,5 @@
-"""LoRA variants against Hugging Face PEFT: rsLoRA, PiSSA and OLoRA initializations,
-LoRA+ learning rates.
+"""LoRA variants against Hugging Face PEFT: rsLoRA, PiSSA, OLoRA and LoftQ
+initializations, LoRA+ learning rates.
 
 Each variant's adapter, written by fastune, loads in PEFT on the original base model
 with the same logits; PiSSA/OLoRA start from the same A, B and residual weight as
@@ -11,7 +11,10 @@ PEFT's on the same weights, and are written exactly as PEFT writes them with
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import textwrap
+import types
 
 import pytest
 import torch
@@ -156,12 +159,106 @@ def test_pissa_with_qlora_quantizes_the_residual():
                                atol=0.05, rtol=0)  # NF4 error on the residual only
 
 
+class _TorchaoParams4bit:
+    """Stands in for ``bitsandbytes.nn.Params4bit``: torchao's NF4, blocks of 64."""
+
+    def __init__(self, data, requires_grad, compress_statistics, quant_type):
+        assert quant_type == "nf4" and not requires_grad
+        from torchao.quantization import to_nf4
+
+        self.data, self.quant_state = to_nf4(data, 64, 256), None
+
+    def to(self, device):
+        return self
+
+
+@pytest.fixture
+def peft_loftq_on_torchao(monkeypatch):
+    """PEFT's own ``loftq_init`` loop, run on CPU with torchao's NF4 as its quantizer.
+
+    PEFT's LoftQ needs bitsandbytes and a CUDA or XPU device. Its source is run as it
+    is, with its compute device set to the CPU and ``bitsandbytes`` answered by torchao,
+    so the alternation, the SVD split and the assignment to A and B are PEFT's code."""
+    from peft.tuners.lora import layer as lora_layer
+    from peft.utils import loftq_utils
+
+    source = inspect.getsource(loftq_utils.loftq_init)
+    swaps = {'"xpu" if is_xpu_available() else "cuda"': '"cpu"', "import bitsandbytes as bnb": "pass"}
+    for old, new in swaps.items():
+        assert old in source, "PEFT's loftq_init changed: revisit this harness"
+        source = source.replace(old, new)
+    bnb = types.SimpleNamespace(
+        nn=types.SimpleNamespace(Params4bit=_TorchaoParams4bit),
+        functional=types.SimpleNamespace(dequantize_4bit=lambda data, state: data.get_original_weight()),
+    )
+    namespace = {**vars(loftq_utils), "bnb": bnb, "is_bnb_available": lambda: True, "is_bnb_4bit_available": lambda: True}
+    exec(textwrap.dedent(source), namespace)
+    monkeypatch.setattr(lora_layer, "loftq_init", namespace["loftq_init"])
+
+
+@pytest.fixture(scope="module")
+def nf4_base(tmp_path_factory):
+    """Every decoder projection a multiple of 64 x 256 elements, as NF4 needs."""
+    hf = build_hf_model("llama_gqa_llama3", hidden_size=256, intermediate_size=512)
+    return hf, save_hf_model(hf, tmp_path_factory.mktemp("nf4_base"))
+
+
+def test_loftq_init_equals_peft_and_its_adapter_loads_in_peft_over_the_nf4_base(
+        nf4_base, peft_loftq_on_torchao, tmp_path, caplog):
+    hf, path = nf4_base
+    reference = peft_model(hf, init_lora_weights="loftq", loftq_config=peft.LoftQConfig(loftq_bits=4))
+    with caplog.at_level("WARNING"):
+        model = fastune_model(path, init="loftq", quantize_base=True)
+    assert "alpha = rank makes the start exact" in caplog.text  # s = 2 here
+    theirs, ours = adapters(reference), adapters(model)
+    checked = 0
+    for key, value in theirs.items():  # A0, B0, and PEFT's base: the dequantized NF4(W)
+        if key in ours and ("lora_" in key or any(f"{t}.weight" in key for t in TARGETS)):
+            mine = ours[key].get_original_weight() if "lora_" not in key else ours[key]
+            torch.testing.assert_close(mine, value, atol=ATOL, rtol=1e-5, msg=key)
+            checked += 1
+    assert checked == 2 * 3 * len(TARGETS)  # 2 layers x (A, B, base) x targets
+
+    # The adapter is a plain LoRA over the NF4 base: PEFT loads it there (as it would on a
+    # QLoRA load of the original checkpoint) and computes the trained model's logits.
+    perturb(model)
+    save_peft_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (config["r"], config["init_lora_weights"]) == (RANK, True)
+    nf4_hf = reference.unload()  # the HF model on PEFT's LoftQ base, deq(NF4(W))
+    tokens = random_tokens(2, 11)
+    loaded = peft.PeftModel.from_pretrained(nf4_hf, tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = model(tokens)
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, expected, atol=1e-4, rtol=0)
+        merged = fastune.from_pretrained(path)
+        merged.load_state_dict(merge_lora(model))
+        torch.testing.assert_close(merged(tokens), expected, atol=1e-4, rtol=0)
+    resumed = fastune_model(path, init="loftq", quantize_base=True)
+    load_peft_adapter(resumed, tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(tokens), expected, atol=ATOL, rtol=0)
+
+
+def test_loftq_with_alpha_equal_to_rank_starts_at_the_nf4_error_rank_r_part(nf4_base):
+    hf, path = nf4_base
+    model = fastune.from_pretrained(path)
+    apply_lora(model, ["q_proj"], rank=RANK, alpha=RANK, init="loftq", quantize_base=True)
+    layer = model.layers[1].self_attn.q_proj
+    error = hf.model.layers[1].self_attn.q_proj.weight - layer.weight.get_original_weight()
+    u, s, vh = torch.linalg.svd(error)
+    best = u[:, :RANK] @ torch.diag(s[:RANK]) @ vh[:RANK]
+    torch.testing.assert_close(layer.scale * layer.lora_B.weight @ layer.lora_A.weight, best, atol=1e-5, rtol=0)
+
+
 def test_init_errors_are_one_line(base):
     _, path = base
     with pytest.raises(LoRAError, match="not supported with DoRA"):
         fastune_model(path, init="pissa", use_dora=True)
-    with pytest.raises(LoRAError, match="LoRA init must be one of default, pissa, olora"):
+    with pytest.raises(LoRAError, match="LoRA init must be one of default, pissa, olora, loftq"):
         fastune_model(path, init="gauss")
+    with pytest.raises(LoRAError, match=r"use it with QLoRA \(method: qlora\)"):
+        fastune_model(path, init="loftq")
     layer = LoRALinear(torch.nn.Linear(8, 8, device="meta"), 2, 4.0, init="pissa")
     with pytest.raises(LoRAError, match="needs the loaded, unsharded weight"):
         layer.reset_lora_parameters()

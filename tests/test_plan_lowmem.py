@@ -58,6 +58,7 @@ def config(path, *overrides):
     ("lora.use_rslora=true", "lora.lora_plus_lr_ratio=16"),
     ("lora.init=pissa",),
     ("lora.init=olora", "method=qlora"),
+    ("lora.init=loftq", "method=qlora", "lora.alpha=8"),
 ])
 def test_cpu_estimate_of_each_new_option_is_within_10_percent_of_a_real_step(tiny, overrides):
     check = verify(*config(tiny, *overrides))

@@ -20,6 +20,9 @@ doubled (times sqrt(2) for rsLoRA, so the scale is the same), ``init_lora_weight
 true``. PEFT then loads it on the unmodified base model, and so does the merged
 export. A run that resumes rebuilds W_res, A₀ and B₀ from W (the init is
 deterministic) and takes A, B back as the first r rows of A' and columns of B'.
+A LoftQ adapter is a plain rank-r LoRA over NF4(W), which is what PEFT's QLoRA load
+of the original checkpoint gives (``init_lora_weights: true``, so that PEFT does
+not run LoftQ again on load).
 
 ``save_peft_adapter`` writes into the directory it is given. It is not atomic by
 itself: the training loop writes the whole checkpoint into a temporary folder
@@ -43,7 +46,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from fastune.checkpoint.hf import from_hf_key, to_hf_key, write_safetensors
 from fastune.checkpoint.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fastune.models.spec import Fused, get_spec
-from fastune.modules.lora import LoRAError, LoRALinear
+from fastune.modules.lora import RESIDUAL_INITS, LoRAError, LoRALinear
 from fastune.modules.peft import (
     LORA_PARAM_SUFFIXES,
     LORA_TARGETS,
@@ -119,7 +122,7 @@ def save_peft_adapter(
     state_dict = model.state_dict() if state_dict is None else state_dict
     adapter = _fuse({k: v for k, v in state_dict.items() if is_lora_key(k)}, _lora_fused(model))
     tensors = {to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in adapter.items()}
-    if settings.init != "default":  # never with fused projections (apply_lora refuses)
+    if settings.init in RESIDUAL_INITS:  # never with fused projections (apply_lora refuses)
         tensors, settings = _against_original_weight(model, tensors, settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +204,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
         apply_lora(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
                    settings.use_dora, quantize_base, settings.use_rslora)
     model_settings = lora_settings(model)
-    if model_settings.init != "default" and settings.rank == 2 * model_settings.rank:
+    if model_settings.init in RESIDUAL_INITS and settings.rank == 2 * model_settings.rank:
         # A PiSSA/OLoRA run resumes: A and B are the first halves of A' and B'.
         r = model_settings.rank
         loaded = {k: v[:r] if k.endswith(".lora_A.weight") else v[:, :r] if k.endswith(".lora_B.weight") else v

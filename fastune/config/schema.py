@@ -314,8 +314,9 @@ SCHEMA = Section({
         "targets": Key(ListOf(LORA_TARGETS), ["q_proj", "v_proj"], "linear layers that get adapters"),
         "use_rslora": Key(Bool(), False, "rsLoRA: scale = alpha / sqrt(rank)"),
         "lora_plus_lr_ratio": Key(Maybe(Float(gt=0)), None, "LoRA+: the B matrices learn at optimizer.lr * this ratio (e.g. 16)"),
-        "init": Key(Choice("default", "pissa", "olora"), "default",
-                    "default (B = 0, as PEFT), or PiSSA / OLoRA: A and B from the base weight, which keeps the residual"),
+        "init": Key(Choice("default", "pissa", "olora", "loftq"), "default",
+                    "default (B = 0, as PEFT); PiSSA / OLoRA: A and B from the base weight, which keeps the residual; "
+                    "LoftQ (qlora): A and B from the NF4 error of the base weight (best with alpha = rank)"),
     }, "used by method lora, dora and qlora"),
     "tokenizer": Key(PathTo("any"), "${model.checkpoint_dir}", "tokenizer folder or file; defaults to the checkpoint's"),
     "dataset": Section({

@@ -110,7 +110,7 @@ def init_adapters(model: nn.Module, device: torch.device) -> None:
     for name, m in model.named_modules():
         if not isinstance(m, LoRALinear):
             continue
-        if m.init != "default":  # PiSSA/OLoRA factor the full weight: not shard by shard
+        if m.init != "default":  # PiSSA/OLoRA/LoftQ factor the full weight: not shard by shard
             raise LoRAError(f"lora.init={m.init}: not supported with FSDP (sharded weights); use one device")
         dtype = _local(m.lora_A.weight).dtype
         a = torch.empty(m.rank, m.in_features, device=device, dtype=dtype)

@@ -35,6 +35,16 @@ The initial A₀, B₀ are kept (non-persistent buffers) so that the trained ada
 be written against the original W, as PEFT's ``path_initial_model_for_weight_conversion``
 does: ΔW = s(BA - B₀A₀) = s [B | -B₀][A ; A₀], a plain rank-2r LoRA.
 
+LoftQ (Li et al. 2023), for QLoRA, with one alternation (PEFT's ``loftq_iter: 1``):
+the adapter starts on the best rank-r correction of NF4's error on W, and the
+frozen weight stays NF4(W), the plain QLoRA base:
+
+    E = W - deq(NF4(W)) = U S Vᵀ,   B₀ = U_r √S_r,   A₀ = √S_r V_rᵀ
+
+As in PEFT, s is not divided out, so y at init is deq(NF4(W)) + s·E_r: the NF4
+error exactly corrected to rank r when s = 1 (alpha = r). NF4 is taken in W's dtype,
+the dtype QLoRA quantizes, so E is the error of the base the run trains on.
+
 QLoRA: the frozen W may be a torchao ``NF4Tensor``. ``F.linear`` dispatches to
 torchao's NF4 linear (dequantize, matmul; the backward gives only dx), and
 ``W.to(dtype)`` dequantizes where DoRA and merging need the dense weight.
@@ -65,8 +75,10 @@ NF4_BLOCK_SIZE = 64
 NF4_SCALER_BLOCK_SIZE = 256
 
 
-# How A and B start: PEFT's default (B = 0), or from W (PiSSA, OLoRA).
-LORA_INITS = ("default", "pissa", "olora")
+# How A and B start: PEFT's default (B = 0), from W (PiSSA, OLoRA), or from NF4's error on W (LoftQ).
+LORA_INITS = ("default", "pissa", "olora", "loftq")
+# The inits that move part of W into the adapter (the frozen weight becomes W - s·B₀A₀).
+RESIDUAL_INITS = ("pissa", "olora")
 
 
 class LoRAError(FastuneError, ValueError):
@@ -135,7 +147,7 @@ class LoRALinear(nn.Module):
 
     def reset_lora_parameters(self) -> None:
         """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter
-        is a no-op; or PiSSA/OLoRA (see the module docstring), which change the frozen W."""
+        is a no-op; or PiSSA/OLoRA/LoftQ (see the module docstring)."""
         if self.init == "default":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
@@ -144,7 +156,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def _init_from_weight(self) -> None:
-        """PiSSA / OLoRA: A₀, B₀ from W in fp32, then W_res = W - s·B₀A₀ in W's dtype."""
+        """PiSSA / OLoRA: A₀, B₀ from W in fp32, then W_res = W - s·B₀A₀ in W's dtype.
+        LoftQ: A₀, B₀ from NF4's error on W; W is unchanged (QLoRA quantizes it next)."""
         if self.quantized:
             raise LoRAError(f"LoRA init {self.init!r} needs the dense weight: initialize before quantizing")
         from torch.distributed.tensor import DTensor
@@ -153,15 +166,17 @@ class LoRALinear(nn.Module):
             raise LoRAError(f"LoRA init {self.init!r} needs the loaded, unsharded weight (not with FSDP)")
         weight = self.weight.float()
         r = self.rank
-        if self.init == "pissa":
-            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-            root = torch.sqrt(s[:r] / self.scale)
-            a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+        if self.init == "loftq":
+            a, b = _svd_factors(weight - dequantize(to_nf4_checked(self.weight, "weight")).float(), r)
+        elif self.init == "pissa":
+            a, b = _svd_factors(weight, r, self.scale)
         else:  # olora
             q, rr = torch.linalg.qr(weight)
             a, b = rr[:r], q[:, :r]
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
+        if self.init not in RESIDUAL_INITS:
+            return
         self.weight.copy_(weight - self.scale * (b @ a))
         # The initial adapter, in the adapter's dtype, for the export against the original W.
         self.register_buffer("initial_A", self.lora_A.weight.detach().clone(), persistent=False)
@@ -236,6 +251,13 @@ class LoRALinear(nn.Module):
             f"alpha={self.alpha}, dropout={self.dropout}, use_dora={self.use_dora}, "
             f"use_rslora={self.use_rslora}, init={self.init}, quantized={self.quantized}"
         )
+
+
+def _svd_factors(matrix: torch.Tensor, rank: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A₀ = √(S_r/s) V_rᵀ and B₀ = U_r √(S_r/s) from matrix = U S Vᵀ, so s·B₀A₀ is its best rank-r part."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    root = torch.sqrt(s[:rank] / scale)
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from typing import Iterable, Optional
 
 import torch
@@ -47,6 +48,8 @@ from fastune.modules.lora import (
     lora_scale,
     merge_weight,
 )
+
+log = logging.getLogger(__name__)
 
 # The linear layers LoRA can adapt, by their Hugging Face names (also fastune's),
 # and the decoder-layer projections QLoRA quantizes: from the model-family specs.
@@ -67,7 +70,7 @@ class LoRASettings:
     dropout: float = 0.0
     use_dora: bool = False
     use_rslora: bool = False
-    init: str = "default"  # LORA_INITS: PEFT's default, pissa or olora
+    init: str = "default"  # LORA_INITS: PEFT's default, pissa, olora or loftq
 
     @property
     def scale(self) -> float:
@@ -108,8 +111,9 @@ def apply_lora(
 ) -> None:
     """Replace each targeted ``nn.Linear`` by a ``LoRALinear`` (in place) and freeze
     everything but the adapters. The LoRA layers use the fused op when
-    ``apply_kernels`` switched ``lora`` on for the model. PiSSA/OLoRA (``init``)
-    work on the dense weights, before QLoRA quantizes the residual (as PEFT advises)."""
+    ``apply_kernels`` switched ``lora`` on for the model. PiSSA/OLoRA/LoftQ (``init``)
+    work on the dense weights, before QLoRA quantizes the (residual) weights, as PEFT
+    advises; LoftQ is for QLoRA only: it fits the adapter to NF4's error."""
     names = normalize_targets(targets)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LoRAError("LoRA is already applied to this model")
@@ -136,6 +140,8 @@ def apply_lora(
     ]
     if not found:
         raise LoRAError(f"LoRA targets {', '.join(names)} match no linear layer of the model")
+    if init == "loftq":
+        _check_loftq(quantize_base or found[0][2].weight.is_meta, lora_scale(alpha, rank, use_rslora))
     if quantize_base:  # fail before changing anything
         for _, _, child, full_name in _quantizable(model, modules):
             check_nf4_weight(child.weight, full_name)
@@ -150,6 +156,17 @@ def apply_lora(
         quantize_base_weights(model)
         # QLoRA trains on the dequantized weights: the magnitudes must be their norms.
         init_dora_magnitudes(model)
+
+
+def _check_loftq(quantized: bool, scale: float) -> None:
+    """LoftQ needs the NF4 base (on meta, NF4 is deferred to the load); warns where, as
+    in PEFT, the start is s·E_r rather than the NF4 error's rank-r part E_r."""
+    if not quantized:
+        raise LoRAError("LoRA init 'loftq' fits the adapter to NF4's quantization error: "
+                        "use it with QLoRA (method: qlora)")
+    if scale != 1.0:
+        log.warning("lora.init=loftq with scale %g: as in PEFT, the adapter starts at %g x the NF4 error's "
+                    "rank-r part; alpha = rank makes the start exact", scale, scale)
 
 
 def _check_family_targets(model: nn.Module, names: tuple[str, ...]) -> dict[str, Fused]:
