@@ -9,7 +9,9 @@ are fp32, so the curves may differ only by summation order (batches padded to ot
 lengths, gradients summed across ranks): per step, |loss difference| and |grad-norm
 difference| at most TOL = 2e-5 (seen: under 5e-6). QLoRA is held to the same
 tolerance: each rank quantizes whole weights to NF4 before FSDP shards them, so both
-runs train on the same NF4 values.
+runs train on the same NF4 values. fp16 LoRA (frozen fp16 base, fp32 adapters, loss
+scaling) is held to FP16_TOL, and an inf in one rank's gradient must skip the step on
+every rank.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from train_helpers import DEMO_TOKENIZER, hf_llama, make_config, preference_data
 TESTS = Path(__file__).parent
 STEPS = 4  # optimizer steps per run; checkpoints at step_2 and epoch_0 (step 4)
 TOL = 2e-5
+# fp16: the ranks' gradients are rounded to fp16 before the fp32 reduce-scatter, the
+# single process's after summing both halves of the batch.
+FP16_TOL = 1e-3
 METHODS = ("full", "lora", "dora", "qlora")
 # Each 2-rank run also turns on options that must not change the curve: async DCP saves
 # (the full run's step_2 is then resumed from), activation checkpointing, no resharding
@@ -157,6 +162,10 @@ def job(tmp_path_factory, one_process_runs):
     # LoRA DPO: pairs dealt to the ranks, the reference with adapters disabled under FSDP.
     make_config(root, bases["dense"], name="dpo.yaml", **_values("lora", root / "dpo_2ranks", **_dpo(root)))
     configs.append(str(root / "dpo.yaml"))
+    fp16 = {"checkpoint_dir": str(bases["dense"]), "dtype": "fp16"}
+    make_config(root, bases["dense"], name="lora_fp16.yaml", **_values("lora", root / "lora_fp16_2ranks", model=fp16))
+    make_config(root, bases["dense"], name="fp16_inf.yaml", **_values("lora", root / "fp16_inf", model=fp16))
+    configs += [str(root / "lora_fp16.yaml"), f"inf-on-rank-1:{root / 'fp16_inf.yaml'}:{root / 'fp16_inf.json'}"]
     started = time.perf_counter()
     result = _torchrun([str(TESTS / "distributed_worker.py"), *configs])
     assert result.returncode == 0, result.stderr[-4000:]
@@ -174,9 +183,10 @@ def references(job):
         if method not in cache:
             base = bases["nf4" if method == "qlora" else "dense"]
             out = root / f"{method}_1proc"
-            extra = _dpo(root) if method == "dpo" else {}
+            extra = {"dpo": _dpo(root), "lora_fp16": {"model": {"checkpoint_dir": str(base), "dtype": "fp16"}}}
             cfg = make_config(root, base, name=f"{method}_1proc.yaml",
-                              **_values("lora" if method == "dpo" else method, out, batch_size=4, **extra))
+                              **_values(method if method in METHODS else "lora", out, batch_size=4,
+                                        **extra.get(method, {})))
             _, logger = run(cfg)
             cache[method] = (out, _recorded(logger))
             _STEP_RECORDS[method] = [r for r in logger.records if "loss" in r]
@@ -193,6 +203,27 @@ def test_two_ranks_train_like_one_process(job, references, method):
     got = _logged(root / f"{method}_2ranks")
     assert len([k for k in got if isinstance(k, int)]) == STEPS
     _assert_same_curve(got, want)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_fp16_lora_like_one_process(job, references):
+    root, _ = job
+    _, want = references("lora_fp16")
+    got = _logged(root / "lora_fp16_2ranks")
+    assert sorted(got, key=str) == sorted(want, key=str)
+    for key, value in want.items():
+        assert abs(torch.tensor(got[key]) - torch.tensor(value)).max() <= FP16_TOL, (key, got[key], value)
+    steps = _metrics(root / "lora_fp16_2ranks")
+    assert steps[-1]["skipped_steps"] == 0 and steps[-1]["loss_scale"] > 1
+
+
+@pytest.mark.slow
+def test_an_inf_on_one_rank_skips_the_fp16_step_on_every_rank(job):
+    root, _ = job
+    for rank in (0, 1):
+        record = json.loads((root / f"fp16_inf.json.{rank}").read_text())
+        scale = record["scales"][0]
+        assert record == {"moved": [False, True], "scales": [scale, scale / 2, scale / 2], "skipped_steps": 1}, rank
 
 
 @pytest.mark.slow

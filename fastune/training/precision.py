@@ -9,8 +9,12 @@ a step whose gradients hold an inf or NaN is skipped (the scale halves) and coun
 in the metric ``skipped_steps``.
 
 Full fine-tuning trains every weight, so it has no frozen fp16 base: it is refused
-with fp16 (fp32 master weights for all of them are the fp32 run). Under torchrun fp16
-is refused too, for now.
+with fp16 (fp32 master weights for all of them are the fp32 run).
+
+Under FSDP2 the same holds shard by shard: FSDP gathers the fp32 adapters in fp16
+(``param_dtype``), the cast the LoRA layer makes in one process, and reduce-scatters
+their gradients in fp32. The scaler's inf check runs on the DTensor gradients, whose
+handler reduces ``found_inf`` over the ranks (a max), so every rank skips the same steps.
 """
 
 from __future__ import annotations
@@ -23,11 +27,8 @@ from torch import nn
 from fastune.errors import ConfigError
 
 
-def check_precision(dtype: str, trains_base: bool, device: torch.device, sharded: bool = False) -> None:
+def check_precision(dtype: str, trains_base: bool, device: torch.device) -> None:
     """One line for a dtype this run cannot use."""
-    if dtype == "fp16" and sharded:
-        raise ConfigError("model.dtype: fp16 is for one process for now (FSDP2 would need one dtype per "
-                          "sharded group and the inf check reduced over ranks); use bf16 or fp32 under torchrun")
     if dtype == "fp16" and trains_base:
         raise ConfigError("model.dtype: fp16 keeps a frozen fp16 base under fp32 adapters; full fine-tuning "
                           "has no frozen base: use method=lora (or qlora) with fp16, or model.dtype=fp32")

@@ -128,7 +128,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
                 f"resume_from_checkpoint: {resume} was written by a method={progress.get('method')} run, "
                 f"this run has method={method.name}"
             )
-    check_precision(cfg.model.dtype, method.lora is None, device, sharded=world is not None)
+    check_precision(cfg.model.dtype, method.lora is None, device)
     check_optimizer_config(cfg, sharded=world is not None)
     seed_everything(cfg.seed)
 
