@@ -26,7 +26,9 @@ included) and optimizer; peak memory (RSS on CPU: of the whole process, and duri
 the timed steps; CUDA: allocator peaks); the first step's loss (the same weights
 and batch must give nearly the same loss everywhere); and the fraction of the
 device's peak FLOP/s (``profiles/``; on CPU measured by a matmul probe) reached by
-the model FLOPs of a step (see ``model_flops_per_step``).
+the model FLOPs of a step (see ``model_flops_per_step``). With ``breakdown_steps``,
+each configuration then runs that many more steps under the profiler, and the report
+adds where their time went by kind of work (``fastune.bench.breakdown``).
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def write_random_checkpoint(cfg, out_dir: Path) -> Path:
 
 def bench_train(config: str, overrides: list[str], compare: list[str], steps: int, warmup: int,
                 rounds: int, random_init: bool, profile_key: Optional[str], variants: list[str] = (),
-                progress: Callable[[str], None] = lambda _: None) -> dict:
+                progress: Callable[[str], None] = lambda _: None, breakdown_steps: int = 0) -> dict:
     """Run the configurations (see the module docstring) and return the report as a dict.
     ``variants`` ("NAME:KEY=VALUE,...") add fastune configurations with more overrides."""
     from fastune.bench.profiles import load_profile, with_measured_speed
@@ -192,6 +194,9 @@ def bench_train(config: str, overrides: list[str], compare: list[str], steps: in
                     progress(f"round {r + 1}/{rounds}: {process.spec.name}, {n} steps")
                     results[process.spec.name]["steps"] += process.ask(f"run {n}")["steps"]
         for process in processes:
+            if breakdown_steps:
+                progress(f"profiling {process.spec.name}, {breakdown_steps} steps")
+                results[process.spec.name]["breakdown"] = process.ask(f"profile {breakdown_steps}")["breakdown"]
             results[process.spec.name]["memory"] = process.ask("done")["memory"]
     finally:
         for process in processes:

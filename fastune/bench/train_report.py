@@ -101,6 +101,7 @@ def render(report: dict) -> str:
                      "-" if ratio is None else f"{ratio['tokens_per_s']:.2f}x",
                      "-" if ratio is None else f"{ratio['peak_memory']:.2f}"])
     lines.append(table(header, rows))
+    lines += _breakdown_lines(results, peak)
     loads = [s["load_avg"] for r in results.values() for s in r["steps"]]
     env = report["environment"]
     lines += ["", "`fastune speedup` = fastune tok/s / that configuration's tok/s; `fastune memory ratio` = "
@@ -111,6 +112,29 @@ def render(report: dict) -> str:
               "configurations wait in their own processes). "
               f"Reproduce: `{env['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _breakdown_lines(results: dict, peak: Optional[float]) -> list[str]:
+    """The ``--breakdown`` table: ms per step by category, and the GEMM FLOP/s of each
+    category as a fraction of the peak."""
+    from fastune.bench.breakdown import CATEGORIES
+    from fastune.bench.report import table
+
+    profiled = {name: r["breakdown"] for name, r in results.items() if "breakdown" in r}
+    if not profiled:
+        return []
+    rows = []
+    for name, b in profiled.items():
+        cells = []
+        for cat in CATEGORIES:
+            ms, flops = b["ms"][cat], b["flops"][cat]
+            fraction = f", {100 * flops / (ms / 1e3) / peak:.0f}%" if flops and ms and peak else ""
+            cells.append(f"{ms:.0f} ({100 * ms / b['wall_ms']:.0f}%{fraction})")
+        rows.append([name, f"{b['wall_ms']:.0f}", *cells])
+    return ["", "Where the time goes (`--breakdown`, `fastune.bench.breakdown`): ms per step under the "
+            "profiler (share of the step, and where the category ran GEMMs, their FLOP/s as a fraction of "
+            "the peak). Self time of ops by category; `python` is the rest of the wall-clock time.", "",
+            table(["configuration", "step ms (profiled)", *CATEGORIES], rows)]
 
 
 def chart(report: dict, path: Path) -> Optional[Path]:

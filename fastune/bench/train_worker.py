@@ -243,12 +243,19 @@ def worker(spec: Spec) -> None:
     warmup = [runner.step() for _ in range(spec.warmup)]
     _reset_step_peaks(runner.device)
     _say({"event": "ready", "setup_s": time.perf_counter() - started, "warmup": warmup})
+    memory = None  # the timed steps' peaks, taken before a profile can add to them
     for line in sys.stdin:
         command = line.split()
         if command[0] == "run":
             _say({"event": "steps", "steps": [runner.step() for _ in range(int(command[1]))]})
+        elif command[0] == "profile":
+            from fastune.bench.breakdown import profile_steps
+
+            memory = memory or _memory(runner.device)
+            sync = torch.cuda.synchronize if runner.device.type == "cuda" else lambda: None
+            _say({"event": "profile", "breakdown": profile_steps(runner.step, int(command[1]), sync)})
         elif command[0] == "done":
-            _say({"event": "done", "memory": _memory(runner.device)})
+            _say({"event": "done", "memory": memory or _memory(runner.device)})
             return
 
 

@@ -114,11 +114,14 @@ def bench_kernels(ops: str | None, dtype: str, warmup: int, steps: int, out: str
               help="Add fastune with more overrides, e.g. 'no kernels:model.use_kernels=false'. Repeatable.")
 @click.option("--random-init", is_flag=True, help="Random weights from the checkpoint's config.json (no weights needed).")
 @click.option("--profile", default=None, help="Device profile for the peak FLOP/s (default: this CPU, measured, or the local GPU).")
+@click.option("--breakdown", default=0, show_default=True, metavar="STEPS",
+              help="Then profile this many more steps of each configuration and report time by kind of work "
+                   "(matmul, attention, loss, elementwise, optimizer, Python) and each one's fraction of peak.")
 @click.option("--out", default="fastune_reports", show_default=True, help="Folder for train_*.json, .md, .png.")
 @debug_option
 def bench_train(config: str, overrides: tuple[str, ...], steps: int, warmup: int, rounds: int,
                 compare: tuple[str, ...], variants: tuple[str, ...], random_init: bool, profile: str | None,
-                out: str) -> None:
+                breakdown: int, out: str) -> None:
     """Train CONFIG for a few steps and report tokens/s, peak memory, the fraction of
     peak FLOP/s and a phase breakdown, against baselines measured in the same run.
 
@@ -127,12 +130,13 @@ def bench_train(config: str, overrides: tuple[str, ...], steps: int, warmup: int
       fastune bench train demo --compare eager
       fastune bench train my_config.yaml --compare eager --compare hf --steps 30
       fastune bench train my_config.yaml --variant "checkpointing:activation_checkpointing=true"
+      fastune bench train my_config.yaml --compare hf --breakdown 3
     """
     from fastune.bench.train import bench_train as run
     from fastune.bench.train_report import chart, render
 
     report = run(config, list(overrides), list(compare), steps, warmup, rounds, random_init, profile,
-                 list(variants), progress=lambda m: click.echo(m, err=True))
+                 list(variants), progress=lambda m: click.echo(m, err=True), breakdown_steps=breakdown)
     stem = f"train_{Path(config).stem}"
     _write(out, stem, report, render(report))
     png = chart(report, Path(out) / f"{stem}.png")
