@@ -14,7 +14,8 @@ timed steps interleaved, then ``--breakdown`` steps under the profiler.
 Pin it to one core for steady numbers (``taskset -c 0`` with ``OMP_NUM_THREADS=1``);
 ``MALLOC_MMAP_THRESHOLD_=65536`` makes the peak RSS repeat from run to run, but slows the
 steps (every buffer over 64 KiB is mapped afresh).
-Results: ``benchmarks/results/step_<workload>_<row>.{json,md}`` and ``step_summary.{json,md}``.
+Results: ``benchmarks/results/step_<workload>_<row>.{json,md}`` and ``step_summary.{json,md}``
+(made from every row report of that dtype; ``--summary-only`` remakes it alone).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastune.bench.report import environment, table, write_report
+from fastune.bench.report import table, write_report
 from fastune.bench.train import bench_train
 from fastune.bench.train_report import render
 
@@ -43,34 +44,60 @@ KERNELS_OFF = "kernels off:model.kernels=none"
 
 
 def summary_row(workload: str, row: str, report: dict) -> dict:
+    """The figures of the issue's goals from one row's report. ``gemm_fraction``: the GEMM
+    FLOPs fastune really ran in a step (the profiled steps' count, ``--breakdown``) over
+    the median step time of the timed steps, as a fraction of the measured matmul peak.
+    ``model_fraction``: the model's FLOPs (prompt rows of the LM head included, which
+    fastune skips) the same way; it can pass 100% on the masked workload."""
     results = report["results"]
     on, off, hf = results["fastune"], results["fastune, kernels off"], results["hf+peft compiled"]
+    peak = report["profile"][f"peak_{'bf16' if report['dtype'] == 'bf16' else 'fp32'}_flops"]
+    gemm_flops = sum(on["breakdown"]["flops"].values()) if "breakdown" in on else None
     return {
         "workload": workload, "row": row,
         "tokens_per_s": {name: r["tokens_per_s"] for name, r in results.items()},
         "vs_hf_compiled": on["tokens_per_s"] / hf["tokens_per_s"],
         "kernels_on_vs_off": on["tokens_per_s"] / off["tokens_per_s"],
-        "fraction_of_peak": on["fraction_of_peak_flops"],
+        "gemm_fraction": None if gemm_flops is None else gemm_flops / on["median_step_s"] / peak,
+        "model_fraction": on["fraction_of_peak_flops"],
         "peak_rss_mib": {name: r["memory"]["process_peak_rss_mib"] for name, r in results.items()},
+        "environment": report["environment"],
     }
+
+
+def summarize(dtype: str) -> list[dict]:
+    """The summary rows of every row report of ``dtype`` in RESULTS."""
+    rows = []
+    for workload in WORKLOADS:
+        for row in ROWS:
+            path = RESULTS / f"step_{workload}_{row}.json"
+            if path.exists() and (report := json.loads(path.read_text()))["dtype"] == dtype:
+                rows.append(summary_row(workload, row, report))
+    return rows
 
 
 def render_summary(rows: list[dict], dtype: str) -> str:
     body = [[r["workload"], r["row"], f"{r['tokens_per_s']['fastune']:,.0f}",
              f"{r['tokens_per_s']['fastune, kernels off']:,.0f}", f"{r['tokens_per_s']['hf+peft compiled']:,.0f}",
              f"{r['tokens_per_s']['hf+peft eager']:,.0f}", f"**{r['vs_hf_compiled']:.2f}x**",
-             f"{r['kernels_on_vs_off']:.2f}x", "-" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.0f}%",
+             f"{r['kernels_on_vs_off']:.2f}x", _percent(r["gemm_fraction"]), _percent(r["model_fraction"]),
              f"{r['peak_rss_mib']['fastune']:,.0f} / {r['peak_rss_mib']['hf+peft compiled']:,.0f}"] for r in rows]
-    env = environment()
+    env = rows[0]["environment"]
     return "\n".join([
         f"# Training step against the roofline ({dtype})", "",
         "tokens/s of all non-padding tokens; each row one `fastune bench train` run (its own report "
         "`step_<workload>_<row>.md` has the phases and the breakdown by kind of work). "
-        "% of peak: fastune's model FLOP/s over the measured matmul peak.", "",
+        "% of peak, GEMM: the GEMM FLOPs fastune ran per step over its median step time, as a fraction "
+        "of the measured matmul peak; model: the same with the model's FLOPs (`summary_row`).", "",
         table(["workload", "row", "fastune", "kernels off", "HF+PEFT compiled", "HF+PEFT eager",
-               "vs HF compiled", "kernels on / off", "% of peak", "peak RSS MiB fastune / HF compiled"], body),
-        "", f"Machine: {env['machine']}, torch {env['torch']}, {env['threads']} threads, {env['date']}. "
-        f"Reproduce: `{env['command']}`", ""])
+               "vs HF compiled", "kernels on / off", "% of peak, GEMM", "% of peak, model",
+               "peak RSS MiB fastune / HF compiled"], body),
+        "", f"Machine: {env['machine']}, torch {env['torch']}, {env['threads']} threads; rows measured "
+        f"{', '.join(sorted({r['environment']['date'] for r in rows}))}. Reproduce: `{env['command']}`", ""])
+
+
+def _percent(fraction) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def main(argv=None) -> int:
@@ -82,9 +109,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--breakdown", type=int, default=2)
+    parser.add_argument("--summary-only", action="store_true", help="rewrite step_summary from the row reports")
     args = parser.parse_args(argv)
-    summary = []
-    for workload in args.workloads.split(","):
+    for workload in [] if args.summary_only else args.workloads.split(","):
         for row in args.rows.split(","):
             print(f"== {workload} / {row}", flush=True)
             report = bench_train(str(WORKLOADS[workload]), [f"model.dtype={args.dtype}", *ROWS[row]], ["hf"],
@@ -92,9 +119,8 @@ def main(argv=None) -> int:
                                  variants=[KERNELS_OFF], progress=lambda m: print(m, flush=True),
                                  breakdown_steps=args.breakdown)
             write_report(RESULTS, f"step_{workload}_{row}", report, render(report))
-            summary.append(summary_row(workload, row, report))
-            write_report(RESULTS, "step_summary", {"dtype": args.dtype, "rows": summary},
-                         render_summary(summary, args.dtype))
+    summary = summarize(args.dtype)
+    write_report(RESULTS, "step_summary", {"dtype": args.dtype, "rows": summary}, render_summary(summary, args.dtype))
     print(json.dumps(summary, indent=1))
     return 0
 
