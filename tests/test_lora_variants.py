@@ -69,6 +69,22 @@ def adapters(model):
     return out
 
 
+def assert_same_model_elsewhere(model, peft_base, adapter_dir, path, resumed):
+    """The trained ``model``'s logits from PEFT with its adapter over ``peft_base``, from
+    the merged export, and from ``resumed`` (a fresh model of the same settings) after
+    loading the adapter."""
+    tokens = random_tokens(2, 11)
+    loaded = peft.PeftModel.from_pretrained(peft_base, adapter_dir).eval()
+    load_peft_adapter(resumed, adapter_dir)
+    merged = fastune.from_pretrained(path)
+    merged.load_state_dict(merge_lora(model))
+    with torch.no_grad():
+        expected = model(tokens)
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(merged(tokens), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(resumed(tokens), expected, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("kernels", ["all", "none"])
 def test_rslora_matches_peft_and_its_adapter_loads_in_peft(base, tmp_path, kernels):
     hf, path = base
@@ -125,21 +141,10 @@ def test_pissa_and_olora_init_equal_peft_and_export_as_peft_converts(base, tmp_p
     for key in ours_t:
         torch.testing.assert_close(ours_t[key], theirs_t[key], atol=ATOL, rtol=1e-5, msg=key)
 
-    # PEFT loads it on the original base model: the logits of the trained PiSSA/OLoRA model.
-    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
-    with torch.no_grad():
-        expected = model(tokens)
-        torch.testing.assert_close(loaded(input_ids=tokens).logits, expected, atol=1e-4, rtol=0)
-        # the merged export is the same model on plain weights
-        merged = fastune.from_pretrained(path)
-        merged.load_state_dict(merge_lora(model))
-        torch.testing.assert_close(merged(tokens), expected, atol=1e-4, rtol=0)
-
-    # A resumed run rebuilds W_res, A0, B0 from W and takes A, B back from the file.
+    # PEFT loads it on the original base model. A resumed run rebuilds W_res, A0, B0 from
+    # W and takes A, B back from the file.
     resumed = fastune_model(path, init=init, use_rslora=use_rslora)
-    load_peft_adapter(resumed, tmp_path / "ours")
-    with torch.no_grad():
-        torch.testing.assert_close(resumed(tokens), expected, atol=ATOL, rtol=0)
+    assert_same_model_elsewhere(model, copy.deepcopy(hf), tmp_path / "ours", path, resumed)
     for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
@@ -226,18 +231,8 @@ def test_loftq_init_equals_peft_and_its_adapter_loads_in_peft_over_the_nf4_base(
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert (config["r"], config["init_lora_weights"]) == (RANK, True)
     nf4_hf = reference.unload()  # the HF model on PEFT's LoftQ base, deq(NF4(W))
-    tokens = random_tokens(2, 11)
-    loaded = peft.PeftModel.from_pretrained(nf4_hf, tmp_path / "ours").eval()
-    with torch.no_grad():
-        expected = model(tokens)
-        torch.testing.assert_close(loaded(input_ids=tokens).logits, expected, atol=1e-4, rtol=0)
-        merged = fastune.from_pretrained(path)
-        merged.load_state_dict(merge_lora(model))
-        torch.testing.assert_close(merged(tokens), expected, atol=1e-4, rtol=0)
     resumed = fastune_model(path, init="loftq", quantize_base=True)
-    load_peft_adapter(resumed, tmp_path / "ours")
-    with torch.no_grad():
-        torch.testing.assert_close(resumed(tokens), expected, atol=ATOL, rtol=0)
+    assert_same_model_elsewhere(model, nf4_hf, tmp_path / "ours", path, resumed)
 
 
 def test_loftq_with_alpha_equal_to_rank_starts_at_the_nf4_error_rank_r_part(nf4_base):

@@ -25,7 +25,7 @@ def test_warmup_then_cosine():
     assert math.isclose(f(14), 0.1) and math.isclose(f(100), 0.1)
 
 
-def test_adamw_groups_decay_matrices_only_and_picks_foreach_on_cpu():
+def test_adamw_groups_decay_matrices_only_and_picks_the_fused_step_on_cpu():
     model = Transformer(ModelConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=4))
     model.embed_tokens.weight.requires_grad_(False)
@@ -35,7 +35,10 @@ def test_adamw_groups_decay_matrices_only_and_picks_foreach_on_cpu():
     assert decayed["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])  # norm weights
     assert len(decayed["params"]) + len(plain["params"]) == sum(p.requires_grad for p in model.parameters())
-    assert decayed["foreach"] and not decayed["fused"]
+    assert decayed["fused"] and not decayed["foreach"]
+    # elsewhere (a device without a fused Adam) foreach; an explicit choice is kept
+    assert build_optimizer(node, model, torch.device("meta")).param_groups[0]["foreach"]
+    assert not build_optimizer({**node, "fused": False}, model, torch.device("cpu")).param_groups[0]["fused"]
 
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import re
@@ -60,13 +59,13 @@ def _status_kib(field: str) -> int:
 def release_freed_memory() -> None:
     """Make RSS follow live memory: glibc mmaps every block >= 64 KiB (so a free unmaps
     it at once, with no dynamic threshold), and the heap's free space goes back to the OS."""
+    from fastune.training.host_memory import M_MMAP_THRESHOLD, glibc
+
     gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    libc = glibc()
+    if libc is not None:  # elsewhere the peak also counts memory the allocator keeps
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the peak then also counts memory the allocator keeps
 
 
 def peak_rss_mib() -> float:

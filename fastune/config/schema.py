@@ -391,6 +391,9 @@ SCHEMA = Section({
     "log_every_n_steps": Key(Int(ge=1), 1, "the recipe logs metrics every N optimizer steps"),
     "log_peak_memory_stats": Key(Bool(), True, "log peak memory (CUDA allocator, or RSS on CPU)"),
     "device": Key(Choice("auto", "cpu", "cuda"), "auto", "auto: cuda when available"),
+    "host_memory": Key(Choice("keep", "release"), "keep", "CPU runs (glibc): keep freed buffers in the heap for the "
+                       "next step (no page faults each step; the process holds its high-water mark), or release "
+                       "them to the OS at once (glibc's default)"),
     "num_workers": Key(Int(ge=0), 0, "data-loader worker processes"),
     "distributed": Section({
         "fsdp_reshard_after_forward": Key(Bool(), True, "FSDP2: free gathered parameters after forward"),

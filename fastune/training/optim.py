@@ -52,6 +52,9 @@ def param_groups(model: nn.Module, weight_decay: float, lora_b_lr: Optional[floa
     return groups
 
 
+_FUSED_ADAM_DEVICES = ("cuda", "cpu")
+
+
 def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.device,
                     lora_plus_lr_ratio: Optional[float] = None, in_backward: bool = False
                     ) -> torch.optim.Optimizer:
@@ -59,8 +62,11 @@ def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.dev
     parameters, in two weight-decay groups (see ``param_groups``); with ``in_backward``,
     one per parameter, stepped during backward (``memory_optim.OptimizerInBackward``).
 
-    For Adam/AdamW, ``fused: null`` picks the device's fastest implementation:
-    fused on CUDA, foreach elsewhere (a single tensor per optimizer in backward).
+    For Adam/AdamW, ``fused: null`` picks the device's fastest implementation: fused on
+    CUDA and on the CPU, foreach elsewhere (a single tensor per optimizer in backward).
+    On the CPU the fused step is several times faster: an AdamW step over the training
+    benchmark's 55M parameters took 58 ms fused against 332 ms foreach in fp32, and 71
+    against 206 ms in bf16 (one core, issue 18's note).
     """
     kwargs = dict(node)
     component = kwargs[COMPONENT]
@@ -68,7 +74,7 @@ def build_optimizer(node: Mapping[str, Any], model: nn.Module, device: torch.dev
     ratio = lora_plus_lr_ratio
     lora_b_lr = None if ratio is None else float(kwargs.get("lr", 1e-3)) * float(ratio)
     if component in _ADAM_FAMILY and kwargs.get("fused") is None:
-        kwargs["fused"] = device.type == "cuda"
+        kwargs["fused"] = device.type in _FUSED_ADAM_DEVICES
         kwargs["foreach"] = not kwargs["fused"] and not in_backward
     groups = param_groups(model, weight_decay, lora_b_lr)
     if in_backward:

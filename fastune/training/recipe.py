@@ -65,6 +65,7 @@ from fastune.training.preference import (NEEDS_REFERENCE, PreferenceObjective, P
                                         build_reference)
 from fastune.training.optim import build_lr_scheduler, build_optimizer
 from fastune.training.plot import keep_history
+from fastune.training.host_memory import keep_freed_host_memory
 from fastune.training.precision import build_grad_scaler, check_precision
 from fastune.training.run import TrainingError, TrainingRun
 from fastune.training.saving import restore_training_state, save_checkpoint, shard_and_load_resumed
@@ -131,6 +132,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
     check_precision(cfg.model.dtype, method.lora is None, device)
     check_optimizer_config(cfg, sharded=world is not None)
     seed_everything(cfg.seed)
+    if device.type == "cpu" and cfg.host_memory == "keep":
+        keep_freed_host_memory()
 
     _check_objective(cfg, method, world)
     # Data first: a bad dataset fails in seconds, before a model is loaded.
