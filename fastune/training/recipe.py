@@ -58,6 +58,7 @@ from fastune.training.loop import clip_gradients, fit, steps_in_epoch, train_ste
 from fastune.modules.chunked import apply_chunked_mlp
 from fastune.training.memory import apply_activation_checkpointing, offload_activations
 from fastune.methods.method import method_from_config
+from fastune.training.host_memory import keep_freed_host_memory
 from fastune.training.loss import build_loss, build_token_loss
 from fastune.training.memory_optim import check_optimizer_config
 from fastune.training.objective import SFTObjective
@@ -65,7 +66,6 @@ from fastune.training.preference import (NEEDS_REFERENCE, PreferenceObjective, P
                                         build_reference)
 from fastune.training.optim import build_lr_scheduler, build_optimizer
 from fastune.training.plot import keep_history
-from fastune.training.host_memory import keep_freed_host_memory
 from fastune.training.precision import build_grad_scaler, check_precision
 from fastune.training.run import TrainingError, TrainingRun
 from fastune.training.saving import restore_training_state, save_checkpoint, shard_and_load_resumed
