@@ -135,9 +135,9 @@ FAMILIES = {
 def yarn_as_llama_cpp(config) -> bool:
     """llama.cpp rounds the ramp's ends to whole dims (transformers' truncate) and scales
     cos and sin by 1 + 0.1 ln factor, whatever the file says (checked with llama.cpp)."""
-    from fastune.models.rope import rope_attention_scaling
+    from fastune.models.rope import context_factor, rope_attention_scaling
 
-    default = 1 + 0.1 * math.log(yarn_factor(config))
+    default = 1 + 0.1 * math.log(context_factor(config, config.rope_scaling))
     return config.rope_scaling.get("truncate", True) and abs(rope_attention_scaling(config) - default) < 1e-6
 
 
@@ -162,21 +162,18 @@ def rope_tensors(config) -> dict[gguf.MODEL_TENSOR, np.ndarray]:
     return {}
 
 
-def yarn_factor(config) -> float:
-    scaling = config.rope_scaling
-    return scaling.get("factor") or config.max_position_embeddings / scaling["original_max_position_embeddings"]
-
-
 def add_rope_scaling(writer: gguf.GGUFWriter, config) -> None:
     """Linear: the factor. YaRN: the factor, the original context and the ramp's betas
     (llama.cpp derives the attention factor, 1 + 0.1 ln factor, itself)."""
+    from fastune.models.rope import context_factor
+
     scaling = config.rope_scaling or {"rope_type": "default"}
     if scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
     elif scaling["rope_type"] == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(float(yarn_factor(config)))
+        writer.add_rope_scaling_factor(float(context_factor(config, scaling)))
         writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
         writer.add_rope_scaling_yarn_beta_fast(float(scaling.get("beta_fast") or 32))
         writer.add_rope_scaling_yarn_beta_slow(float(scaling.get("beta_slow") or 1))

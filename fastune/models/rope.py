@@ -61,7 +61,7 @@ def rope_long_inv_freq(config: ModelConfig, device: Optional[torch.device] = Non
     return _longrope_inv_freq(config, scaling["long_factor"], device)
 
 
-def _context_factor(config: ModelConfig, scaling: dict) -> float:
+def context_factor(config: ModelConfig, scaling: dict) -> float:
     """``factor``, or where it is left out (Phi-3) the context extension ratio."""
     factor = scaling.get("factor")
     if factor is None:
@@ -84,9 +84,9 @@ def rope_attention_scaling(config: ModelConfig) -> float:
         return scaling["attention_factor"]
     original = scaling["original_max_position_embeddings"]
     if kind == "longrope":
-        factor = _context_factor(config, scaling)
+        factor = context_factor(config, scaling)
         return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    factor = _context_factor(config, scaling)
+    factor = context_factor(config, scaling)
     mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
     if mscale and mscale_all_dim:
         return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
@@ -103,7 +103,7 @@ def _yarn_inv_freq(config: ModelConfig, device: Optional[torch.device]) -> torch
     linear ramp between the dims where beta_fast and beta_slow rotations fit."""
     scaling = config.rope_scaling
     dim, base = config.rotary_dim, config.rope_theta
-    factor = _context_factor(config, scaling)
+    factor = context_factor(config, scaling)
     original = scaling["original_max_position_embeddings"]
     beta_fast = scaling.get("beta_fast") or 32
     beta_slow = scaling.get("beta_slow") or 1
