@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from fastune.config.sections import DataSection
 from fastune.training.recipe import build_data, fit, setup
 from train_helpers import single_thread  # noqa: F401 (autouse fixture)
-from train_helpers import SMALL, VOCAB, RecordingLogger, hf_llama, make_config, random_hf_model, save_base
+from tiny_hf import random_hf_model
+from train_helpers import SMALL, VOCAB, RecordingLogger, hf_llama, make_config, save_base
 
 IGNORE = -100
 STEPS = 4

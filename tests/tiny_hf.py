@@ -103,15 +103,20 @@ def build_hf_model(variant: str, seed: int = 0, **config):
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     }[arch]
+    config = config_cls(**{**BASE, **overrides, **config})
+    return random_hf_model(model_cls, config, seed, norm_std=0.2, std=0.1).eval()
+
+
+def random_hf_model(model_class, config, seed: int = 0, norm_mean: float = 1.0, norm_std: float = 0.1,
+                    std: float = 0.08):
+    """``model_class(config)`` with norms drawn from N(``norm_mean``, ``norm_std``) and every
+    other weight from N(0, ``std``): O(1) logits that a few steps of training move visibly."""
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**BASE, **overrides, **config}))
+    model = model_class(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0.0, 0.1)
-    return model.eval()
+            p.normal_(norm_mean, norm_std) if "norm" in name else p.normal_(0.0, std)
+    return model
 
 
 def save_hf_model(model, out_dir: Path, max_shard_size: Optional[str] = None) -> Path:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import pytest
 import torch
 import yaml
+from tiny_hf import random_hf_model
 
 import fastune
 from fastune.config import load_config
@@ -52,17 +53,6 @@ def hf_llama(seed: int = 0, tie_word_embeddings: bool = False, **shape):
     config = transformers.LlamaConfig(vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=256,
                                       tie_word_embeddings=tie_word_embeddings, **{**SMALL, **shape})
     return random_hf_model(transformers.LlamaForCausalLM, config, seed)
-
-
-def random_hf_model(model_class, config, seed: int = 0, norm_mean: float = 1.0, std: float = 0.08):
-    """``model_class(config)`` with norms drawn around ``norm_mean`` (std 0.1) and every
-    other weight at ``std``: O(1) logits that a few steps of training move visibly."""
-    torch.manual_seed(seed)
-    model = model_class(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(norm_mean, 0.1) if "norm" in name else p.normal_(0.0, std)
-    return model
 
 
 def save_base(model, out_dir: Path) -> Path:
