@@ -87,6 +87,8 @@ def test_variants_and_baselines_are_named_and_ordered():
 
     variant = parse_variant("no kernels:model.use_kernels=false, compile=true")
     assert variant == ("no kernels", ["model.use_kernels=false", "compile=true"])
+    assert parse_variant("two ops:model.kernels=[rope, loss],~lora.targets,seed=2") == (
+        "two ops", ["model.kernels=[rope, loss]", "~lora.targets", "seed=2"])
     got = specs("cfg.yaml", ["seed=1"], ["eager", "hf", "hf-eager"], 2, [variant])
     assert [s.name for s in got] == ["fastune", "fastune, no kernels", "fastune eager", "hf+peft eager",
                                      "hf+peft compiled"]

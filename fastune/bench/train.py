@@ -64,9 +64,11 @@ class BenchError(FastuneError):
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``"NAME:KEY=VALUE,KEY=VALUE"`` -> (NAME, [KEY=VALUE, ...]): fastune with more overrides."""
+    """``"NAME:KEY=VALUE,KEY=VALUE"`` -> (NAME, [KEY=VALUE, ...]): fastune with more overrides.
+    A comma starts a new override only where a ``KEY=`` or ``~KEY`` follows it, so that a
+    value may be a YAML list: ``model.kernels=[rope,loss]``."""
     name, _, overrides = text.partition(":")
-    items = [o.strip() for o in overrides.split(",") if o.strip()]
+    items = [o.strip() for o in re.split(r",(?=\s*(?:~|[\w.]+=))", overrides) if o.strip()]
     if not name.strip() or not items or not all("=" in o or o.startswith("~") for o in items):
         raise BenchError(f"--variant {text!r}: write NAME:KEY=VALUE[,KEY=VALUE...], "
                          "e.g. 'no kernels:model.use_kernels=false'")
