@@ -15,15 +15,21 @@ Dispatch rule, first match wins:
 3. **CUDA**: FlexAttention (``torch.nn.attention.flex_attention``, compiled to a fused
    Triton kernel), with one ``BlockMask`` per distinct window (causal, same document,
    inside the window) built once per forward, and the softcap as a ``score_mod``.
-4. **Anywhere else** (CPU): query blocks of ``BLOCK`` rows, each against only the keys
-   it can reach (causal, and the window), with a [B, 1, BLOCK, keys] mask per block.
-   FlexAttention does run on CPU here (torch 2.13), but not for training: eagerly it
-   materializes the whole [B, H, S, S] score matrix (worse than the mask it
-   replaces), and compiled it has no backward on CPU ("FlexAttention does not
-   support backward on CPU"), so CPU takes the blocked path.
+4. **CPU, no softcap**: ``document_attention`` (``document_attention.py``), query
+   blocks of ``BLOCK`` rows per batch row, each against only the keys its queries can
+   see (from the first key of their documents and window to the block's last row), by
+   ATen's CPU flash kernel with a [rows, keys] mask.
+5. **Anywhere else** (a softcap on CPU, other devices): query blocks of ``BLOCK`` rows,
+   each against the keys from its window's start (or 0) to its last row, with a
+   [B, 1, BLOCK, keys] mask per block.
 
-``fastune plan`` traces a GPU step on fake CPU tensors, where rule 4 would count the
-blocked path's per-block scores; under ``planning_cuda_memory()`` every layer takes
+FlexAttention does run on CPU here (torch 2.13), but not for training: eagerly it
+materializes the whole [B, H, S, S] score matrix (worse than the mask it replaces), and
+compiled it has no backward on CPU ("FlexAttention does not support backward on CPU"),
+so CPU takes path 4 or 5.
+
+``fastune plan`` traces a GPU step on fake CPU tensors, where rules 4 and 5 would
+count CPU kernels (path 5's per-block scores); under ``planning_cuda_memory()`` every layer takes
 SDPA's flash kernel instead, which saves what FlexAttention saves (the output and the
 log-sum-exp, no [S, S] scores). Only the memory is meant; the values are not Gemma's.
 
@@ -41,8 +47,12 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-# Query rows per block of the blocked path: its masks are [B, 1, BLOCK, <= S] booleans.
-BLOCK = 128
+from fastune.models.document_attention import document_attention
+
+# Query rows per block of paths 4 and 5. Path 4, fwd + bwd of one layer at the training
+# benchmark's shape (B 4, S 512, 8 heads, 2 KV heads, D 64, documents of 20-70 tokens),
+# fp32, one core: 41 ms at 64 rows, 53 at 128, 49 at 32 (the blocked path: 86 at 128).
+BLOCK = 64
 _planning_cuda_memory = False
 
 
@@ -107,6 +117,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerAttent
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=layer.scale)
     if masks.block_masks is not None:
         return _flex(q, k, v, masks.block_masks[layer.sliding_window], layer.softcap, gqa, layer.scale)
+    if q.device.type == "cpu" and layer.softcap is None:
+        return document_attention(q, k, v, masks.document_ids, layer.sliding_window, BLOCK, layer.scale)
     return blocked_attention(q, k, v, masks.document_ids, layer.sliding_window, layer.softcap, BLOCK,
                              layer.scale)
 
@@ -114,7 +126,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerAttent
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: Optional[torch.Tensor],
                       window: Optional[int], softcap: Optional[float], block: int,
                       scale: Optional[float] = None) -> torch.Tensor:
-    """Path 4: queries in blocks of ``block`` rows; a block attends to keys from the
+    """Path 5: queries in blocks of ``block`` rows; a block attends to keys from the
     start of its window (or 0) to its last row, masked causally, by window and by
     document. No tensor spans [S, S] unless S <= block."""
     seqlen = q.shape[2]
