@@ -1,5 +1,5 @@
 """The attention seam (fastune/models/attention.py): each path against a dense
-reference, sliding windows and Qwen3 against transformers (logits, packing,
+reference (the CPU document path forward and backward, in fp32 and bf16), sliding windows and Qwen3 against transformers (logits, packing,
 greedy generation past the window, round trip), the per-layer RoPE mechanism,
 and a fake-tensor trace of a packed training step with no [S, S] tensor."""
 
@@ -18,14 +18,15 @@ from fastune.generation import generate
 from fastune.models import attention
 from fastune.models.attention import AttentionMasks, LayerAttention, attend, blocked_attention
 from fastune.models.config import ModelConfig
+from fastune.models.document_attention import _document_attention, document_attention, document_first, key_ranges
 from fastune.models.transformer import Transformer
 
 FP32_ATOL = 1e-5
 WINDOWED = ["mistral_window", "qwen2_window", "qwen3", "gemma3", "gemma2"]
 
 
-def dense_reference(q, k, v, document_ids=None, window=None, softcap=None):
-    """Attention with an explicit [B, 1, S, S] mask, in float64."""
+def dense_reference(q, k, v, document_ids=None, window=None, softcap=None, return_mask=False):
+    """Attention with an explicit [B, 1, S, S] mask, in float64 (or that boolean mask)."""
     q, k, v = (t.double() for t in (q, k, v))
     k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     seqlen = q.shape[2]
@@ -34,6 +35,8 @@ def dense_reference(q, k, v, document_ids=None, window=None, softcap=None):
     keep = keep[None, None]
     if document_ids is not None:
         keep = keep & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    if return_mask:
+        return keep
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
@@ -55,6 +58,78 @@ def test_blocked_path_matches_dense_reference(window, softcap, docs):
     doc = DOCS if docs else None
     out = blocked_attention(q, k, v, doc, window, softcap, block=8)
     assert (out.double() - dense_reference(q, k, v, doc, window, softcap)).abs().max() < 1e-5
+
+
+# Document 1 comes back after document 2 in row 0: ids need not be contiguous runs.
+SCATTERED = torch.tensor([[0, 0, 1, 1, 1, 0, 2, 2, 1, 0] + [3] * 27, DOCS[0].tolist()])
+
+
+@pytest.mark.parametrize("window,docs", [(None, DOCS), (5, None), (40, DOCS), (7, SCATTERED), (None, SCATTERED)])
+def test_document_path_matches_dense_reference_forward_and_backward(window, docs):
+    q, k, v = (t.requires_grad_() for t in qkv())
+    out = document_attention(q, k, v, docs, window, block=8)
+    ref = dense_reference(q, k, v, docs, window)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    theirs = torch.autograd.grad(ref, (q, k, v), grad.double())
+    assert (out.double() - ref).abs().max() < 1e-5
+    for got, want in zip(ours, theirs):
+        assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_document_path_in_bf16_is_as_close_as_eager_sdpa_with_a_dense_mask():
+    """Error against the float64 reference, output and gradients, at most that of eager
+    bf16 SDPA over the whole [S, S] mask (DESIGN.md: bf16 judged against eager bf16)."""
+    q, k, v = qkv(seqlen=37, dim=16)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    keep = dense_reference(q, k, v, DOCS, 9, return_mask=True)
+
+    def run(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs)
+        return [out.double(), *(g.double() for g in torch.autograd.grad(out, inputs, grad.to(dtype)))]
+
+    exact = run(lambda q, k, v: dense_reference(q, k, v, DOCS, 9), torch.float64)
+    ours = run(lambda q, k, v: document_attention(q, k, v, DOCS, 9, block=8), torch.bfloat16)
+    eager = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True),
+                torch.bfloat16)
+    for mine, theirs, want in zip(ours, eager, exact):
+        assert (mine - want).abs().max() <= 1.5 * (theirs - want).abs().max()
+
+
+def test_document_key_ranges_start_at_the_first_key_a_block_can_see():
+    assert document_first(SCATTERED)[0, :10].tolist() == [0, 0, 2, 2, 2, 0, 6, 6, 2, 0]
+    # Row 0's documents start at 0, 10 and 30; row 1 is one document.
+    assert [(rows.start, s0, end, first) for rows, s0, end, first in key_ranges(DOCS, 2, 37, 8, None)] == [
+        (0, 0, 8, 0), (0, 8, 16, 0), (0, 16, 24, 10), (0, 24, 32, 10), (0, 32, 37, 30),
+        (1, 0, 8, 0), (1, 8, 16, 0), (1, 16, 24, 0), (1, 24, 32, 0), (1, 32, 37, 0)]
+    # No documents: every row shares its blocks, which start at their window.
+    assert [(rows, s0, first) for rows, s0, _, first in key_ranges(None, 2, 37, 8, 5)] == [
+        (slice(0, 2), 0, 0), (slice(0, 2), 8, 4), (slice(0, 2), 16, 12), (slice(0, 2), 24, 20),
+        (slice(0, 2), 32, 28)]
+
+
+def test_document_op_passes_opcheck_and_compiles_once_for_every_document_layout(monkeypatch):
+    q, k, v = (t.requires_grad_() for t in qkv())
+    torch.library.opcheck(_document_attention, (q, k, v, DOCS, 8, None, 0.3))
+    torch.library.opcheck(_document_attention, (q, k, v, None, 8, 5, 0.3))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    compiled = torch.compile(lambda q, k, v, docs: document_attention(q, k, v, docs, None, 8).square().sum())
+    for docs in (DOCS, SCATTERED, torch.tensor([[0] * 3 + [1] * 34, [0] * 20 + [1] * 17])):
+        got = torch.autograd.grad(compiled(q, k, v, docs), (q, k, v))
+        want = torch.autograd.grad(document_attention(q, k, v, docs, None, 8).square().sum(), (q, k, v))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_cpu_takes_the_document_path_unless_softcapped(monkeypatch):
+    seen = []
+    for name in ("document_attention", "blocked_attention"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, real=real, name=name, **kw: seen.append(name) or real(*a, **kw))
+    q, k, v = qkv()
+    for layer in (LayerAttention(), LayerAttention(5), LayerAttention(softcap=2.0)):
+        attend(q, k, v, layer, AttentionMasks.build([layer], 2, 37, q.device, document_ids=DOCS))
+    assert seen == ["document_attention", "document_attention", "blocked_attention"]
 
 
 def test_flex_path_matches_dense_reference():
