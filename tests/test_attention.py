@@ -75,6 +75,14 @@ def test_document_path_matches_dense_reference_forward_and_backward(window, docs
     assert (out.double() - ref).abs().max() < 1e-5
     for got, want in zip(ours, theirs):
         assert (got.double() - want).abs().max() < 1e-5
+    # float64 in, float64 through (the models' float64 truth runs take this path too)
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = document_attention(q, k, v, docs, window, block=8)
+    ref = dense_reference(q, k, v, docs, window)
+    assert (out - ref).abs().max() < 1e-12
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad.double()),
+                         torch.autograd.grad(ref, (q, k, v), grad.double())):
+        assert (got - want).abs().max() < 1e-12
 
 
 def test_document_path_in_bf16_is_as_close_as_eager_sdpa_with_a_dense_mask():

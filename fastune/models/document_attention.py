@@ -19,7 +19,7 @@ Per block the math is SDPA's, out = softmax(scale q kᵀ + mask) v, by ATen's CP
 kernel (``_scaled_dot_product_flash_attention_for_cpu``), which takes grouped-query
 heads as they are and returns the row log-sum-exp; the backward is that kernel's
 backward from the saved output and log-sum-exp, so nothing [S, S] is kept. dK and dV
-of overlapping key ranges are summed in fp32.
+of overlapping key ranges are summed in fp32 (float64 for float64 inputs).
 
 The key ranges depend on the data, which torch.compile would specialize on (or break
 the graph at), so each direction is one opaque custom op: the per-layer compiled graph
@@ -36,6 +36,11 @@ import torch
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The flash kernel's accumulation dtype (its log-sum-exp's): fp32, or float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def document_first(document_ids: torch.Tensor) -> torch.Tensor:
@@ -98,7 +103,7 @@ def _document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, seqlen, _ = q.shape
     out = torch.empty_like(q)
-    lse = q.new_empty((batch, heads, seqlen), dtype=torch.float32)
+    lse = q.new_empty((batch, heads, seqlen), dtype=_accumulate_dtype(q.dtype))
     for row, s0, e, first in key_ranges(document_ids, batch, seqlen, block, window):
         mask = _block_mask(document_ids, row, s0, e, first, window, q.dtype)
         o, block_lse = _FLASH(q[row, :, s0:e], k[row, :, first:e], v[row, :, first:e], 0.0, False,
@@ -110,7 +115,7 @@ def _document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_document_attention.register_fake
 def _(q, k, v, document_ids, block, window, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_accumulate_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastune::document_attention_backward", mutates_args=(), device_types="cpu")
@@ -122,8 +127,8 @@ def _document_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: tor
     batch, _, seqlen, _ = q.shape
     grad_q = torch.empty_like(q)
     # Blocks share keys: their dK, dV are summed in fp32, rounded once at the end.
-    grad_k = torch.zeros_like(k, dtype=torch.float32)
-    grad_v = torch.zeros_like(v, dtype=torch.float32)
+    grad_k = torch.zeros_like(k, dtype=_accumulate_dtype(k.dtype))
+    grad_v = torch.zeros_like(v, dtype=_accumulate_dtype(v.dtype))
     for row, s0, e, first in key_ranges(document_ids, batch, seqlen, block, window):
         mask = _block_mask(document_ids, row, s0, e, first, window, q.dtype)
         dq, dk, dv = _FLASH_BACKWARD(grad_out[row, :, s0:e], q[row, :, s0:e], k[row, :, first:e],
