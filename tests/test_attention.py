@@ -107,14 +107,12 @@ def test_document_path_in_bf16_is_as_close_as_eager_sdpa_with_a_dense_mask():
 
 def test_document_key_ranges_start_at_the_first_key_a_block_can_see():
     assert document_first(SCATTERED)[0, :10].tolist() == [0, 0, 2, 2, 2, 0, 6, 6, 2, 0]
-    # Row 0's documents start at 0, 10 and 30; row 1 is one document.
-    assert [(rows.start, s0, end, first) for rows, s0, end, first in key_ranges(DOCS, 2, 37, 8, None)] == [
-        (0, 0, 8, 0), (0, 8, 16, 0), (0, 16, 24, 10), (0, 24, 32, 10), (0, 32, 37, 30),
-        (1, 0, 8, 0), (1, 8, 16, 0), (1, 16, 24, 0), (1, 24, 32, 0), (1, 32, 37, 0)]
-    # No documents: every row shares its blocks, which start at their window.
-    assert [(rows, s0, first) for rows, s0, _, first in key_ranges(None, 2, 37, 8, 5)] == [
-        (slice(0, 2), 0, 0), (slice(0, 2), 8, 4), (slice(0, 2), 16, 12), (slice(0, 2), 24, 20),
-        (slice(0, 2), 32, 28)]
+    # Documents start at 0, 10, 30 in row 0 and at 0, 12 in row 1: a block starts at the
+    # earliest first key of any of its queries in any row.
+    docs = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [0] * 12 + [1] * 25])
+    assert key_ranges(docs, 37, 8, None) == [(0, 8, 0), (8, 16, 0), (16, 24, 10), (24, 32, 10), (32, 37, 12)]
+    assert key_ranges(docs, 37, 8, 5) == [(0, 8, 0), (8, 16, 4), (16, 24, 12), (24, 32, 20), (32, 37, 28)]
+    assert key_ranges(None, 37, 8, None) == [(0, 8, 0), (8, 16, 0), (16, 24, 0), (24, 32, 0), (32, 37, 0)]
 
 
 def test_document_op_passes_opcheck_and_compiles_once_for_every_document_layout():
