@@ -117,7 +117,7 @@ def _document_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: tor
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seqlen = q.shape[2]
     grad_q = torch.empty_like(q)
-    # Blocks share keys: their dK, dV are summed in fp32, rounded once at the end.
+    # Blocks share keys: their dK, dV are summed in the accumulation dtype, rounded once.
     grad_k = torch.zeros_like(k, dtype=_accumulate_dtype(k.dtype))
     grad_v = torch.zeros_like(v, dtype=_accumulate_dtype(v.dtype))
     for s0, e, first in key_ranges(document_ids, seqlen, block, window):
