@@ -83,6 +83,7 @@ def render_summary(rows: list[dict], dtype: str) -> str:
              f"{r['kernels_on_vs_off']:.2f}x", _percent(r["gemm_fraction"]), _percent(r["model_fraction"]),
              f"{r['peak_rss_mib']['fastune']:,.0f} / {r['peak_rss_mib']['hf+peft compiled']:,.0f}"] for r in rows]
     env = rows[0]["environment"]
+    commands = dict.fromkeys(r["environment"]["command"] for r in rows)  # each row's own, in order
     return "\n".join([
         f"# Training step against the roofline ({dtype})", "",
         "tokens/s of all non-padding tokens; each row one `fastune bench train` run (its own report "
@@ -93,7 +94,8 @@ def render_summary(rows: list[dict], dtype: str) -> str:
                "vs HF compiled", "kernels on / off", "% of peak, GEMM", "% of peak, model",
                "peak RSS MiB fastune / HF compiled"], body),
         "", f"Machine: {env['machine']}, torch {env['torch']}, {env['threads']} threads; rows measured "
-        f"{', '.join(sorted({r['environment']['date'] for r in rows}))}. Reproduce: `{env['command']}`", ""])
+        f"{', '.join(sorted({r['environment']['date'] for r in rows}))}. Reproduce (the rows' commands): "
+        + "; ".join(f"`{c}`" for c in commands), ""])
 
 
 def _percent(fraction) -> str:
