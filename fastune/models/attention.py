@@ -16,9 +16,9 @@ Dispatch rule, first match wins:
    Triton kernel), with one ``BlockMask`` per distinct window (causal, same document,
    inside the window) built once per forward, and the softcap as a ``score_mod``.
 4. **CPU, no softcap**: ``document_attention`` (``document_attention.py``), query
-   blocks of ``BLOCK`` rows per batch row, each against only the keys its queries can
-   see (from the first key of their documents and window to the block's last row), by
-   ATen's CPU flash kernel with a [rows, keys] mask.
+   blocks of ``BLOCK`` rows, each against only the keys its queries can see in any
+   batch row (from the first key of their documents and window to the block's last
+   row), by ATen's CPU flash kernel with a [B, 1, BLOCK, keys] mask.
 5. **Anywhere else** (a softcap on CPU, other devices): query blocks of ``BLOCK`` rows,
    each against the keys from its window's start (or 0) to its last row, with a
    [B, 1, BLOCK, keys] mask per block.
