@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from fastune.models.document_attention import document_attention
 
 # Query rows per block of paths 4 and 5. Path 4, fwd + bwd of one layer at the training
-# benchmark's shape (B 4, S 512, 8 heads, 2 KV heads, D 64, documents of 20-70 tokens),
+# benchmark's shape (B 4, S 512, 8 heads, 2 KV heads, D 64, random documents of 20-70 tokens),
 # fp32: 41 ms at 64 rows, 59 at 128 on one thread; 23 and 32 ms on two. Path 5 at that
 # shape, one thread: 86 ms at 128 rows, the same at 64.
 BLOCK = 64

@@ -11,9 +11,10 @@ once, to the keys
 where doc_first[b, i] is the first position with the document id of (b, i) and W the
 window (no term without one). No query of the block can see a key before ``first``,
 nor (causally) after e - 1. Inside that range an additive [B, 1, rows, keys] mask keeps
-j <= i, same document and i - j < W. With the training benchmark's packing (documents
-of 20 to 70 tokens in 4 rows of 512) the blocks hold 31% of the query-key pairs of the
-blocked SDPA path in 128-row blocks, which starts every block at key 0.
+j <= i, same document and i - j < W. With random documents of 20 to 70 tokens packed in
+4 rows of 512 (the training benchmark's demo documents are shorter still), the blocks
+hold 31% of the query-key pairs of the blocked SDPA path in 128-row blocks, which
+starts every block at key 0.
 
 The minimum over rows, rather than a range per row, is measured: fwd + bwd of one layer
 at that shape (8 heads, 2 KV heads, D 64), fp32, 64-row blocks: 41 ms against 44 ms per
