@@ -17,6 +17,8 @@ from fastune.bench.breakdown import CATEGORIES, category, gemm_flops, profile_st
     (["aten::cross_entropy_loss", "aten::log_softmax"], "loss"),
     (["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu"], "attention"),
     (["aten::linear", "aten::addmm"], "matmul"),
+    (["fastune::document_attention", "aten::masked_fill_"], "attention"),  # its masks are attention's
+    (["fastune::document_attention_backward", "aten::add_"], "attention"),
 ])
 def test_an_op_belongs_to_the_category_of_what_encloses_it(names, expected):
     assert category(names) == expected

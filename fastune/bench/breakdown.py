@@ -7,7 +7,8 @@ ops, and what is left of the wall-clock time is Python between them:
 - ``optimizer``: every op inside ``Optimizer.step`` / ``Optimizer.zero_grad``;
 - ``loss``: every op inside a cross-entropy op (fastune's fused ``linear_cross_entropy``
   with its GEMMs, or ``cross_entropy`` / ``nll_loss`` / ``log_softmax``);
-- ``attention``: every op inside scaled-dot-product or flex attention;
+- ``attention``: every op inside scaled-dot-product, flex or fastune's CPU document
+  attention (its masks and copies included);
 - ``matmul``: the other GEMMs (``mm``, ``addmm``, ``bmm``, ...);
 - ``elementwise``: every other op, the kernels that inductor fuses included (their time
   is the self time of the compiled region that runs them);
@@ -34,7 +35,8 @@ CATEGORIES = ("matmul", "attention", "loss", "elementwise", "optimizer", "python
 _ENCLOSING = (
     ("optimizer", ("Optimizer.step#", "Optimizer.zero_grad#")),
     ("loss", ("cross_entropy", "nll_loss", "log_softmax")),
-    ("attention", ("scaled_dot_product", "flash_attention", "flex_attention", "efficient_attention")),
+    ("attention", ("scaled_dot_product", "flash_attention", "flex_attention", "efficient_attention",
+                   "fastune::document_attention")),
 )
 _MATMUL = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_")
 _FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
