@@ -1,7 +1,8 @@
 """The attention seam (fastune/models/attention.py): each path against a dense
-reference (the CPU document path forward and backward, in fp32 and bf16), sliding windows and Qwen3 against transformers (logits, packing,
-greedy generation past the window, round trip), the per-layer RoPE mechanism,
-and a fake-tensor trace of a packed training step with no [S, S] tensor."""
+reference (the CPU document path forward and backward, in fp32 and bf16), sliding
+windows and Qwen3 against transformers (logits, packing, greedy generation past the
+window, round trip), the per-layer RoPE mechanism, and a fake-tensor trace of a packed
+training step with no [S, S] tensor."""
 
 from __future__ import annotations
 

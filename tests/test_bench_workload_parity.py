@@ -5,8 +5,9 @@ The 55M-parameter benchmark Llama with random weights, LoRA r8 on q and v, one p
 row of 512 demo tokens, fp32, eager: the loss and every adapter gradient of one step,
 with the fused kernels and without, on the masked workload (about 14% of the tokens
 supervised, where the fused loss drops the ignored rows before its GEMMs) and the
-all-supervised one (every token but the last of each packed sample has a label). fp32 differs only by summation order: loss within 1e-5 relative,
-gradients within 1e-4 of the largest entry.
+all-supervised one (every token but the last of each packed sample has a label). fp32
+differs only by summation order: loss within 1e-5 relative, gradients within 1e-4 of
+the largest entry.
 """
 
 from __future__ import annotations
